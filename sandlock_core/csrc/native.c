@@ -1,0 +1,393 @@
+/*
+ * sandlock native helpers, compiled by cffi in out-of-line API mode (see _ffi_build.py).
+ *
+ * Two jobs:
+ *  1. thin wrappers for the syscalls Python lacks (Landlock, seccomp, pidfd, notification ioctls), each
+ *     returning the result or -errno so Python never races on errno;
+ *  2. the child half of a spawn: everything between fork() and execve() runs here in C, so the child never
+ *     runs Python after fork (no lock held by another parent thread can deadlock it).
+ *
+ * Everything the child calls after fork is async-signal-safe: raw syscalls, no malloc, no stdio.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/personality.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+
+#include "native.h"
+
+#ifndef SECCOMP_IOCTL_NOTIF_SET_FLAGS
+#define SECCOMP_IOCTL_NOTIF_SET_FLAGS SECCOMP_IOW(4, __u64)
+#endif
+#ifndef PR_SET_THP_DISABLE
+#define PR_SET_THP_DISABLE 41
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+#define RET(expr) do { long _r = (long)(expr); return _r < 0 ? -errno : _r; } while (0)
+
+/* ---- plain syscall wrappers: result, or -errno ---- */
+
+long sl_landlock_create_ruleset(const struct sl_ruleset_attr *attr, size_t size, uint32_t flags)
+{ RET(syscall(SYS_landlock_create_ruleset, attr, size, flags)); }
+
+long sl_landlock_add_path_rule(int ruleset_fd, uint64_t allowed, int parent_fd)
+{
+    struct __attribute__((packed)) { uint64_t allowed_access; int32_t parent_fd; } a = { allowed, parent_fd };
+    RET(syscall(SYS_landlock_add_rule, ruleset_fd, 1 /* LANDLOCK_RULE_PATH_BENEATH */, &a, 0));
+}
+
+long sl_landlock_add_net_rule(int ruleset_fd, uint64_t allowed, uint64_t port)
+{
+    struct { uint64_t allowed_access; uint64_t port; } a = { allowed, port };
+    RET(syscall(SYS_landlock_add_rule, ruleset_fd, 2 /* LANDLOCK_RULE_NET_PORT */, &a, 0));
+}
+
+long sl_landlock_restrict_self(int ruleset_fd, uint32_t flags)
+{ RET(syscall(SYS_landlock_restrict_self, ruleset_fd, flags)); }
+
+long sl_seccomp(unsigned int op, unsigned int flags, void *args)
+{ RET(syscall(SYS_seccomp, op, flags, args)); }
+
+long sl_seccomp_set_filter(const void *insns, unsigned short count, unsigned int flags)
+{
+    struct sock_fprog prog = { count, (struct sock_filter *)insns };
+    RET(syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog));
+}
+
+long sl_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5)
+{ RET(prctl(option, a2, a3, a4, a5)); }
+
+long sl_pidfd_open(int pid, unsigned int flags) { RET(syscall(SYS_pidfd_open, pid, flags)); }
+long sl_pidfd_getfd(int pidfd, int fd, unsigned int flags) { RET(syscall(SYS_pidfd_getfd, pidfd, fd, flags)); }
+long sl_pidfd_send_signal(int pidfd, int sig) { RET(syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0)); }
+long sl_close_range(unsigned int first, unsigned int last, unsigned int flags)
+{ RET(syscall(SYS_close_range, first, last, flags)); }
+
+long sl_process_vm_readv(int pid, void *local, size_t len, uint64_t remote)
+{
+    struct iovec l = { local, len }, r = { (void *)(uintptr_t)remote, len };
+    RET(process_vm_readv(pid, &l, 1, &r, 1, 0));
+}
+
+long sl_process_vm_writev(int pid, const void *local, size_t len, uint64_t remote)
+{
+    struct iovec l = { (void *)local, len }, r = { (void *)(uintptr_t)remote, len };
+    RET(process_vm_writev(pid, &l, 1, &r, 1, 0));
+}
+
+long sl_raw_syscall6(long nr, long a, long b, long c, long d, long e, long f)
+{ RET(syscall(nr, a, b, c, d, e, f)); }
+
+/* ---- seccomp user notification: the supervisor's hot path ---- */
+
+long sl_notif_sizes(uint16_t out[3])
+{
+    struct seccomp_notif_sizes s;
+    long r = syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &s);
+    if (r < 0) return -errno;
+    out[0] = s.seccomp_notif; out[1] = s.seccomp_notif_resp; out[2] = s.seccomp_data;
+    return 0;
+}
+
+/*
+ * Wait for the next notification on `listener` (or for `wake_fd` to become readable, or the timeout) and
+ * receive it. One call = one GIL release. Returns 1 with *n filled, 0 on timeout or a stale notification
+ * (ENOENT: its task died), 2 when wake_fd fired, 3 when the listener hung up (no task left), or -errno.
+ */
+long sl_notif_wait_recv(int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n)
+{
+    struct pollfd p[2] = { { listener, POLLIN, 0 }, { wake_fd, POLLIN, 0 } };
+    int np = wake_fd >= 0 ? 2 : 1;
+    int r;
+    do { r = poll(p, np, timeout_ms); } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    if (r == 0) return 0;
+    if (np == 2 && (p[1].revents & POLLIN)) return 2;
+    if (p[0].revents & POLLIN) {
+        memset(n, 0, sizeof(*n));
+        if (ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, n) == 0) return 1;
+        if (errno == ENOENT || errno == EINTR) return 0;
+        return -errno;
+    }
+    if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) return 3;
+    return 0;
+}
+
+long sl_notif_send(int listener, uint64_t id, int64_t val, int32_t error, uint32_t flags)
+{
+    struct seccomp_notif_resp resp = { .id = id, .val = val, .error = error, .flags = flags };
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &resp) == 0) return 0;
+    return -errno;
+}
+
+long sl_notif_continue(int listener, uint64_t id)
+{ return sl_notif_send(listener, id, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE); }
+
+long sl_notif_id_valid(int listener, uint64_t id)
+{
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0) return 0;
+    return -errno;
+}
+
+long sl_notif_addfd(int listener, uint64_t id, int srcfd, int newfd, uint32_t newfd_flags, uint32_t flags)
+{
+    struct seccomp_notif_addfd a = { .id = id, .flags = flags, .srcfd = (uint32_t)srcfd,
+                                     .newfd = (uint32_t)newfd, .newfd_flags = newfd_flags };
+    RET(ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &a));
+}
+
+long sl_notif_set_flags(int listener, uint64_t flags)
+{ RET(ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, flags)); }
+
+/* ---- listener hand-off ---- */
+
+long sl_send_fd(int sock, int fd)
+{
+    char byte = 'L';
+    struct iovec iov = { &byte, 1 };
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
+    memset(u.buf, 0, sizeof(u.buf));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET; c->cmsg_type = SCM_RIGHTS; c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    long r;
+    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+/* Receive one message of up to `cap` bytes and at most one passed fd (*fd_out = -1 if none). */
+long sl_recv_msg_fd(int sock, void *buf, size_t cap, int *fd_out)
+{
+    struct iovec iov = { buf, cap };
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
+    long r;
+    *fd_out = -1;
+    do { r = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC); } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+            memcpy(fd_out, CMSG_DATA(c), sizeof(int));
+    return r;
+}
+
+/* ---- the confinement sequence (child side) ---- */
+
+/* A message on the hand-off socket: kind 'L' listener (fd attached or number in val), 'E' failure
+   (step, errno), 'R' ready without listener. Fixed size so one read gets one message. */
+struct sl_msg { char kind; uint8_t step; uint16_t pad; int32_t val; };
+
+static void write_all(int fd, const char *s, size_t n)
+{
+    while (n) {
+        ssize_t w = write(fd, s, n);
+        if (w < 0) { if (errno == EINTR) continue; return; }
+        s += w; n -= (size_t)w;
+    }
+}
+
+static const char *const step_names[] = {
+    [SL_STEP_SETPGID] = "setpgid",           [SL_STEP_PDEATHSIG] = "prctl(PR_SET_PDEATHSIG)",
+    [SL_STEP_PARENT_GONE] = "parent exited", [SL_STEP_SIGNALS] = "sigaction",
+    [SL_STEP_STDIO] = "dup2(stdio)",         [SL_STEP_PERSONALITY] = "personality",
+    [SL_STEP_AFFINITY] = "sched_setaffinity",[SL_STEP_THP] = "prctl(PR_SET_THP_DISABLE)",
+    [SL_STEP_CORE] = "setrlimit(RLIMIT_CORE)",[SL_STEP_CHDIR] = "chdir",
+    [SL_STEP_NNP] = "prctl(PR_SET_NO_NEW_PRIVS)", [SL_STEP_LANDLOCK] = "landlock_restrict_self",
+    [SL_STEP_SECCOMP] = "seccomp", [SL_STEP_HANDOFF] = "listener hand-off",
+    [SL_STEP_READY] = "wait for supervisor", [SL_STEP_CLOSE_FDS] = "close_range",
+    [SL_STEP_NOFILE] = "setrlimit(RLIMIT_NOFILE)", [SL_STEP_EXEC] = "execve",
+    [SL_STEP_FILTER2] = "seccomp (deny filter)",
+};
+
+const char *sl_step_name(int step)
+{
+    if (step < 0 || step >= (int)(sizeof(step_names) / sizeof(step_names[0])) || !step_names[step]) return "setup";
+    return step_names[step];
+}
+
+/* Report a failed step: on stderr as "sandlock: <step>: <error>" and to the parent over the socket. */
+static void fail(const struct sl_cfg *cfg, int step, int err)
+{
+    const char *desc = strerrordesc_np(err);
+    const char *name = sl_step_name(step);
+    if (!desc) desc = "unknown error";
+    if (!cfg->quiet_errors) {
+        write_all(2, "sandlock: ", 10);
+        write_all(2, name, strlen(name));
+        write_all(2, ": ", 2);
+        write_all(2, desc, strlen(desc));
+        write_all(2, "\n", 1);
+    }
+    if (cfg->sock_fd >= 0) {
+        struct sl_msg m = { 'E', (uint8_t)step, 0, err };
+        write_all(cfg->sock_fd, (const char *)&m, sizeof(m));
+    }
+}
+
+static int close_fds_except(const int *keep, int nkeep)
+{
+    /* keep[] is sorted ascending; close [3, k0-1], [k0+1, k1-1], ..., [kn+1, ~0] */
+    unsigned int lo = 3;
+    for (int i = 0; i < nkeep; i++) {
+        unsigned int k = (unsigned int)keep[i];
+        if (k < lo) continue;
+        if (k > lo && syscall(SYS_close_range, lo, k - 1, 0) < 0) return -errno;
+        lo = k + 1;
+    }
+    if (syscall(SYS_close_range, lo, ~0U, 0) < 0) return -errno;
+    return 0;
+}
+
+/*
+ * Confine the calling process as `cfg` says. On success returns 0 (the listener, if any, has been handed to
+ * the parent and the parent said "ready"). On failure reports and returns -1: the caller must _exit(127).
+ */
+int sl_confine(const struct sl_cfg *cfg)
+{
+    int listener = -1;
+
+    if (cfg->new_pgrp && setpgid(0, 0) < 0) { fail(cfg, SL_STEP_SETPGID, errno); return -1; }
+    if (cfg->pdeathsig) {
+        if (prctl(PR_SET_PDEATHSIG, cfg->pdeathsig) < 0) { fail(cfg, SL_STEP_PDEATHSIG, errno); return -1; }
+        if (cfg->parent_pid && getppid() != cfg->parent_pid) { fail(cfg, SL_STEP_PARENT_GONE, ESRCH); return -1; }
+    }
+    if (cfg->reset_signals) {
+        /* Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec, so restore them. */
+        struct sigaction sa;
+        memset(&sa, 0, sizeof(sa));
+        sa.sa_handler = SIG_DFL;
+        for (int s = 1; s < NSIG; s++) {
+            if (s == SIGKILL || s == SIGSTOP || (s >= 32 && s < SIGRTMIN)) continue;
+            sigaction(s, &sa, NULL);
+        }
+        sigset_t none;
+        sigemptyset(&none);
+        if (sigprocmask(SIG_SETMASK, &none, NULL) < 0) { fail(cfg, SL_STEP_SIGNALS, errno); return -1; }
+    }
+    for (int i = 0; i < 3; i++) {
+        int fd = cfg->stdio[i];
+        if (fd < 0 || fd == i) {
+            if (fd == i && fcntl(i, F_SETFD, 0) < 0) { fail(cfg, SL_STEP_STDIO, errno); return -1; }
+            continue;
+        }
+        if (dup2(fd, i) < 0) { fail(cfg, SL_STEP_STDIO, errno); return -1; }
+    }
+    if (cfg->personality_flags && personality(cfg->personality_flags) < 0) {
+        fail(cfg, SL_STEP_PERSONALITY, errno); return -1;
+    }
+    if (cfg->cpu_mask_len > 0 &&
+        sched_setaffinity(0, (size_t)cfg->cpu_mask_len, (const cpu_set_t *)cfg->cpu_mask) < 0) {
+        fail(cfg, SL_STEP_AFFINITY, errno); return -1;
+    }
+    if (cfg->thp_disable && prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_THP, errno); return -1; }
+    if (cfg->no_coredump) {
+        struct rlimit rl = { 0, 0 };
+        if (setrlimit(RLIMIT_CORE, &rl) < 0) { fail(cfg, SL_STEP_CORE, errno); return -1; }
+    }
+    if (cfg->cwd && chdir(cfg->cwd) < 0) { fail(cfg, SL_STEP_CHDIR, errno); return -1; }
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NNP, errno); return -1; }
+    if (cfg->landlock_fd >= 0) {
+        if (syscall(SYS_landlock_restrict_self, cfg->landlock_fd, cfg->landlock_flags) < 0) {
+            fail(cfg, SL_STEP_LANDLOCK, errno); return -1;
+        }
+        close(cfg->landlock_fd);
+    }
+    if (cfg->filter_len > 0) {
+        struct sock_fprog prog = { cfg->filter_len, (struct sock_filter *)cfg->filter };
+        long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, cfg->seccomp_flags, &prog);
+        if (r < 0 && errno == EINVAL && (cfg->seccomp_flags & SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV))
+            r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER,
+                        cfg->seccomp_flags & ~SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV, &prog);
+        if (r < 0) { fail(cfg, SL_STEP_SECCOMP, errno); return -1; }
+        if (cfg->seccomp_flags & SECCOMP_FILTER_FLAG_NEW_LISTENER) listener = (int)r;
+    }
+    /* A second, listener-less filter: used when the first one must stay minimal (allowlist mode keeps
+       the hand-off syscalls reachable until here). */
+    if (cfg->filter2_len > 0) {
+        struct sock_fprog prog = { cfg->filter2_len, (struct sock_filter *)cfg->filter2 };
+        if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog) < 0) {
+            fail(cfg, SL_STEP_FILTER2, errno); return -1;
+        }
+    }
+    if (cfg->sock_fd >= 0) {
+        long r;
+        if (listener >= 0 && cfg->handoff_scm) {
+            r = sl_send_fd(cfg->sock_fd, listener);
+        } else {
+            struct sl_msg m = { listener >= 0 ? 'N' : 'R', 0, 0, listener };
+            r = write(cfg->sock_fd, &m, sizeof(m)) == (ssize_t)sizeof(m) ? 0 : -errno;
+        }
+        if (r < 0) { fail(cfg, SL_STEP_HANDOFF, (int)-r); return -1; }
+        /* The parent now holds (or will pidfd_getfd) its own copy. Ours is O_CLOEXEC, so exec drops it; with
+           hand-off by number the parent still needs it until it answers, so close only after "ready". */
+        char go;
+        ssize_t n;
+        do { n = read(cfg->sock_fd, &go, 1); } while (n < 0 && errno == EINTR);
+        if (n != 1 || go != 'G') { fail(cfg, SL_STEP_READY, n < 0 ? errno : EPIPE); return -1; }
+        if (listener >= 0) close(listener);
+    }
+    if (cfg->close_fds && close_fds_except(cfg->keep_fds, cfg->n_keep_fds) < 0) {
+        fail(cfg, SL_STEP_CLOSE_FDS, errno); return -1;
+    }
+    if (cfg->nofile >= 0) {
+        struct rlimit rl = { (rlim_t)cfg->nofile, (rlim_t)cfg->nofile };
+        if (setrlimit(RLIMIT_NOFILE, &rl) < 0) { fail(cfg, SL_STEP_NOFILE, errno); return -1; }
+    }
+    return 0;
+}
+
+/* Try each candidate path like execvp does: ENOENT/ENOTDIR move on, anything else is remembered. */
+static int exec_candidates(const struct sl_cfg *cfg)
+{
+    int saved = ENOENT;
+    for (int i = 0; i < cfg->n_exec_paths; i++) {
+        execve(cfg->exec_paths[i], cfg->argv, cfg->envp);
+        if (errno != ENOENT && errno != ENOTDIR) saved = errno;
+        if (errno == E2BIG || errno == ENOMEM || errno == ETXTBSY) break;
+    }
+    return saved;
+}
+
+/* Fork a child that confines itself and executes. Returns the pid (> 0) or -errno. */
+long sl_spawn(const struct sl_cfg *cfg)
+{
+    pid_t pid = fork();
+    if (pid < 0) return -errno;
+    if (pid > 0) return pid;
+    if (sl_confine(cfg) < 0) _exit(127);
+    int err = exec_candidates(cfg);
+    fail(cfg, SL_STEP_EXEC, err);
+    _exit(127);
+}
+
+/* Wait for pid with a pidfd-style poll; returns 1 and the raw status, 0 on timeout, or -errno. */
+long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status)
+{
+    struct pollfd p = { pidfd, POLLIN, 0 };
+    int r;
+    do { r = poll(&p, 1, timeout_ms); } while (r < 0 && errno == EINTR);
+    if (r < 0) return -errno;
+    if (r == 0) return 0;
+    pid_t w;
+    do { w = waitpid(pid, status, 0); } while (w < 0 && errno == EINTR);
+    return w < 0 ? -errno : 1;
+}
