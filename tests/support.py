@@ -1,0 +1,54 @@
+"""Shared test helpers: running code as an unprivileged user, feature probes for skips."""
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+import sandlock_core
+
+NOBODY_UID = 65534
+SETPRIV = ["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups"]
+
+
+@functools.lru_cache(maxsize=None)
+def _nobody_pythonpath() -> str:
+    """A world-readable copy of the packages, so uid 65534 can import them wherever the checkout lives."""
+    base = tempfile.mkdtemp(prefix="sandlock-nobody-")
+    os.chmod(base, 0o755)
+    for pkg in ("sandlock_core", "pytest_sandlock"):
+        src = os.path.dirname(sys.modules[pkg].__file__) if pkg in sys.modules else None
+        if src is None:
+            src = os.path.join(os.path.dirname(os.path.dirname(sandlock_core.__file__)), pkg)
+        shutil.copytree(src, os.path.join(base, pkg), ignore=shutil.ignore_patterns("__pycache__"))
+    for root, dirs, files in os.walk(base):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    return base
+
+
+def nobody_python() -> list[str]:
+    """argv prefix that runs a Python interpreter as uid 65534 with our packages importable.
+
+    Uses the system interpreter: the developer's interpreter may live under root's 0700 home. When the
+    tests already run unprivileged, this is just the current interpreter.
+    """
+    if os.geteuid() != 0:
+        return [sys.executable]
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run tests as an unprivileged user")
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    return [*SETPRIV, "/usr/bin/env", f"PYTHONPATH={_nobody_pythonpath()}", "HOME=/tmp", py, "-B"]
+
+
+def run_as_nobody(code: str, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    """Run ``python -c code args...`` as an unprivileged user; capture text output."""
+    return subprocess.run([*nobody_python(), "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd="/", **kw)
