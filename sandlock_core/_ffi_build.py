@@ -24,7 +24,7 @@ struct sl_cfg {
     int landlock_fd; unsigned int landlock_flags;
     const void *filter; unsigned short filter_len; unsigned int seccomp_flags;
     const void *filter2; unsigned short filter2_len;
-    int sock_fd; int handoff_scm;
+    int sock_fd; int handoff_scm; int report_fd;
     char *const *exec_paths; int n_exec_paths; char *const *argv; char *const *envp;
 };
 
@@ -41,6 +41,7 @@ long sl_pidfd_send_signal(int pidfd, int sig);
 long sl_close_range(unsigned int first, unsigned int last, unsigned int flags);
 long sl_process_vm_readv(int pid, void *local, size_t len, uint64_t remote);
 long sl_process_vm_writev(int pid, const void *local, size_t len, uint64_t remote);
+long sl_socketpair(int sv[2]);
 long sl_raw_syscall6(long nr, long a, long b, long c, long d, long e, long f);
 
 long sl_notif_sizes(uint16_t out[3]);
@@ -56,6 +57,7 @@ long sl_recv_msg_fd(int sock, void *buf, size_t cap, int *fd_out);
 const char *sl_step_name(int step);
 int sl_confine(const struct sl_cfg *cfg);
 long sl_spawn(const struct sl_cfg *cfg);
+long sl_fork_with_reaper(const struct sl_cfg *cfg);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 """
 

@@ -19,6 +19,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -93,6 +94,9 @@ long sl_process_vm_writev(int pid, const void *local, size_t len, uint64_t remot
     RET(process_vm_writev(pid, &l, 1, &r, 1, 0));
 }
 
+long sl_socketpair(int sv[2])
+{ RET(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv)); }
+
 long sl_raw_syscall6(long nr, long a, long b, long c, long d, long e, long f)
 { RET(syscall(nr, a, b, c, d, e, f)); }
 
@@ -159,10 +163,9 @@ long sl_notif_set_flags(int listener, uint64_t flags)
 
 /* ---- listener hand-off ---- */
 
-long sl_send_fd(int sock, int fd)
+static long send_msg_fd(int sock, const void *data, size_t len, int fd)
 {
-    char byte = 'L';
-    struct iovec iov = { &byte, 1 };
+    struct iovec iov = { (void *)data, len };
     union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int))]; } u;
     struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf, .msg_controllen = sizeof(u.buf) };
     memset(u.buf, 0, sizeof(u.buf));
@@ -172,6 +175,12 @@ long sl_send_fd(int sock, int fd)
     long r;
     do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
     return r < 0 ? -errno : 0;
+}
+
+long sl_send_fd(int sock, int fd)
+{
+    char byte = 'L';
+    return send_msg_fd(sock, &byte, 1, fd);
 }
 
 /* Receive one message of up to `cap` bytes and at most one passed fd (*fd_out = -1 if none). */
@@ -194,7 +203,7 @@ long sl_recv_msg_fd(int sock, void *buf, size_t cap, int *fd_out)
 
 /* A message on the hand-off socket: kind 'L' listener (fd attached or number in val), 'E' failure
    (step, errno), 'R' ready without listener. Fixed size so one read gets one message. */
-struct sl_msg { char kind; uint8_t step; uint16_t pad; int32_t val; };
+struct sl_msg { char kind; uint8_t step; uint16_t pad; int32_t val; int32_t pid; };
 
 static void write_all(int fd, const char *s, size_t n)
 {
@@ -215,7 +224,7 @@ static const char *const step_names[] = {
     [SL_STEP_SECCOMP] = "seccomp", [SL_STEP_HANDOFF] = "listener hand-off",
     [SL_STEP_READY] = "wait for supervisor", [SL_STEP_CLOSE_FDS] = "close_range",
     [SL_STEP_NOFILE] = "setrlimit(RLIMIT_NOFILE)", [SL_STEP_EXEC] = "execve",
-    [SL_STEP_FILTER2] = "seccomp (deny filter)",
+    [SL_STEP_FILTER2] = "seccomp (deny filter)", [SL_STEP_SPAWN] = "clone",
 };
 
 const char *sl_step_name(int step)
@@ -238,15 +247,14 @@ static void fail(const struct sl_cfg *cfg, int step, int err)
         write_all(2, "\n", 1);
     }
     if (cfg->sock_fd >= 0) {
-        struct sl_msg m = { 'E', (uint8_t)step, 0, err };
+        struct sl_msg m = { 'E', (uint8_t)step, 0, err, (int32_t)getpid() };
         write_all(cfg->sock_fd, (const char *)&m, sizeof(m));
     }
 }
 
-static int close_fds_except(const int *keep, int nkeep)
+static int close_fds_except_from(unsigned int lo, const int *keep, int nkeep)
 {
-    /* keep[] is sorted ascending; close [3, k0-1], [k0+1, k1-1], ..., [kn+1, ~0] */
-    unsigned int lo = 3;
+    /* keep[] is sorted ascending; close [lo, k0-1], [k0+1, k1-1], ..., [kn+1, ~0] */
     for (int i = 0; i < nkeep; i++) {
         unsigned int k = (unsigned int)keep[i];
         if (k < lo) continue;
@@ -256,6 +264,8 @@ static int close_fds_except(const int *keep, int nkeep)
     if (syscall(SYS_close_range, lo, ~0U, 0) < 0) return -errno;
     return 0;
 }
+
+static int close_fds_except(const int *keep, int nkeep) { return close_fds_except_from(3, keep, nkeep); }
 
 /*
  * Confine the calling process as `cfg` says. On success returns 0 (the listener, if any, has been handed to
@@ -271,14 +281,13 @@ int sl_confine(const struct sl_cfg *cfg)
         if (cfg->parent_pid && getppid() != cfg->parent_pid) { fail(cfg, SL_STEP_PARENT_GONE, ESRCH); return -1; }
     }
     if (cfg->reset_signals) {
-        /* Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive exec, so restore them. */
+        /* Python ignores SIGPIPE and SIGXFSZ, and ignored dispositions survive exec: restore them (as
+           subprocess does). Handlers reset themselves at exec; other ignores are the caller's to pass on. */
         struct sigaction sa;
         memset(&sa, 0, sizeof(sa));
         sa.sa_handler = SIG_DFL;
-        for (int s = 1; s < NSIG; s++) {
-            if (s == SIGKILL || s == SIGSTOP || (s >= 32 && s < SIGRTMIN)) continue;
-            sigaction(s, &sa, NULL);
-        }
+        sigaction(SIGPIPE, &sa, NULL);
+        sigaction(SIGXFSZ, &sa, NULL);
         sigset_t none;
         sigemptyset(&none);
         if (sigprocmask(SIG_SETMASK, &none, NULL) < 0) { fail(cfg, SL_STEP_SIGNALS, errno); return -1; }
@@ -330,12 +339,12 @@ int sl_confine(const struct sl_cfg *cfg)
     }
     if (cfg->sock_fd >= 0) {
         long r;
-        if (listener >= 0 && cfg->handoff_scm) {
-            r = sl_send_fd(cfg->sock_fd, listener);
-        } else {
-            struct sl_msg m = { listener >= 0 ? 'N' : 'R', 0, 0, listener };
+        struct sl_msg m = { listener >= 0 ? (cfg->handoff_scm ? 'L' : 'N') : 'R', 0, 0, listener,
+                            (int32_t)getpid() };
+        if (listener >= 0 && cfg->handoff_scm)
+            r = send_msg_fd(cfg->sock_fd, &m, sizeof(m), listener);
+        else
             r = write(cfg->sock_fd, &m, sizeof(m)) == (ssize_t)sizeof(m) ? 0 : -errno;
-        }
         if (r < 0) { fail(cfg, SL_STEP_HANDOFF, (int)-r); return -1; }
         /* The parent now holds (or will pidfd_getfd) its own copy. Ours is O_CLOEXEC, so exec drops it; with
            hand-off by number the parent still needs it until it answers, so close only after "ready". */
@@ -345,8 +354,14 @@ int sl_confine(const struct sl_cfg *cfg)
         if (n != 1 || go != 'G') { fail(cfg, SL_STEP_READY, n < 0 ? errno : EPIPE); return -1; }
         if (listener >= 0) close(listener);
     }
-    if (cfg->close_fds && close_fds_except(cfg->keep_fds, cfg->n_keep_fds) < 0) {
-        fail(cfg, SL_STEP_CLOSE_FDS, errno); return -1;
+    if (cfg->close_fds) {
+        /* Keep the caller's list plus the hand-off socket (close-on-exec: it reports an exec failure). */
+        int keep[65], n = 0;
+        for (int i = 0; i < cfg->n_keep_fds && n < 64; i++) keep[n++] = cfg->keep_fds[i];
+        if (cfg->sock_fd >= 0) keep[n++] = cfg->sock_fd;
+        for (int i = 1; i < n; i++)
+            for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) { int t = keep[j]; keep[j] = keep[j - 1]; keep[j - 1] = t; }
+        if (close_fds_except(keep, n) < 0) { fail(cfg, SL_STEP_CLOSE_FDS, errno); return -1; }
     }
     if (cfg->nofile >= 0) {
         struct rlimit rl = { (rlim_t)cfg->nofile, (rlim_t)cfg->nofile };
@@ -367,16 +382,170 @@ static int exec_candidates(const struct sl_cfg *cfg)
     return saved;
 }
 
-/* Fork a child that confines itself and executes. Returns the pid (> 0) or -errno. */
-long sl_spawn(const struct sl_cfg *cfg)
+/*
+ * The reaper: a small process between the caller and the sandbox. It is a child subreaper, so every process
+ * of the sandbox that loses its parent is re-parented to it and none can slip away to init. When the
+ * sandbox's root process exits, when asked (SIGUSR1), or when the caller dies (PDEATHSIG = SIGUSR1), it
+ * SIGKILLs its children generation by generation until none is left, reports, and exits. It runs C only.
+ */
+struct sl_report { char kind; char pad[3]; int32_t val; };
+
+static int reaper_report_fd = -1;
+
+static void report(char kind, int val)
 {
-    pid_t pid = fork();
-    if (pid < 0) return -errno;
-    if (pid > 0) return pid;
+    struct sl_report r = { kind, { 0, 0, 0 }, val };
+    if (reaper_report_fd >= 0) write_all(reaper_report_fd, (const char *)&r, sizeof(r));
+}
+
+static void put_uint(char *dst, unsigned v)
+{
+    char tmp[12]; int n = 0;
+    do { tmp[n++] = (char)('0' + v % 10); v /= 10; } while (v);
+    while (n) *dst++ = tmp[--n];
+    *dst = 0;
+}
+
+/* Kill and reap every child; the orphans of the killed come back to us (subreaper), so repeat. */
+static void kill_all_children(void)
+{
+    char path[64] = "/proc/self/task/";
+    put_uint(path + strlen(path), (unsigned)getpid());
+    strcat(path, "/children");
+    for (;;) {
+        int found = 0;
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            char buf[4096];
+            ssize_t n;
+            unsigned cur = 0; int in = 0;
+            while ((n = read(fd, buf, sizeof(buf))) > 0) {
+                for (ssize_t i = 0; i < n; i++) {
+                    if (buf[i] >= '0' && buf[i] <= '9') { cur = cur * 10 + (unsigned)(buf[i] - '0'); in = 1; }
+                    else if (in) { kill((pid_t)cur, SIGKILL); found++; cur = 0; in = 0; }
+                }
+            }
+            if (in) { kill((pid_t)cur, SIGKILL); found++; }
+            close(fd);
+        }
+        int st;
+        pid_t w;
+        if (!found) {
+            /* Nothing listed: reap what is left (zombies), and stop when there is no child at all. */
+            while ((w = waitpid(-1, &st, WNOHANG)) > 0) {}
+            if (w < 0 && errno == ECHILD) return;
+            if (fd < 0) {  /* no /proc: fall back to one blocking wait */
+                if (waitpid(-1, &st, 0) < 0 && errno == ECHILD) return;
+            }
+            continue;
+        }
+        while ((w = waitpid(-1, &st, __WALL)) > 0) {}
+        if (w < 0 && errno == ECHILD) return;
+    }
+}
+
+static void on_reaper_signal(int sig)
+{
+    kill_all_children();
+    report('K', sig);
+    _exit(0);
+}
+
+struct exec_args { const struct sl_cfg *cfg; };
+
+static int exec_child(void *p)
+{
+    const struct sl_cfg *cfg = ((struct exec_args *)p)->cfg;
     if (sl_confine(cfg) < 0) _exit(127);
     int err = exec_candidates(cfg);
     fail(cfg, SL_STEP_EXEC, err);
     _exit(127);
+}
+
+static void reaper_setup(const struct sl_cfg *cfg, pid_t caller)
+{
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGUSR1, 0, 0, 0);
+    if (getppid() != caller) _exit(127);
+    reaper_report_fd = cfg->report_fd;
+}
+
+static void reaper_loop(pid_t root, const int *keep, int nkeep)
+{
+    /* Hold nothing of the caller's: an inherited pipe end would keep its reader from seeing EOF. */
+    close_fds_except_from(0, keep, nkeep);
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_reaper_signal;
+    sigfillset(&sa.sa_mask);
+    sigaction(SIGUSR1, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    /* Terminal signals are for the sandboxed command, not for its keeper. */
+    struct sigaction ign;
+    memset(&ign, 0, sizeof(ign));
+    ign.sa_handler = SIG_IGN;
+    int ignored[] = { SIGINT, SIGQUIT, SIGHUP, SIGTSTP, SIGTTIN, SIGTTOU, SIGPIPE };
+    for (unsigned i = 0; i < sizeof(ignored) / sizeof(ignored[0]); i++) sigaction(ignored[i], &ign, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    report('P', root);
+    for (;;) {
+        int st;
+        pid_t w = waitpid(-1, &st, __WALL);
+        if (w == root) {
+            sigset_t all;
+            sigfillset(&all);
+            sigprocmask(SIG_SETMASK, &all, NULL);
+            kill_all_children();
+            report('X', st);
+            _exit(0);
+        }
+        if (w < 0 && errno == ECHILD) { report('X', 0x7f00); _exit(0); }
+    }
+}
+
+/*
+ * Spawn a sandboxed command: fork the reaper, which starts the root child with clone(CLONE_VM|CLONE_VFORK)
+ * (no second copy of the caller's page tables) and supervises its lifetime. Returns the reaper's pid or
+ * -errno. The root's pid arrives on the hand-off socket (and as 'P' on report_fd).
+ */
+long sl_spawn(const struct sl_cfg *cfg)
+{
+    pid_t caller = getpid();
+    pid_t pid = fork();
+    if (pid < 0) return -errno;
+    if (pid > 0) return pid;
+    reaper_setup(cfg, caller);
+    size_t stack_size = 256 * 1024;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
+    struct exec_args args = { cfg };
+    pid_t root = clone(exec_child, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
+    if (root < 0) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
+    int keep[1] = { cfg->report_fd };
+    reaper_loop(root, keep, 1);
+    _exit(0);
+}
+
+/*
+ * For a confined Python function (the pytest plugin): called in a single-threaded child of os.fork(). Forks
+ * again; the new child returns 0 and goes on in Python (it then calls sl_confine); this process becomes the
+ * reaper and never returns.
+ */
+long sl_fork_with_reaper(const struct sl_cfg *cfg)
+{
+    pid_t caller = getppid();
+    prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGUSR1, 0, 0, 0);
+    if (getppid() != caller) _exit(127);
+    reaper_report_fd = cfg->report_fd;
+    pid_t root = fork();
+    if (root < 0) return -errno;
+    if (root == 0) return 0;
+    int keep[1] = { cfg->report_fd };
+    reaper_loop(root, keep, 1);
+    _exit(0);
 }
 
 /* Wait for pid with a pidfd-style poll; returns 1 and the raw status, 0 on timeout, or -errno. */

@@ -15,7 +15,7 @@ enum {
     SL_STEP_SETPGID = 1, SL_STEP_PDEATHSIG, SL_STEP_PARENT_GONE, SL_STEP_SIGNALS, SL_STEP_STDIO,
     SL_STEP_PERSONALITY, SL_STEP_AFFINITY, SL_STEP_THP, SL_STEP_CORE, SL_STEP_CHDIR, SL_STEP_NNP,
     SL_STEP_LANDLOCK, SL_STEP_SECCOMP, SL_STEP_HANDOFF, SL_STEP_READY, SL_STEP_CLOSE_FDS, SL_STEP_NOFILE,
-    SL_STEP_EXEC, SL_STEP_FILTER2,
+    SL_STEP_EXEC, SL_STEP_FILTER2, SL_STEP_SPAWN,
 };
 
 struct sl_cfg {
@@ -47,11 +47,43 @@ struct sl_cfg {
     /* hand-off */
     int sock_fd;               /* -1: no supervisor */
     int handoff_scm;           /* 1: SCM_RIGHTS, 0: send the fd number for pidfd_getfd */
+    int report_fd;             /* reaper -> caller: 'P' root pid, then 'X' wait status or 'K' killed */
     /* exec */
     char *const *exec_paths;
     int n_exec_paths;
     char *const *argv;
     char *const *envp;
 };
+
+
+long sl_landlock_create_ruleset(const struct sl_ruleset_attr *attr, size_t size, uint32_t flags);
+long sl_landlock_add_path_rule(int ruleset_fd, uint64_t allowed, int parent_fd);
+long sl_landlock_add_net_rule(int ruleset_fd, uint64_t allowed, uint64_t port);
+long sl_landlock_restrict_self(int ruleset_fd, uint32_t flags);
+long sl_seccomp(unsigned int op, unsigned int flags, void *args);
+long sl_seccomp_set_filter(const void *insns, unsigned short count, unsigned int flags);
+long sl_prctl(int option, unsigned long a2, unsigned long a3, unsigned long a4, unsigned long a5);
+long sl_pidfd_open(int pid, unsigned int flags);
+long sl_pidfd_getfd(int pidfd, int fd, unsigned int flags);
+long sl_pidfd_send_signal(int pidfd, int sig);
+long sl_close_range(unsigned int first, unsigned int last, unsigned int flags);
+long sl_process_vm_readv(int pid, void *local, size_t len, uint64_t remote);
+long sl_process_vm_writev(int pid, const void *local, size_t len, uint64_t remote);
+long sl_socketpair(int sv[2]);
+long sl_raw_syscall6(long nr, long a, long b, long c, long d, long e, long f);
+long sl_notif_sizes(uint16_t out[3]);
+long sl_notif_wait_recv(int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
+long sl_notif_send(int listener, uint64_t id, int64_t val, int32_t error, uint32_t flags);
+long sl_notif_continue(int listener, uint64_t id);
+long sl_notif_id_valid(int listener, uint64_t id);
+long sl_notif_addfd(int listener, uint64_t id, int srcfd, int newfd, uint32_t newfd_flags, uint32_t flags);
+long sl_notif_set_flags(int listener, uint64_t flags);
+long sl_send_fd(int sock, int fd);
+long sl_recv_msg_fd(int sock, void *buf, size_t cap, int *fd_out);
+const char *sl_step_name(int step);
+int sl_confine(const struct sl_cfg *cfg);
+long sl_spawn(const struct sl_cfg *cfg);
+long sl_fork_with_reaper(const struct sl_cfg *cfg);
+long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 
 #endif

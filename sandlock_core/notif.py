@@ -1,0 +1,288 @@
+"""The supervisor: receives seccomp user notifications, dispatches them by syscall, answers.
+
+One supervisor thread per sandbox. Handlers register by syscall number and form a chain: the first handler
+that returns an action decides; ``None`` passes to the next; with no decision the syscall CONTINUEs, which is
+only safe because Landlock stays the boundary for it. A handler that raises fails closed (EPERM, or EACCES for
+path syscalls). Handlers that decided on child memory must not CONTINUE: they act on behalf of the child and
+return the result (``Value``/``Errno``/``InjectFd``).
+"""
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+import threading
+from typing import Callable, Optional
+
+from . import _sys
+from ._native import ffi, lib
+
+log = logging.getLogger("sandlock.notif")
+
+
+class Action:
+    __slots__ = ()
+
+
+class _Continue(Action):
+    __slots__ = ()
+
+    def __repr__(self):
+        return "CONTINUE"
+
+
+CONTINUE = _Continue()
+
+
+class Errno(Action):
+    __slots__ = ("errno",)
+
+    def __init__(self, err: int):
+        self.errno = err
+
+    def __repr__(self):
+        return f"Errno({_errno.errorcode.get(self.errno, self.errno)})"
+
+
+class Value(Action):
+    __slots__ = ("value",)
+
+    def __init__(self, value: int):
+        self.value = value
+
+
+class InjectFd(Action):
+    """Install ``fd`` in the child as the syscall's result (ADDFD with SEND); our copy is closed afterwards."""
+
+    __slots__ = ("fd", "cloexec")
+
+    def __init__(self, fd: int, cloexec: bool = False):
+        self.fd = fd
+        self.cloexec = cloexec
+
+
+class Kill(Action):
+    """SIGKILL the calling process (its thread group only), then answer ``errno``."""
+
+    __slots__ = ("errno",)
+
+    def __init__(self, err: int = _errno.ENOMEM):
+        self.errno = err
+
+
+class Deferred(Action):
+    """The handler took ownership of the notification and will answer it later through ``Supervisor.respond``."""
+
+    __slots__ = ()
+
+
+DEFERRED = Deferred()
+
+Handler = Callable[["Supervisor", object], Optional[Action]]
+
+O_CLOEXEC = os.O_CLOEXEC
+PIDFD_THREAD = os.O_EXCL  # pidfd_open flag (Linux 6.9): a pidfd for a thread, not only a group leader
+
+
+class Denial:
+    """One refused operation, kept for reports (the pytest plugin's 'sandlock denials' section)."""
+
+    __slots__ = ("syscall", "pid", "errno", "detail", "hint")
+
+    def __init__(self, syscall: str, pid: int, err: int, detail: str = "", hint: str = ""):
+        self.syscall, self.pid, self.errno, self.detail, self.hint = syscall, pid, err, detail, hint
+
+    def as_dict(self) -> dict:
+        return {"syscall": self.syscall, "pid": self.pid, "errno": _errno.errorcode.get(self.errno, str(self.errno)),
+                "detail": self.detail, "hint": self.hint}
+
+    def __repr__(self):
+        return f"Denial({self.as_dict()})"
+
+
+class Supervisor:
+    """Serves one listener fd on its own thread until every sandboxed process is gone or ``stop()``."""
+
+    MAX_DENIALS = 256
+
+    def __init__(self, listener: int, handlers: dict[int, tuple[Handler, ...]], *,
+                 path_syscalls: frozenset[int] = frozenset(), names: dict[int, str] | None = None):
+        self.listener = listener
+        self.handlers = handlers
+        self.path_syscalls = path_syscalls
+        self.names = names or {}
+        self.denials: list[Denial] = []
+        self.errors: list[str] = []
+        self.state: dict = {}          # per-sandbox state that mechanisms share (ledgers, maps)
+        self._pidfds: dict[int, int] = {}
+        self._wake_r, self._wake_w = os.pipe2(O_CLOEXEC)
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.notifications = 0
+        try:
+            _sys.prctl  # keep import used
+            lib.sl_notif_set_flags(listener, _sys.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+        except Exception:  # pragma: no cover - flag missing on old kernels: slower, still correct
+            pass
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="sandlock-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end (the sandbox is over) and release every resource."""
+        if self._thread is not None:
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
+            self._thread.join(timeout)
+            self._thread = None
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.listener, self._wake_r, self._wake_w, *self._pidfds.values()):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.listener = self._wake_r = self._wake_w = -1
+        self._pidfds.clear()
+
+    # ---- the loop (hot path: keep it short) ----
+    def _loop(self) -> None:
+        n = ffi.new("struct seccomp_notif *")
+        listener, wake = self.listener, self._wake_r
+        handlers = self.handlers
+        wait_recv, cont = lib.sl_notif_wait_recv, lib.sl_notif_continue
+        count = 0
+        while True:
+            r = wait_recv(listener, wake, -1, n)
+            if r == 1:
+                count += 1
+                chain = handlers.get(n.data.nr)
+                if chain is None:
+                    cont(listener, n.id)
+                    continue
+                try:
+                    action = None
+                    for h in chain:
+                        action = h(self, n)
+                        if action is not None:
+                            break
+                except Exception as exc:  # fail closed
+                    action = self._handler_failed(n, exc)
+                if action is None or action is CONTINUE:
+                    cont(listener, n.id)
+                elif action is not DEFERRED:
+                    self.respond(n.id, action, n.pid)
+            elif r == 0:
+                continue
+            elif r == 2 or r == 3:
+                break
+            else:
+                self.errors.append(f"notification receive failed: {os.strerror(-r)}")
+                break
+        self.notifications = count
+
+    def _handler_failed(self, n, exc: BaseException) -> Action:
+        nr = n.data.nr
+        err = _errno.EACCES if nr in self.path_syscalls else _errno.EPERM
+        name = self.names.get(nr, str(nr))
+        log.exception("sandlock: handler for %s failed; denying with %s", name, _errno.errorcode[err])
+        self.errors.append(f"handler for {name} raised {exc!r}")
+        self.record(name, n.pid, err, f"internal error: {exc}")
+        return Errno(err)
+
+    def respond(self, notif_id: int, action: Action, pid: int = 0) -> None:
+        """Answer a notification. Failing to inject an fd fails closed (EACCES), never CONTINUE."""
+        fd = self.listener
+        if fd < 0:
+            return
+        if action is None or action is CONTINUE:
+            lib.sl_notif_continue(fd, notif_id)
+        elif type(action) is Errno:
+            lib.sl_notif_send(fd, notif_id, 0, -action.errno, 0)
+        elif type(action) is Value:
+            lib.sl_notif_send(fd, notif_id, action.value, 0, 0)
+        elif type(action) is InjectFd:
+            flags = O_CLOEXEC if action.cloexec else 0
+            r = lib.sl_notif_addfd(fd, notif_id, action.fd, 0, flags, _sys.SECCOMP_ADDFD_FLAG_SEND)
+            os.close(action.fd)  # the child's copy shares our file description: never use ours again
+            if r < 0 and r != -_errno.ENOENT:
+                lib.sl_notif_send(fd, notif_id, 0, -_errno.EACCES, 0)
+        elif type(action) is Kill:
+            if pid:
+                try:
+                    os.kill(pid, 9)
+                except OSError:
+                    pass
+            lib.sl_notif_send(fd, notif_id, 0, -action.errno, 0)
+        else:  # unknown action: fail closed
+            lib.sl_notif_send(fd, notif_id, 0, -_errno.EPERM, 0)
+
+    # ---- reporting ----
+    def record(self, syscall: str, pid: int, err: int, detail: str = "", hint: str = "") -> None:
+        if len(self.denials) < self.MAX_DENIALS:
+            self.denials.append(Denial(syscall, pid, err, detail, hint))
+
+    # ---- access to the child ----
+    def id_valid(self, notif_id: int) -> bool:
+        return lib.sl_notif_id_valid(self.listener, notif_id) == 0
+
+    def read_mem(self, n, addr: int, size: int) -> bytes:
+        """Read child memory; raises OSError if the notification went stale meanwhile (pid reuse guard)."""
+        data = _sys.process_vm_readv(n.pid, addr, size)
+        if not self.id_valid(n.id):
+            raise OSError(_errno.ESRCH, "notification no longer valid")
+        return data
+
+    def read_cstr(self, n, addr: int, limit: int = 4096) -> bytes:
+        """Read a NUL-terminated string (page by page, never across an unmapped page)."""
+        if addr == 0:
+            raise OSError(_errno.EFAULT, "NULL pointer")
+        out = b""
+        while len(out) < limit:
+            chunk = 4096 - (addr % 4096)
+            data = _sys.process_vm_readv(n.pid, addr, min(chunk, limit - len(out)))
+            i = data.find(b"\0")
+            if i >= 0:
+                out += data[:i]
+                break
+            out += data
+            addr += len(data)
+        else:
+            raise OSError(_errno.ENAMETOOLONG, "string too long")
+        if not self.id_valid(n.id):
+            raise OSError(_errno.ESRCH, "notification no longer valid")
+        return out
+
+    def write_mem(self, n, addr: int, data: bytes) -> None:
+        _sys.process_vm_writev(n.pid, addr, data)
+
+    def pidfd(self, pid: int) -> int:
+        fd = self._pidfds.get(pid)
+        if fd is None:
+            try:
+                fd = _sys.pidfd_open(pid, PIDFD_THREAD)
+            except OSError:
+                fd = _sys.pidfd_open(pid)
+            with self._lock:
+                self._pidfds[pid] = fd
+        return fd
+
+    def forget_pid(self, pid: int) -> None:
+        with self._lock:
+            fd = self._pidfds.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def dup_child_fd(self, n, fd: int) -> int:
+        """A duplicate of the child's fd (same open file description), ours to use on its behalf."""
+        dup = _sys.pidfd_getfd(self.pidfd(n.pid), fd)
+        if not self.id_valid(n.id):
+            os.close(dup)
+            raise OSError(_errno.ESRCH, "notification no longer valid")
+        return dup

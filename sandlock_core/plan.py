@@ -1,0 +1,206 @@
+"""Compile a Policy once into a Plan: the Landlock ruleset, the BPF program, the supervisor's handler table
+and the child's process settings. A Sandbox reuses its plan for every run.
+
+Mechanisms that need the supervisor live in their own modules and are imported only when the policy uses
+them (CLI start-up stays lean). Each exposes ``install(builder)`` and registers handlers by syscall name;
+only syscalls that some handler registered are notified.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable
+
+from . import _sys, seccomp, syscalls
+from .errors import PolicyError
+from .policy import FsIsolation, Policy
+
+# (predicate, module) for every supervisor mechanism; the module's install(builder) registers handlers.
+MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
+    (lambda p: bool(p.fs_denied), "fsdeny"),
+]
+
+# Fields this build cannot enforce yet: refused with a clear error, never silently ignored. Each feature
+# removes its entry when it lands.
+UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
+    ("net_allow_hosts", lambda p: p.net_allow_hosts is not None),
+    ("max_memory", lambda p: p.max_memory is not None),
+    ("max_cpu", lambda p: p.max_cpu is not None),
+    ("port_remap", lambda p: p.port_remap),
+    ("time_start", lambda p: p.time_start is not None),
+    ("time_freeze", lambda p: p.time_freeze),
+    ("random_seed", lambda p: p.random_seed is not None),
+    ("deterministic_dirs", lambda p: p.deterministic_dirs),
+    ("hostname", lambda p: p.hostname is not None),
+    ("num_cpus", lambda p: p.num_cpus is not None),
+    ("isolate_pids", lambda p: p.isolate_pids),
+    ("workdir", lambda p: p.workdir is not None),
+    ("fs_isolation", lambda p: p.fs_isolation is not FsIsolation.NONE),
+    ("max_disk", lambda p: p.max_disk is not None),
+    ("chroot", lambda p: p.chroot is not None),
+    ("privileged", lambda p: p.privileged),
+]
+
+# Kept from the caller's environment under clean_env (the seed README's promise).
+CLEAN_ENV_KEEP = (b"PATH", b"HOME", b"USER", b"LOGNAME", b"TERM", b"LANG")
+DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
+
+# Syscalls whose handlers take a path: a failing handler answers EACCES there, EPERM elsewhere.
+PATH_SYSCALLS = ("open", "openat", "openat2", "execve", "execveat", "creat", "truncate", "unlink", "unlinkat",
+                 "rmdir", "mkdir", "mkdirat", "rename", "renameat", "renameat2", "link", "linkat", "symlink",
+                 "symlinkat", "stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
+                 "readlink", "readlinkat", "chdir", "mknod", "mknodat", "chmod", "fchmodat", "chown", "lchown",
+                 "fchownat", "utimensat", "getdents64")
+
+
+def check_supported(policy: Policy) -> None:
+    for field, active in UNSUPPORTED:
+        if active(policy):
+            raise PolicyError(f"{field}: {getattr(policy, field)!r} is not supported by this build yet; "
+                              f"remove it from the policy (sandlock never ignores a protection silently)")
+
+
+class PlanBuilder:
+    """What mechanisms see while the plan is being compiled."""
+
+    def __init__(self, policy: Policy, arch: str):
+        self.policy = policy
+        self.arch = arch
+        self.handlers: dict[int, list] = {}
+        self.names: dict[int, str] = {}
+        self.extra_deny: dict[int, int] = {}
+        self.setup: list[Callable] = []   # called with the Supervisor before the child is released
+
+    def notify(self, name: str, handler) -> bool:
+        """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall."""
+        nr = syscalls.number(name, self.arch)
+        if nr is None:
+            return False
+        self.handlers.setdefault(nr, []).append(handler)
+        self.names[nr] = name
+        return True
+
+    def on_supervisor(self, fn: Callable) -> None:
+        self.setup.append(fn)
+
+
+class Plan:
+    def __init__(self, policy: Policy, *, best_effort: bool | None = None):
+        check_supported(policy)
+        self.policy = policy
+        self.arch = syscalls.native_arch()
+        self.best_effort = policy.best_effort if best_effort is None else best_effort
+        self.missing: list[str] = []
+        self.ruleset = self._build_landlock(policy)
+        builder = PlanBuilder(policy, self.arch)
+        for applies, module in MECHANISMS:
+            if applies(policy):
+                importlib.import_module(f"{__package__}.{module}").install(builder)
+        self.setup = builder.setup
+        self.names = builder.names
+        deny = self._deny_set(policy)
+        for nr in list(builder.handlers):
+            if nr in deny:  # denied outright: the supervisor never sees it
+                del builder.handlers[nr]
+        self.handlers = {nr: tuple(chain) for nr, chain in builder.handlers.items()}
+        self.path_syscalls = frozenset(n for n in (syscalls.number(s, self.arch) for s in PATH_SYSCALLS)
+                                       if n is not None)
+        notify = frozenset(self.handlers)
+        allow_only = None
+        if policy.allow_syscalls is not None:
+            allow_only = seccomp.allowlist_numbers(policy.allow_syscalls, self.arch)
+            deny = frozenset()
+        self.spec = seccomp.FilterSpec(
+            arch=self.arch, notify=notify, deny=frozenset(deny), allow_only=allow_only,
+            no_raw_sockets=policy.no_raw_sockets, no_udp=policy.no_udp)
+        self.filter = seccomp.build_filter(self.spec)
+        self.want_listener = bool(notify)
+        sendmsg = syscalls.number("sendmsg", self.arch)
+        self.handoff_scm = sendmsg not in notify
+        self.cwd = policy.cwd
+        self._env = self._build_env(policy)
+        self._cpu_mask = self._build_cpu_mask(policy.cpu_cores)
+
+    # ---- compilation steps ----
+    def _deny_set(self, policy: Policy) -> frozenset[int]:
+        names = policy.deny_syscalls if policy.deny_syscalls is not None else syscalls.DEFAULT_BLOCKLIST
+        if policy.deny_syscalls is not None:
+            return frozenset(syscalls.resolve_names(names, "deny_syscalls", self.arch))
+        return frozenset(n for n in (syscalls.number(s, self.arch) for s in names) if n is not None)
+
+    def _build_landlock(self, policy: Policy):
+        wants = (policy.fs_readable or policy.fs_writable or policy.net_bind or policy.net_connect
+                 or policy.isolate_ipc or policy.isolate_signals)
+        if not wants:
+            return None
+        from . import landlock
+        info = landlock.build_ruleset(
+            readable=policy.fs_readable, writable=policy.fs_writable,
+            bind_ports=policy.net_bind, connect_ports=policy.net_connect,
+            isolate_ipc=policy.isolate_ipc, isolate_signals=policy.isolate_signals,
+            best_effort=self.best_effort)
+        self.missing.extend(info.missing)
+        return info
+
+    @staticmethod
+    def _build_env(policy: Policy) -> dict[bytes, bytes]:
+        if policy.clean_env:
+            env = {k: v for k, v in os.environb.items() if k in CLEAN_ENV_KEEP}
+            env.setdefault(b"PATH", DEFAULT_PATH)
+        else:
+            env = dict(os.environb)
+        for k, v in policy.env.items():
+            env[os.fsencode(k)] = os.fsencode(v)
+        return env
+
+    @staticmethod
+    def _build_cpu_mask(cores) -> bytes | None:
+        if not cores:
+            return None
+        mask = bytearray(128)
+        for c in cores:
+            if c >= len(mask) * 8:
+                raise PolicyError(f"cpu_cores: {c} is beyond the {len(mask) * 8} CPUs sandlock supports")
+            mask[c // 8] |= 1 << (c % 8)
+        return bytes(mask)
+
+    # ---- used by spawn ----
+    def environ(self) -> dict[bytes, bytes]:
+        return self._env
+
+    def fill_cfg(self, cfg, keep: list) -> None:
+        from ._native import ffi
+        p = self.policy
+        cfg.new_pgrp = 1
+        cfg.pdeathsig = 9
+        cfg.reset_signals = 1
+        cfg.personality_flags = _sys.ADDR_NO_RANDOMIZE if p.no_randomize_memory else 0
+        if self._cpu_mask:
+            m = ffi.new("unsigned char[]", self._cpu_mask)
+            keep.append(m)
+            cfg.cpu_mask, cfg.cpu_mask_len = m, len(self._cpu_mask)
+        cfg.thp_disable = int(p.no_huge_pages)
+        cfg.no_coredump = int(p.no_coredump)
+        cfg.nofile = p.max_open_files if p.max_open_files is not None else -1
+        cfg.close_fds = int(p.close_fds)
+        cfg.landlock_fd = self.ruleset.fd if self.ruleset is not None else -1
+        prog = ffi.from_buffer(self.filter)
+        keep.append(prog)
+        cfg.filter, cfg.filter_len = prog, len(self.filter) // 8
+        flags = 0
+        if self.want_listener:
+            flags = _sys.SECCOMP_FILTER_FLAG_NEW_LISTENER | _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
+        cfg.seccomp_flags = flags
+        cfg.handoff_scm = int(self.handoff_scm)
+
+    def make_supervisor(self, listener: int):
+        from .notif import Supervisor
+        sup = Supervisor(listener, self.handlers, path_syscalls=self.path_syscalls, names=self.names)
+        for fn in self.setup:
+            fn(sup)
+        return sup
+
+    def close(self) -> None:
+        if self.ruleset is not None:
+            self.ruleset.close()
+            self.ruleset = None

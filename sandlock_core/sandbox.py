@@ -1,0 +1,257 @@
+"""The public API: ``Sandbox(policy).run(cmd)`` and ``confine(policy)``."""
+from __future__ import annotations
+
+import enum
+import os
+import select
+import signal
+import time
+from dataclasses import dataclass, field
+
+from . import spawn as _spawn
+from .errors import ChildError, SandboxError
+from .policy import Policy
+
+_DEVNULL = os.devnull
+
+
+class ExitReason(enum.Enum):
+    EXITED = "exited"
+    SIGNALED = "signaled"
+    KILLED = "killed"
+    TIMEOUT = "timeout"
+    SETUP_FAILED = "setup_failed"
+
+
+@dataclass
+class Result:
+    """What a run produced. ``exit_code`` is the command's, or ``-N`` for death by signal ``N`` (``signal``
+    then says N), 127 when it could not be started, and ``success`` is ``exit_code == 0``."""
+
+    success: bool
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    error: str | None = None
+    signal: int | None = None
+    reason: ExitReason = ExitReason.EXITED
+    wall_time: float = 0.0
+    denials: list = field(default_factory=list)
+    notifications: int = 0
+
+
+class Sandbox:
+    """A policy bound to the machinery that enforces it. Reusable: the plan is compiled once."""
+
+    def __init__(self, policy: Policy | None = None, *, policy_fn=None, init_fn=None, work_fn=None):
+        from .plan import Plan
+        self.policy = policy if policy is not None else Policy()
+        if policy_fn is not None or init_fn is not None or work_fn is not None:
+            from .errors import PolicyError
+            raise PolicyError("policy_fn/init_fn/work_fn are not supported by this build yet")
+        self._plan = Plan(self.policy)
+        self._running: list[_spawn.Spawned] = []
+
+    # ---- context manager ----
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        for child in list(self._running):
+            child.kill()
+        self._plan.close()
+
+    @property
+    def missing(self) -> list[str]:
+        """Protections skipped under best effort (empty unless the policy opted in)."""
+        return list(self._plan.missing)
+
+    # ---- running ----
+    def run(self, cmd: list[str], timeout: float | None = None, *, stdin: bytes | int | None = None) -> Result:
+        """Run ``cmd`` confined; capture stdout and stderr. ``stdin``: None (closed: /dev/null), bytes
+        (fed to the command), or a file descriptor to pass through."""
+        return self._run(cmd, timeout, stdin=stdin, capture=True)
+
+    def run_interactive(self, cmd: list[str], timeout: float | None = None) -> int:
+        """Run ``cmd`` confined with the caller's stdin/stdout/stderr; returns the exit code."""
+        return self.run_foreground(cmd, timeout).exit_code
+
+    def run_foreground(self, cmd: list[str], timeout: float | None = None) -> Result:
+        """Like run_interactive, but returns the whole Result. On a terminal the command stays in the
+        caller's foreground process group, so it can read the terminal and gets Ctrl-C like any command."""
+        return self._run(cmd, timeout, stdin=0, capture=False, new_pgrp=not os.isatty(0))
+
+    def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
+        if isinstance(cmd, (str, bytes)) or not cmd:
+            raise ValueError("cmd must be a non-empty list of arguments")
+        start = time.monotonic()
+        fds_to_close: list[int] = []
+        stdin_data = None
+        if stdin is None:
+            in_fd = os.open(_DEVNULL, os.O_RDONLY | os.O_CLOEXEC)
+            fds_to_close.append(in_fd)
+        elif isinstance(stdin, (bytes, bytearray, memoryview)):
+            in_fd, stdin_w = os.pipe2(os.O_CLOEXEC)
+            fds_to_close.append(in_fd)
+            stdin_data = (stdin_w, memoryview(bytes(stdin)))
+        else:
+            in_fd = int(stdin)
+        out_r = err_r = -1
+        if capture:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            fds_to_close += [out_w, err_w]
+            stdio = (in_fd, out_w, err_w)
+        else:
+            stdio = (in_fd, 1, 2)
+        sup = None
+        try:
+            child = _spawn.spawn(self._plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
+        except BaseException:
+            for fd in fds_to_close:
+                os.close(fd)
+            if stdin_data:
+                os.close(stdin_data[0])
+            if capture:
+                os.close(out_r)
+                os.close(err_r)
+            raise
+        for fd in fds_to_close:
+            os.close(fd)
+        self._running.append(child)
+        setup_error = None
+        try:
+            try:
+                child.take_listener(use_pidfd=not self._plan.handoff_scm)
+                if child.listener >= 0:
+                    sup = self._plan.make_supervisor(child.listener)
+                    sup.start()
+                child.release()
+            except _spawn.ChildSetupError as exc:
+                setup_error = exc
+            except (ChildError, SandboxError) as exc:
+                child.kill()
+                setup_error = exc
+            out, err, timed_out = self._communicate(child, stdin_data, out_r, err_r, timeout)
+        finally:
+            if child.status is None and child.killed_by is None:
+                child.kill()
+                while not child.read_report():
+                    pass
+            child.reap()
+            if sup is not None:
+                sup.stop()
+            self._running.remove(child)
+        return self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
+
+    def _communicate(self, child, stdin_data, out_r, err_r, timeout):
+        """Feed stdin, drain stdout/stderr, watch the reaper's report, enforce the timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poller = select.poll()
+        bufs = {out_r: [], err_r: []}
+        open_fds = set()
+        for fd in (out_r, err_r):
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
+                open_fds.add(fd)
+        poller.register(child.sock, select.POLLIN)
+        poller.register(child.report_fd, select.POLLIN)
+        if stdin_data:
+            os.set_blocking(stdin_data[0], False)
+            poller.register(stdin_data[0], select.POLLOUT)
+        sock_open, done, timed_out = True, False, False
+        try:
+            while not done or open_fds:
+                wait_ms = None
+                if deadline is not None and not done:
+                    wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                events = poller.poll(wait_ms)
+                if not events and deadline is not None and time.monotonic() >= deadline and not done:
+                    timed_out = True
+                    child.kill()
+                    deadline = None
+                    continue
+                for fd, ev in events:
+                    if fd in open_fds:
+                        chunk = os.read(fd, 65536)
+                        if chunk:
+                            bufs[fd].append(chunk)
+                        else:
+                            poller.unregister(fd)
+                            open_fds.discard(fd)
+                    elif fd == child.report_fd:
+                        if child.read_report():
+                            done = True
+                            poller.unregister(fd)
+                    elif fd == child.sock and sock_open:
+                        child.read_exec_result()
+                        poller.unregister(fd)
+                        sock_open = False
+                    elif stdin_data and fd == stdin_data[0]:
+                        w_fd, view = stdin_data
+                        try:
+                            n = os.write(w_fd, view[:65536]) if view else 0
+                        except (BrokenPipeError, BlockingIOError) as exc:
+                            n = 0 if isinstance(exc, BlockingIOError) else len(view)
+                        view = view[n:]
+                        stdin_data = (w_fd, view)
+                        if not view:
+                            poller.unregister(w_fd)
+                            os.close(w_fd)
+                            stdin_data = None
+        finally:
+            if stdin_data:
+                os.close(stdin_data[0])
+            for fd in (out_r, err_r):
+                if fd >= 0:
+                    os.close(fd)
+        return b"".join(bufs[out_r]) if out_r >= 0 else b"", b"".join(bufs[err_r]) if err_r >= 0 else b"", timed_out
+
+    @staticmethod
+    def _result(child, sup, out, err, timed_out, setup_error, wall) -> Result:
+        denials = list(sup.denials) if sup is not None else []
+        notifs = sup.notifications if sup is not None else 0
+        error = None
+        sig = None
+        if timed_out:
+            return Result(False, -signal.SIGKILL, out, err, "timeout", signal.SIGKILL, ExitReason.TIMEOUT, wall,
+                          denials, notifs)
+        setup_error = setup_error or child.exec_error
+        if setup_error is not None:
+            return Result(False, 127, out, err, str(setup_error), None, ExitReason.SETUP_FAILED, wall, denials,
+                          notifs)
+        if child.status is not None:
+            code, sig = _spawn.describe_status(child.status)
+            reason = ExitReason.SIGNALED if sig else ExitReason.EXITED
+        else:
+            code, sig, reason = -signal.SIGKILL, signal.SIGKILL, ExitReason.KILLED
+            error = "the sandbox was killed"
+        return Result(code == 0, code, out, err, error, sig, reason, wall, denials, notifs)
+
+
+def confine(policy: Policy) -> None:
+    """Confine the calling process itself: Landlock (this thread) and the deny filter (all threads), no
+    supervisor. Irreversible. Mechanisms that need a supervisor are refused with PolicyError."""
+    from . import _sys
+    from .plan import Plan
+    plan = Plan(policy)
+    try:
+        if plan.want_listener:
+            from .errors import PolicyError
+            raise PolicyError("confine(): this policy needs a supervisor (" +
+                              ", ".join(sorted(plan.names.values())) + "); use Sandbox(policy).run()")
+        _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
+        if plan.ruleset is not None:
+            _sys.landlock_restrict_self(plan.ruleset.fd)
+        flags = _sys.SECCOMP_FILTER_FLAG_TSYNC
+        _sys.seccomp_set_filter(plan.filter, flags)
+    finally:
+        plan.close()
+
+
+def landlock_abi_version() -> int:
+    from . import _sys
+    return _sys.landlock_abi_version()

@@ -1,0 +1,209 @@
+"""Start a confined process: fill ``struct sl_cfg``, fork the reaper, take the listener, release the child.
+
+The C side (csrc/native.c) does everything between fork and exec; this module only prepares the inputs and
+runs the parent half of the hand-off. See docs/DESIGN.md for the sequence.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+import signal
+import struct
+
+from . import _sys
+from ._native import ffi, lib
+from .errors import ChildError, NotifError
+
+_MSG = struct.Struct("=cBHii")      # kind, step, pad, val, pid   (struct sl_msg)
+_REPORT = struct.Struct("=c3xi")    # kind, val                   (struct sl_report)
+
+
+class ChildSetupError(ChildError):
+    """The child failed before exec; ``step`` and ``errno`` say where and why (exit status 127)."""
+
+    def __init__(self, step: str, err: int):
+        self.step, self.errno = step, err
+        super().__init__(f"sandlock: {step}: {os.strerror(err)}")
+
+
+def exec_candidates(argv0: str, env: dict[bytes, bytes] | None) -> list[bytes]:
+    """Paths to try for argv[0], like execvp over the *sandbox's* PATH (resolved in the parent)."""
+    name = os.fsencode(argv0)
+    if b"/" in name:
+        return [name]
+    path = (env or {}).get(b"PATH") if env is not None else os.environb.get(b"PATH")
+    dirs = (path or os.fsencode(os.defpath)).split(b":")
+    return [os.path.join(d or b".", name) for d in dirs]
+
+
+def _cstr_array(items: list[bytes], keep: list):
+    arr = ffi.new("char *[]", len(items) + 1)
+    for i, item in enumerate(items):
+        c = ffi.new("char[]", item)
+        keep.append(c)
+        arr[i] = c
+    arr[len(items)] = ffi.NULL
+    keep.append(arr)
+    return arr
+
+
+class Spawned:
+    """A running sandbox: its reaper, its root process, and (if any) the supervisor's listener."""
+
+    def __init__(self, reaper: int, reaper_pidfd: int, report_fd: int, sock: int):
+        self.reaper = reaper
+        self.reaper_pidfd = reaper_pidfd
+        self.report_fd = report_fd
+        self.sock = sock
+        self.root_pid = 0
+        self.listener = -1
+        self.status: int | None = None      # raw wait status of the root process
+        self.killed_by: int | None = None   # signal the reaper got asked to kill with
+        self.exec_error: ChildSetupError | None = None
+
+    # ---- hand-off ----
+    def take_listener(self, use_pidfd: bool) -> None:
+        """Receive the child's hand-off message (and the listener). Raises ChildSetupError on failure."""
+        data, fd = _sys.recv_msg_fd(self.sock, _MSG.size)
+        if len(data) < _MSG.size:
+            if fd >= 0:
+                os.close(fd)
+            raise ChildError("sandlock: the child exited before confinement was complete")
+        kind, step, _, val, pid = _MSG.unpack(data)
+        self.root_pid = pid
+        if kind == b"E":
+            raise ChildSetupError(ffi.string(lib.sl_step_name(step)).decode(), val)
+        if kind == b"L":
+            if fd < 0:
+                raise NotifError("the seccomp listener did not arrive over SCM_RIGHTS")
+            self.listener = fd
+        elif kind == b"N":
+            pidfd = _sys.pidfd_open(pid)
+            try:
+                self.listener = _sys.pidfd_getfd(pidfd, val)
+            except OSError as exc:
+                raise NotifError(f"pidfd_getfd of the seccomp listener failed: {exc.strerror} "
+                                 "(a container seccomp profile may block it; see `sandlock check`)") from exc
+            finally:
+                os.close(pidfd)
+
+    def release(self) -> None:
+        """Tell the child the supervisor is ready: it closes its fds and execs."""
+        os.write(self.sock, b"G")
+
+    def read_exec_result(self) -> None:
+        """After release: EOF means exec succeeded (the socket is close-on-exec); a message means it failed."""
+        data, fd = _sys.recv_msg_fd(self.sock, _MSG.size)
+        if fd >= 0:
+            os.close(fd)
+        if len(data) == _MSG.size:
+            kind, step, _, val, _pid = _MSG.unpack(data)
+            if kind == b"E":
+                self.exec_error = ChildSetupError(ffi.string(lib.sl_step_name(step)).decode(), val)
+
+    # ---- lifetime ----
+    def read_report(self) -> bool:
+        """Consume reaper messages; True once the sandbox is over (status or kill known)."""
+        try:
+            data = os.read(self.report_fd, _REPORT.size * 4)
+        except BlockingIOError:
+            return False
+        if not data:
+            if self.status is None and self.killed_by is None:
+                self.killed_by = signal.SIGKILL  # the reaper itself died
+            return True
+        done = False
+        for off in range(0, len(data) - len(data) % _REPORT.size, _REPORT.size):
+            kind, val = _REPORT.unpack_from(data, off)
+            if kind == b"P":
+                self.root_pid = self.root_pid or val
+            elif kind == b"X":
+                self.status = val
+                done = True
+            elif kind == b"K":
+                self.killed_by = val
+                done = True
+        return done
+
+    def kill(self) -> None:
+        """Kill the whole sandbox: the reaper SIGKILLs every process of it, detached ones included."""
+        try:
+            _sys.pidfd_send_signal(self.reaper_pidfd, signal.SIGUSR1)
+        except OSError:
+            pass
+
+    def signal_group(self, sig: int) -> None:
+        if self.root_pid:
+            try:
+                os.killpg(self.root_pid, sig)
+            except OSError:
+                pass
+
+    def reap(self) -> None:
+        """Collect the reaper and close our fds."""
+        if self.reaper:
+            try:
+                os.waitpid(self.reaper, 0)
+            except ChildProcessError:
+                pass
+            self.reaper = 0
+        for name in ("reaper_pidfd", "report_fd", "sock"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+def spawn(plan, argv: list[str], *, stdio=(-1, -1, -1), cwd: str | None = None, new_pgrp: bool = True) -> Spawned:
+    """Fork the reaper and the confined root child for ``argv``; returns before exec (see Spawned.release)."""
+    keep: list = []
+    cfg = ffi.new("struct sl_cfg *")
+    keep.append(cfg)
+    plan.fill_cfg(cfg, keep)
+    cfg.parent_pid = 0  # the root's parent is the reaper; it checks its own parent
+    cfg.new_pgrp = int(new_pgrp)
+    cfg.stdio = list(stdio)
+    cwd = cwd if cwd is not None else plan.cwd
+    if cwd is not None:
+        c = ffi.new("char[]", os.fsencode(cwd))
+        keep.append(c)
+        cfg.cwd = c
+    env = plan.environ()
+    cands = exec_candidates(argv[0], env)
+    cfg.exec_paths = _cstr_array(cands, keep)
+    cfg.n_exec_paths = len(cands)
+    cfg.argv = _cstr_array([os.fsencode(a) for a in argv], keep)
+    cfg.envp = _cstr_array([k + b"=" + v for k, v in env.items()], keep)
+
+    sv = ffi.new("int[2]")
+    r = lib.sl_socketpair(sv)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r))
+    sock_parent, sock_child = sv[0], sv[1]
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    cfg.sock_fd = sock_child
+    cfg.report_fd = report_w
+    try:
+        pid = lib.sl_spawn(cfg)
+    finally:
+        os.close(sock_child)
+        os.close(report_w)
+    if pid < 0:
+        os.close(sock_parent)
+        os.close(report_r)
+        raise OSError(-pid, os.strerror(-pid))
+    try:
+        pidfd = _sys.pidfd_open(pid)
+    except OSError:
+        pidfd = -1
+    return Spawned(pid, pidfd, report_r, sock_parent)
+
+
+def describe_status(status: int) -> tuple[int, int | None]:
+    """(exit_code, signal) from a raw wait status; exit_code is -N for death by signal N."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        return -sig, sig
+    if os.WIFEXITED(status):
+        return os.WEXITSTATUS(status), None
+    return -_errno.ECHILD, None
