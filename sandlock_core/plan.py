@@ -85,9 +85,10 @@ class PlanBuilder:
 
 
 class Plan:
-    def __init__(self, policy: Policy, *, best_effort: bool | None = None):
+    def __init__(self, policy: Policy, *, best_effort: bool | None = None, record_denials: bool = False):
         check_supported(policy)
         self.policy = policy
+        self.record_denials = record_denials
         self.arch = syscalls.native_arch()
         self.best_effort = policy.best_effort if best_effort is None else best_effort
         self.missing: list[str] = []
@@ -96,6 +97,8 @@ class Plan:
         for applies, module in MECHANISMS:
             if applies(policy):
                 importlib.import_module(f"{__package__}.{module}").install(builder)
+        if record_denials:  # last: it only records, after every enforcing handler had its say
+            importlib.import_module(f"{__package__}.denials").install(builder)
         self.setup = builder.setup
         self.names = builder.names
         deny = self._deny_set(policy)

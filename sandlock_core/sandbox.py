@@ -43,13 +43,14 @@ class Result:
 class Sandbox:
     """A policy bound to the machinery that enforces it. Reusable: the plan is compiled once."""
 
-    def __init__(self, policy: Policy | None = None, *, policy_fn=None, init_fn=None, work_fn=None):
+    def __init__(self, policy: Policy | None = None, *, policy_fn=None, init_fn=None, work_fn=None,
+                 record_denials: bool = False):
         from .plan import Plan
         self.policy = policy if policy is not None else Policy()
         if policy_fn is not None or init_fn is not None or work_fn is not None:
             from .errors import PolicyError
             raise PolicyError("policy_fn/init_fn/work_fn are not supported by this build yet")
-        self._plan = Plan(self.policy)
+        self._plan = Plan(self.policy, record_denials=record_denials)
         self._running: list[_spawn.Spawned] = []
 
     # ---- context manager ----
@@ -84,45 +85,32 @@ class Sandbox:
         caller's foreground process group, so it can read the terminal and gets Ctrl-C like any command."""
         return self._run(cmd, timeout, stdin=0, capture=False, new_pgrp=not os.isatty(0))
 
-    def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
-        if isinstance(cmd, (str, bytes)) or not cmd:
-            raise ValueError("cmd must be a non-empty list of arguments")
+    def run_function(self, fn, *args, timeout: float | None = None) -> Result:
+        """Run ``fn(*args)`` in a forked child confined by this policy (the pytest plugin's confined test
+        body). The child inherits the caller's memory and fds; its exit code is fn's int result (0 for
+        None), 1 if it raised. Talk to it through pipes or files made beforehand."""
         start = time.monotonic()
-        fds_to_close: list[int] = []
-        stdin_data = None
-        if stdin is None:
-            in_fd = os.open(_DEVNULL, os.O_RDONLY | os.O_CLOEXEC)
-            fds_to_close.append(in_fd)
-        elif isinstance(stdin, (bytes, bytearray, memoryview)):
-            in_fd, stdin_w = os.pipe2(os.O_CLOEXEC)
-            fds_to_close.append(in_fd)
-            stdin_data = (stdin_w, memoryview(bytes(stdin)))
-        else:
-            in_fd = int(stdin)
-        out_r = err_r = -1
-        if capture:
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            fds_to_close += [out_w, err_w]
-            stdio = (in_fd, out_w, err_w)
-        else:
-            stdio = (in_fd, 1, 2)
-        sup = None
-        try:
-            child = _spawn.spawn(self._plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
-        except BaseException:
-            for fd in fds_to_close:
-                os.close(fd)
-            if stdin_data:
-                os.close(stdin_data[0])
-            if capture:
-                os.close(out_r)
-                os.close(err_r)
-            raise
-        for fd in fds_to_close:
-            os.close(fd)
+        pid, child = _spawn.fork_confined(self._plan)
+        if child is None:  # confined child
+            code = 1
+            try:
+                ret = fn(*args)
+                code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                os._exit(code & 0xFF)
+        return self._supervise(child, None, -1, -1, timeout, start)
+
+    def _supervise(self, child, stdin_data, out_r, err_r, timeout, start) -> Result:
+        """Take the listener, start the supervisor, release the child, wait; always clean up."""
         self._running.append(child)
-        setup_error = None
+        setup_error = sup = None
+        out = err = b""
+        timed_out = False
         try:
             try:
                 child.take_listener(use_pidfd=not self._plan.handoff_scm)
@@ -146,6 +134,44 @@ class Sandbox:
                 sup.stop()
             self._running.remove(child)
         return self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
+
+    def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
+        if isinstance(cmd, (str, bytes)) or not cmd:
+            raise ValueError("cmd must be a non-empty list of arguments")
+        start = time.monotonic()
+        fds_to_close: list[int] = []
+        stdin_data = None
+        if stdin is None:
+            in_fd = os.open(_DEVNULL, os.O_RDONLY | os.O_CLOEXEC)
+            fds_to_close.append(in_fd)
+        elif isinstance(stdin, (bytes, bytearray, memoryview)):
+            in_fd, stdin_w = os.pipe2(os.O_CLOEXEC)
+            fds_to_close.append(in_fd)
+            stdin_data = (stdin_w, memoryview(bytes(stdin)))
+        else:
+            in_fd = int(stdin)
+        out_r = err_r = -1
+        if capture:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            fds_to_close += [out_w, err_w]
+            stdio = (in_fd, out_w, err_w)
+        else:
+            stdio = (in_fd, 1, 2)
+        try:
+            child = _spawn.spawn(self._plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
+        except BaseException:
+            for fd in fds_to_close:
+                os.close(fd)
+            if stdin_data:
+                os.close(stdin_data[0])
+            if capture:
+                os.close(out_r)
+                os.close(err_r)
+            raise
+        for fd in fds_to_close:
+            os.close(fd)
+        return self._supervise(child, stdin_data, out_r, err_r, timeout, start)
 
     def _communicate(self, child, stdin_data, out_r, err_r, timeout):
         """Feed stdin, drain stdout/stderr, watch the reaper's report, enforce the timeout."""

@@ -199,6 +199,57 @@ def spawn(plan, argv: list[str], *, stdio=(-1, -1, -1), cwd: str | None = None, 
     return Spawned(pid, pidfd, report_r, sock_parent)
 
 
+def fork_confined(plan) -> tuple[int, Spawned | None]:
+    """Fork a Python child that confines itself under ``plan`` and goes on running Python.
+
+    Returns ``(0, None)`` in the confined child (after the supervisor released it) and ``(reaper_pid, handle)``
+    in the parent, which must then take the listener and release the child like ``spawn``. The fork goes
+    through ``os.fork`` (Python's own fork handling), then the C reaper forks once more; nothing else runs
+    between the second fork and confinement.
+    """
+    keep: list = []
+    cfg = ffi.new("struct sl_cfg *")
+    keep.append(cfg)
+    plan.fill_cfg(cfg, keep)
+    cfg.new_pgrp = 1
+    cfg.reset_signals = 0
+    cfg.close_fds = 0  # the function needs the caller's fds (pytest's capture files, report pipes)
+    cfg.stdio = [-1, -1, -1]
+    if plan.cwd is not None:
+        c = ffi.new("char[]", os.fsencode(plan.cwd))
+        keep.append(c)
+        cfg.cwd = c
+    sv = ffi.new("int[2]")
+    r = lib.sl_socketpair(sv)
+    if r < 0:
+        raise OSError(-r, os.strerror(-r))
+    sock_parent, sock_child = sv[0], sv[1]
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    cfg.sock_fd, cfg.report_fd = sock_child, report_w
+    pid = os.fork()
+    if pid == 0:  # the future reaper
+        try:
+            os.close(sock_parent)
+            os.close(report_r)
+            if lib.sl_fork_with_reaper(cfg) != 0:
+                os._exit(127)
+            # the confined child
+            os.close(report_w)
+            if lib.sl_confine(cfg) != 0:
+                os._exit(127)
+            os.close(sock_child)
+            return 0, None
+        except BaseException:
+            os._exit(127)
+    os.close(sock_child)
+    os.close(report_w)
+    try:
+        pidfd = _sys.pidfd_open(pid)
+    except OSError:
+        pidfd = -1
+    return pid, Spawned(pid, pidfd, report_r, sock_parent)
+
+
 def describe_status(status: int) -> tuple[int, int | None]:
     """(exit_code, signal) from a raw wait status; exit_code is -N for death by signal N."""
     if os.WIFSIGNALED(status):
