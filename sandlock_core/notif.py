@@ -118,6 +118,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(O_CLOEXEC)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._on_close: list = []
         self.notifications = 0
         try:
             _sys.prctl  # keep import used
@@ -141,7 +142,17 @@ class Supervisor:
             self._thread = None
         self.close()
 
+    def on_close(self, fn) -> None:
+        """Run ``fn()`` when the supervisor shuts down (mechanisms release their threads and fds)."""
+        self._on_close.append(fn)
+
     def close(self) -> None:
+        for fn in self._on_close:
+            try:
+                fn()
+            except Exception:  # pragma: no cover
+                log.exception("sandlock: cleanup failed")
+        self._on_close.clear()
         for fd in (self.listener, self._wake_r, self._wake_w, *self._pidfds.values()):
             if fd >= 0:
                 try:

@@ -70,6 +70,7 @@ class PlanBuilder:
         self.names: dict[int, str] = {}
         self.extra_deny: dict[int, int] = {}
         self.setup: list[Callable] = []   # called with the Supervisor before the child is released
+        self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
 
     def notify(self, name: str, handler) -> bool:
         """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall."""
@@ -85,7 +86,8 @@ class PlanBuilder:
 
 
 class Plan:
-    def __init__(self, policy: Policy, *, best_effort: bool | None = None, record_denials: bool = False):
+    def __init__(self, policy: Policy, *, best_effort: bool | None = None, record_denials: bool = False,
+                 handlers: dict | None = None):
         check_supported(policy)
         self.policy = policy
         self.record_denials = record_denials
@@ -94,9 +96,13 @@ class Plan:
         self.missing: list[str] = []
         self.ruleset = self._build_landlock(policy)
         builder = PlanBuilder(policy, self.arch)
+        builder.ruleset_fd = self.ruleset.fd if self.ruleset is not None else -1
         for applies, module in MECHANISMS:
             if applies(policy):
                 importlib.import_module(f"{__package__}.{module}").install(builder)
+        for name, handler in (handlers or {}).items():  # user handlers run after the built-in ones
+            if not builder.notify(name, handler):
+                raise PolicyError(f"handlers: no syscall {name!r} on {self.arch}")
         if record_denials:  # last: it only records, after every enforcing handler had its say
             importlib.import_module(f"{__package__}.denials").install(builder)
         self.setup = builder.setup

@@ -44,13 +44,13 @@ class Sandbox:
     """A policy bound to the machinery that enforces it. Reusable: the plan is compiled once."""
 
     def __init__(self, policy: Policy | None = None, *, policy_fn=None, init_fn=None, work_fn=None,
-                 record_denials: bool = False):
+                 record_denials: bool = False, handlers: dict | None = None):
         from .plan import Plan
         self.policy = policy if policy is not None else Policy()
         if policy_fn is not None or init_fn is not None or work_fn is not None:
             from .errors import PolicyError
             raise PolicyError("policy_fn/init_fn/work_fn are not supported by this build yet")
-        self._plan = Plan(self.policy, record_denials=record_denials)
+        self._plan = Plan(self.policy, record_denials=record_denials, handlers=handlers)
         self._running: list[_spawn.Spawned] = []
 
     # ---- context manager ----

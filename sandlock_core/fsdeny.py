@@ -1,0 +1,366 @@
+"""``fs_denied``: paths refused even inside an allowed tree.
+
+Landlock rights only add up, so a hole in an allowed tree has to be cut by the supervisor. Denial is decided
+by path (the resolved path is under a denied directory or is a denied file) and by inode (dev, ino captured
+at start, so a hard link or a rename does not launder a denied file).
+
+Opens are performed on behalf of the child and the fd injected (ADDFD with SEND): the decision is made on
+the very file that is opened, so swapping a symlink between check and use achieves nothing. The opens run on
+an *opener thread* that carries the sandbox's own Landlock domain, so an on-behalf open can never reach what
+the child itself could not. A FIFO open (which blocks until a peer comes) is finished on a worker thread
+while the supervisor goes on: the supervisor loop never blocks.
+
+Residual risk (documented in SECURITY.md): exec, unlink, rename, link and truncate are checked on the
+resolved path and then CONTINUE; a concurrent symlink swap in a parent directory could race that check.
+Landlock still bounds what the child can reach.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import stat
+import struct
+import threading
+
+from . import _sys
+from .notif import CONTINUE, DEFERRED, Errno, InjectFd
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_SYMLINK_FOLLOW = 0x400
+AT_REMOVEDIR = 0x200
+O_PATH = os.O_PATH
+OPEN_TIMEOUT = 10.0  # seconds the supervisor waits for the opener thread before failing closed
+
+
+def _s64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+class DenySet:
+    """The denied paths, as resolved paths and as (dev, ino) identities."""
+
+    def __init__(self, paths):
+        self.files: set[str] = set()
+        self.dirs: list[str] = []
+        self.inodes: set[tuple[int, int]] = set()
+        for p in paths:
+            real = os.path.realpath(p)
+            try:
+                st = os.stat(real)
+            except FileNotFoundError:
+                self.files.add(real)  # deny creating it too
+                continue
+            self.inodes.add((st.st_dev, st.st_ino))
+            if stat.S_ISDIR(st.st_mode):
+                self.dirs.append(real.rstrip("/") + "/")
+            self.files.add(real)
+
+    def path_denied(self, real: str) -> bool:
+        if real in self.files:
+            return True
+        probe = real + "/"
+        return any(probe.startswith(d) for d in self.dirs)
+
+    def denied(self, real: str, st: os.stat_result | None) -> bool:
+        if st is not None and (st.st_dev, st.st_ino) in self.inodes:
+            return True
+        return self.path_denied(real)
+
+
+class Opener:
+    """A thread confined by the sandbox's Landlock ruleset that performs opens on the child's behalf."""
+
+    def __init__(self, ruleset_fd: int):
+        self._q: queue.Queue = queue.Queue()
+        self._ruleset_fd = os.dup(ruleset_fd) if ruleset_fd >= 0 else -1
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="sandlock-opener", daemon=True)
+        self._thread.start()
+        self._ready.wait(5)
+        if self._error is not None:
+            raise self._error
+
+    def _main(self):
+        try:
+            if self._ruleset_fd >= 0:
+                _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)  # per thread: the caller's other threads are untouched
+                _sys.landlock_restrict_self(self._ruleset_fd)
+                os.close(self._ruleset_fd)
+        except BaseException as exc:  # pragma: no cover - Landlock refused on this thread
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            fn, box, done = job
+            try:
+                box.append(("ok", fn()))
+            except OSError as exc:
+                box.append(("err", exc))
+            except BaseException as exc:  # never let the thread die: fail closed for this request
+                box.append(("err", OSError(errno.EACCES, repr(exc))))
+            done.set()
+
+    def call(self, fn, timeout: float = OPEN_TIMEOUT):
+        """Run fn on the confined thread; OSError(EACCES) if it does not finish in time (fail closed)."""
+        box: list = []
+        done = threading.Event()
+        self._q.put((fn, box, done))
+        if not done.wait(timeout):
+            raise OSError(errno.EACCES, "on-behalf operation timed out")
+        kind, val = box[0]
+        if kind == "err":
+            raise val
+        return val
+
+    def close(self):
+        self._q.put(None)
+
+
+class FsDeny:
+    def __init__(self, policy, ruleset_fd: int):
+        self.deny = DenySet(policy.fs_denied)
+        self.ruleset_fd = ruleset_fd
+        self.opener: Opener | None = None
+
+    # ---- helpers ----
+    def _base(self, sup, n, dirfd: int) -> tuple[int, str]:
+        """An O_PATH fd and path for the directory a relative path of the child starts from."""
+        if dirfd == AT_FDCWD:
+            fd = os.open(f"/proc/{n.pid}/cwd", O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = sup.dup_child_fd(n, dirfd)
+        return fd, os.readlink(f"/proc/self/fd/{fd}")
+
+    def _resolve_nofollow(self, sup, n, dirfd: int, path: bytes) -> str:
+        """The resolved path of a name, following every component but the last."""
+        p = os.fsdecode(path)
+        if not p.startswith("/"):
+            base_fd, base = self._base(sup, n, dirfd)
+            os.close(base_fd)
+            p = os.path.join(base, p)
+        head, tail = os.path.split(p.rstrip("/") or "/")
+        return os.path.join(os.path.realpath(head or "/"), tail)
+
+    def _record(self, sup, n, name: str, path: str):
+        sup.record(name, n.pid, errno.EACCES, path, f"remove {path!r} from fs_denied")
+        return Errno(errno.EACCES)
+
+    # ---- open family: on behalf ----
+    def open_common(self, sup, n, name: str, dirfd: int, path_addr: int, flags: int, mode: int, resolve: int = 0):
+        path = sup.read_cstr(n, path_addr)
+        base_fd = AT_FDCWD
+        if not path.startswith(b"/"):
+            base_fd, _ = self._base(sup, n, dirfd)
+        try:
+            return self._open_on_behalf(sup, n, name, base_fd, path, flags, mode, resolve)
+        finally:
+            if base_fd != AT_FDCWD:
+                os.close(base_fd)
+
+    def _open_on_behalf(self, sup, n, name, base_fd, path, flags, mode, resolve):
+        acc_flags = flags & ~(os.O_CLOEXEC)
+        nofollow = flags & os.O_NOFOLLOW
+
+        def locate():
+            try:
+                return os.open(path, O_PATH | os.O_CLOEXEC | nofollow, dir_fd=base_fd), False
+            except FileNotFoundError:
+                if not flags & os.O_CREAT:
+                    raise
+                return None, True
+
+        opath, _missing = self.opener.call(locate)
+        if opath is None:  # creating: judge the name it will have
+            target = self._resolve_created(base_fd, path)
+            if self.deny.path_denied(target):
+                return self._record(sup, n, name, target)
+            umask = self._child_umask(n.pid)
+
+            def create():
+                fd = os.open(path, acc_flags | os.O_CLOEXEC, mode & ~umask & 0o7777, dir_fd=base_fd)
+                return fd
+
+            fd = self.opener.call(create)
+            return InjectFd(fd, bool(flags & os.O_CLOEXEC))
+        owned = True
+        try:
+            real = os.readlink(f"/proc/self/fd/{opath}")
+            st = os.fstat(opath)
+            if self.deny.denied(real, st):
+                return self._record(sup, n, name, real)
+            if flags & os.O_CREAT and flags & os.O_EXCL:
+                return Errno(errno.EEXIST)
+            reopen_flags = acc_flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW)
+            if stat.S_ISFIFO(st.st_mode) and not flags & os.O_NONBLOCK:
+                owned = False  # the worker closes it
+                return self._open_fifo(sup, n, opath, reopen_flags, flags)
+            fd = self.opener.call(lambda: os.open(f"/proc/self/fd/{opath}", reopen_flags | os.O_CLOEXEC))
+            return InjectFd(fd, bool(flags & os.O_CLOEXEC))
+        finally:
+            if owned:
+                os.close(opath)
+
+    def _open_fifo(self, sup, n, opath, reopen_flags, flags):
+        """A blocking FIFO open waits for its peer: finish it on a worker, answer later (DEFERRED)."""
+        notif_id, pid = n.id, n.pid
+
+        def work():
+            try:
+                fd = self._fifo_open(opath, reopen_flags)
+                sup.respond(notif_id, InjectFd(fd, bool(flags & os.O_CLOEXEC)), pid)
+            except OSError as exc:
+                sup.respond(notif_id, Errno(exc.errno or errno.EACCES), pid)
+            finally:
+                os.close(opath)
+
+        threading.Thread(target=work, name="sandlock-fifo-open", daemon=True).start()
+        return DEFERRED
+
+    def _fifo_open(self, opath: int, flags: int) -> int:
+        # A dedicated confined thread per FIFO open: it may block for as long as the peer takes.
+        fifo_opener = Opener(self.ruleset_fd)
+        try:
+            return fifo_opener.call(lambda: os.open(f"/proc/self/fd/{opath}", flags | os.O_CLOEXEC),
+                                    timeout=24 * 3600)
+        finally:
+            fifo_opener.close()
+
+    @staticmethod
+    def _child_umask(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Umask:"):
+                        return int(line.split()[1], 8)
+        except OSError:
+            pass
+        return 0o022
+
+    @staticmethod
+    def _resolve_created(base_fd: int, path: bytes) -> str:
+        p = os.fsdecode(path)
+        if not p.startswith("/"):
+            p = os.path.join(os.readlink(f"/proc/self/fd/{base_fd}"), p)
+        head, tail = os.path.split(p)
+        return os.path.join(os.path.realpath(head or "/"), tail)
+
+    # ---- handlers ----
+    def h_open(self, sup, n):
+        a = n.data.args
+        return self.open_common(sup, n, "open", AT_FDCWD, a[0], _s32(a[1]), a[2])
+
+    def h_creat(self, sup, n):
+        a = n.data.args
+        return self.open_common(sup, n, "creat", AT_FDCWD, a[0], os.O_CREAT | os.O_WRONLY | os.O_TRUNC, a[1])
+
+    def h_openat(self, sup, n):
+        a = n.data.args
+        return self.open_common(sup, n, "openat", _s32(a[0]), a[1], _s32(a[2]), a[3])
+
+    def h_openat2(self, sup, n):
+        a = n.data.args
+        size = a[3]
+        if size < 24:
+            return Errno(errno.EINVAL)
+        flags, mode, resolve = struct.unpack("=QQQ", sup.read_mem(n, a[2], 24))
+        if resolve:
+            # RESOLVE_* semantics are not reproduced on behalf: refuse rather than guess (fail closed).
+            return Errno(errno.EACCES)
+        return self.open_common(sup, n, "openat2", _s32(a[0]), a[1], _s32(flags), mode)
+
+    def _check_exec(self, sup, n, name, dirfd, path_addr, flags):
+        if flags & AT_EMPTY_PATH:
+            fd = sup.dup_child_fd(n, dirfd)
+            try:
+                real, st = os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd)
+            finally:
+                os.close(fd)
+        else:
+            path = sup.read_cstr(n, path_addr)
+            p = os.fsdecode(path)
+            if not p.startswith("/"):
+                base_fd, base = self._base(sup, n, dirfd)
+                os.close(base_fd)
+                p = os.path.join(base, p)
+            real = os.path.realpath(p)
+            try:
+                st = os.stat(real)
+            except OSError:
+                st = None
+        if self.deny.denied(real, st):
+            return self._record(sup, n, name, real)
+        return CONTINUE
+
+    def h_execve(self, sup, n):
+        return self._check_exec(sup, n, "execve", AT_FDCWD, n.data.args[0], 0)
+
+    def h_execveat(self, sup, n):
+        a = n.data.args
+        return self._check_exec(sup, n, "execveat", _s32(a[0]), a[1], _s32(a[4]))
+
+    def _check_names(self, sup, n, name, pairs):
+        for dirfd, addr in pairs:
+            target = self._resolve_nofollow(sup, n, dirfd, sup.read_cstr(n, addr))
+            try:
+                st = os.lstat(target)
+            except OSError:
+                st = None
+            if self.deny.denied(target, st):
+                return self._record(sup, n, name, target)
+        return CONTINUE
+
+    def _names(self, name, layout):
+        def handler(sup, n):
+            a = n.data.args
+            pairs = [(AT_FDCWD if d is None else _s32(a[d]), a[p]) for d, p in layout]
+            return self._check_names(sup, n, name, pairs)
+        return handler
+
+    def close(self):
+        if self.opener is not None:
+            self.opener.close()
+            self.opener = None
+
+
+# (syscall, (dirfd arg or None, path arg) pairs) for the name-checked family
+NAME_SYSCALLS = {
+    "unlink": [(None, 0)], "unlinkat": [(0, 1)], "rmdir": [(None, 0)],
+    "rename": [(None, 0), (None, 1)], "renameat": [(0, 1), (2, 3)], "renameat2": [(0, 1), (2, 3)],
+    "link": [(None, 0), (None, 1)], "linkat": [(0, 1), (2, 3)],
+    "truncate": [(None, 0)], "mkdir": [(None, 0)], "mkdirat": [(0, 1)],
+    "mknod": [(None, 0)], "mknodat": [(0, 1)], "symlink": [(None, 1)], "symlinkat": [(1, 2)],
+}
+
+
+def install(builder) -> None:
+    policy = builder.policy
+    fs = FsDeny(policy, -1)
+
+    builder.notify("open", fs.h_open)
+    builder.notify("creat", fs.h_creat)
+    builder.notify("openat", fs.h_openat)
+    builder.notify("openat2", fs.h_openat2)
+    builder.notify("execve", fs.h_execve)
+    builder.notify("execveat", fs.h_execveat)
+    for name, layout in NAME_SYSCALLS.items():
+        builder.notify(name, fs._names(name, layout))
+
+    def on_supervisor(sup):
+        fs.ruleset_fd = builder.ruleset_fd
+        fs.opener = Opener(builder.ruleset_fd)
+        sup.on_close(fs.close)
+
+    builder.on_supervisor(on_supervisor)

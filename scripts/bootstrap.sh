@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install pytest-sandlock with its test extras (compiles the cffi module).
+# The system interpreter is preferred: an unprivileged user must be able to run it (tests drop to uid 65534),
+# and a pyenv interpreter under root's 0700 home cannot be.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${SANDLOCK_PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c "import venv, ensurepip" 2>/dev/null; then PY=/usr/bin/python3; else PY=python3; fi
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+.venv/bin/python -m pip install -q -e '.[test]'
