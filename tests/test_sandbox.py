@@ -1,0 +1,446 @@
+"""Sandbox.run end to end: real programs, real denials (exact errno), real allowed cases."""
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sandlock_core import ExitReason, Policy, PolicyError, Sandbox
+from support import run_as_nobody
+
+PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+SYSTEM_RO = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
+
+
+def py(code: str) -> list[str]:
+    """argv running ``code`` with the system interpreter, isolated from site and the environment."""
+    return [PY, "-I", "-S", "-c", textwrap.dedent(code)]
+
+
+def errno_of(sb: Sandbox, code: str) -> str:
+    """Run code that performs one operation; returns 'OK' or the errno name it failed with."""
+    wrapped = "import errno, os, sys\ntry:\n" + textwrap.indent(textwrap.dedent(code), "    ") + \
+              "\n    print('OK')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    res = sb.run([PY, "-I", "-S", "-c", wrapped])
+    assert res.exit_code == 0, res
+    return res.stdout.decode().strip()
+
+
+# ---- running and results -------------------------------------------------------------------------------
+
+def test_run_captures_output_and_exit_code():
+    res = Sandbox(Policy()).run(["sh", "-c", "echo out; echo err >&2; exit 3"])
+    assert (res.stdout, res.stderr, res.exit_code, res.success) == (b"out\n", b"err\n", 3, False)
+    assert res.reason is ExitReason.EXITED
+
+
+def test_stdin_bytes_are_fed_and_default_stdin_is_closed():
+    sb = Sandbox(Policy())
+    assert sb.run(["cat"], stdin=b"x" * 200000).stdout == b"x" * 200000
+    assert sb.run(["cat"]).stdout == b""
+
+
+def test_command_not_found_is_127_with_message():
+    res = Sandbox(Policy()).run(["/nonexistent/program"])
+    assert res.exit_code == 127
+    assert res.reason is ExitReason.SETUP_FAILED
+    assert "execve" in res.error and "No such file" in res.error
+
+
+def test_death_by_signal():
+    res = Sandbox(Policy()).run(["sh", "-c", "kill -SEGV $$"])
+    assert res.signal == signal.SIGSEGV and res.exit_code == -signal.SIGSEGV
+    assert res.reason is ExitReason.SIGNALED
+
+
+def test_timeout_kills_the_whole_sandbox_including_detached_grandchildren(tmp_path):
+    pidfile = tmp_path / "pid"
+    start = time.monotonic()
+    res = Sandbox(Policy()).run(["sh", "-c", f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 60' & sleep 60"],
+                                timeout=1)
+    assert res.reason is ExitReason.TIMEOUT
+    assert time.monotonic() - start < 10
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_background_processes_do_not_outlive_the_run(tmp_path):
+    pidfile = tmp_path / "pid"
+    res = Sandbox(Policy()).run(["sh", "-c", f"(setsid sleep 60 & echo $! > {pidfile}) ; exit 0"])
+    assert res.exit_code == 0
+    pid = int(pidfile.read_text())
+    time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_env_clean_env_and_cwd(tmp_path):
+    res = Sandbox(Policy(clean_env=True, env={"FOO": "bar"}, cwd=str(tmp_path))).run(
+        ["sh", "-c", "echo $FOO; pwd; env | cut -d= -f1 | sort | tr '\\n' ' '"])
+    out = res.stdout.decode().splitlines()
+    assert out[0] == "bar" and out[1] == str(tmp_path)
+    assert set(out[2].split()) <= {"FOO", "PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG", "PWD", "SHLVL", "_"}
+
+
+def test_inherited_fds_are_closed():
+    r, w = os.pipe()  # not close-on-exec
+    os.set_inheritable(w, True)
+    try:
+        res = Sandbox(Policy()).run(["ls", "/proc/self/fd"])
+        fds = sorted(int(x) for x in res.stdout.split())
+        assert fds == [0, 1, 2, 3]  # 3 is ls's own directory fd
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_max_open_files_sets_rlimit():
+    res = Sandbox(Policy(max_open_files=37)).run(["sh", "-c", "ulimit -n"])
+    assert res.stdout == b"37\n"
+
+
+def test_no_coredump_and_no_randomize_memory():
+    res = Sandbox(Policy(no_coredump=True, no_randomize_memory=True)).run(
+        ["sh", "-c", "ulimit -c; cat /proc/self/personality"])
+    core, pers = res.stdout.decode().split()
+    assert core == "0" and int(pers, 16) & 0x0040000
+
+
+# ---- filesystem (Landlock) -----------------------------------------------------------------------------
+
+@pytest.fixture
+def fs_sandbox(tmp_path):
+    ro = tmp_path / "ro"
+    rw = tmp_path / "rw"
+    secret = tmp_path / "secret"
+    for d in (ro, rw, secret):
+        d.mkdir()
+    (ro / "f").write_text("ro")
+    (secret / "f").write_text("secret")
+    sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, str(ro)], fs_writable=[str(rw)]))
+    yield sb, ro, rw, secret
+    sb.close()
+
+
+def test_read_outside_the_allowed_tree_is_eacces(fs_sandbox):
+    sb, ro, rw, secret = fs_sandbox
+    assert errno_of(sb, f"open({str(secret / 'f')!r}).read()") == "EACCES"
+    assert errno_of(sb, f"os.listdir({str(secret)!r})") == "EACCES"
+    assert errno_of(sb, f"open({str(ro / 'f')!r}).read()") == "OK"
+
+
+def test_write_to_read_only_path_is_eacces_and_writable_works(fs_sandbox):
+    sb, ro, rw, secret = fs_sandbox
+    assert errno_of(sb, f"open({str(ro / 'f')!r}, 'w')") == "EACCES"
+    assert errno_of(sb, f"open({str(ro / 'new')!r}, 'w')") == "EACCES"
+    assert errno_of(sb, f"open({str(rw / 'new')!r}, 'w').write('x'); os.unlink({str(rw / 'new')!r})") == "OK"
+
+
+def test_nonexistent_policy_path_is_a_policy_error(tmp_path):
+    with pytest.raises(PolicyError, match="fs_readable"):
+        Sandbox(Policy(fs_readable=[str(tmp_path / "missing")]))
+
+
+# ---- fs_denied ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def deny_tree(tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "ok").write_text("fine")
+    (tree / "secret").write_text("s3cret")
+    (tree / "private").mkdir()
+    (tree / "private" / "key").write_text("k")
+    os.symlink(tree / "secret", tree / "link-to-secret")
+    os.link(tree / "secret", tree / "hardlink-to-secret")
+    os.symlink(tree / "private", tree / "link-to-private")
+    return tree
+
+
+def test_fs_denied_file_dir_symlink_and_hard_link(deny_tree):
+    t = deny_tree
+    sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, str(t)], fs_denied=[str(t / "secret"), str(t / "private")]))
+    assert errno_of(sb, f"print(open({str(t / 'ok')!r}).read(), end=' ')") == "fine OK"
+    for victim in ("secret", "link-to-secret", "hardlink-to-secret", "private/key", "link-to-private/key"):
+        assert errno_of(sb, f"open({str(t / victim)!r}).read()") == "EACCES", victim
+    assert errno_of(sb, f"os.listdir({str(t / 'private')!r})") == "EACCES"
+    res = sb.run(["cat", str(t / "secret")])
+    assert res.exit_code != 0 and b"Permission denied" in res.stderr
+    assert any(d.detail.endswith("secret") for d in res.denials)
+
+
+def test_fs_denied_relative_paths_and_dirfd(deny_tree):
+    t = deny_tree
+    sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, str(t)], fs_denied=[str(t / "secret")], cwd=str(t)))
+    assert errno_of(sb, "open('secret')") == "EACCES"
+    assert errno_of(sb, "open('./private/../secret')") == "EACCES"
+    assert errno_of(sb, f"d = os.open({str(t)!r}, os.O_RDONLY); os.open('secret', os.O_RDONLY, dir_fd=d)") == "EACCES"
+    assert errno_of(sb, "print(open('ok').read(), end=' ')") == "fine OK"
+
+
+def test_fs_denied_does_not_grant_what_landlock_refuses(deny_tree, tmp_path):
+    outside = tmp_path / "outside"
+    outside.write_text("x")
+    t = deny_tree
+    sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, str(t)], fs_denied=[str(t / "secret")]))
+    # The supervisor opens on behalf of the child, but on a thread confined like the child: still EACCES.
+    assert errno_of(sb, f"open({str(outside)!r})") == "EACCES"
+    assert errno_of(sb, f"open({str(t / 'ok')!r}, 'w')") == "EACCES"
+
+
+def test_fs_denied_exec_and_unlink(deny_tree, tmp_path):
+    t = deny_tree
+    tool = t / "tool"
+    tool.write_text("#!/bin/sh\necho ran\n")
+    tool.chmod(0o755)
+    sb = Sandbox(Policy(fs_writable=[str(t)], fs_readable=SYSTEM_RO, fs_denied=[str(tool), str(t / "secret")]))
+    res = sb.run([str(tool)])
+    assert res.exit_code == 127 and "Permission denied" in res.error
+    assert errno_of(sb, f"os.unlink({str(t / 'secret')!r})") == "EACCES"
+    assert errno_of(sb, f"os.rename({str(t / 'secret')!r}, {str(t / 'moved')!r})") == "EACCES"
+    assert errno_of(sb, f"os.unlink({str(t / 'ok')!r})") == "OK"
+
+
+def test_fs_denied_fifo_does_not_block_the_supervisor(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=[str(tmp_path)], fs_denied=[str(tmp_path / "nope")]))
+    # The reader blocks in open() until the writer arrives; both go through the supervisor.
+    res = sb.run(["sh", "-c", f"cat {fifo} & echo through > {fifo}; wait"], timeout=20)
+    assert res.stdout == b"through\n"
+
+
+# ---- seccomp --------------------------------------------------------------------------------------------
+
+BLOCKED_PROBE = """
+import ctypes, errno, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+from sandlock_core import syscalls
+bad = []
+for name in syscalls.DEFAULT_BLOCKLIST:
+    nr = syscalls.number(name)
+    if nr is None:
+        continue
+    r = libc.syscall(nr, -1, -1, -1, -1, -1, -1)
+    e = ctypes.get_errno()
+    if not (r == -1 and e == errno.EPERM):
+        bad.append((name, r, errno.errorcode.get(e, e)))
+print(bad)
+"""
+
+
+def test_each_blocklisted_syscall_is_eperm():
+    code = "import sys; sys.path[:0] = %r\n" % ([os.path.dirname(os.path.dirname(__import__("sandlock_core").__file__))],)
+    res = Sandbox(Policy()).run([PY, "-I", "-c", code + BLOCKED_PROBE])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == b"[]\n"
+
+
+CLONE3_NEWUSER = """
+import ctypes, errno, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+args = struct.pack('=11Q', 0x10000000, 0, 0, 0, 17, 0, 0, 0, 0, 0, 0)  # CLONE_NEWUSER, exit_signal SIGCHLD
+buf = ctypes.create_string_buffer(args)
+r = libc.syscall(435, buf, len(args))
+print(errno.errorcode.get(ctypes.get_errno()) if r < 0 else ('child' if r == 0 else 'parent'))
+"""
+
+
+def test_clone3_with_newuser_is_refused_and_clone_newuser_too():
+    sb = Sandbox(Policy())
+    assert sb.run(py(CLONE3_NEWUSER)).stdout == b"ENOSYS\n"
+    assert sb.run(["unshare", "-U", "true"]).exit_code != 0
+    # ordinary process creation still works (glibc falls back from clone3 to clone)
+    assert sb.run(["sh", "-c", "true & wait; echo ok"]).stdout == b"ok\n"
+
+
+def test_allowlist_mode_denies_an_unlisted_syscall(tmp_path):
+    src = tmp_path / "p.c"
+    src.write_text("#include <stdio.h>\n#include <unistd.h>\n#include <errno.h>\n#include <sys/syscall.h>\n"
+                   "int main(){long r=syscall(SYS_getppid); printf(\"%ld %d\\n\", r, errno); return 0;}\n")
+    exe = tmp_path / "p"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(exe), str(src)], check=True)
+    base = ["execve", "brk", "arch_prctl", "set_tid_address", "set_robust_list", "rseq", "prlimit64", "uname",
+            "readlink", "getrandom", "mprotect", "newfstatat", "fstat", "write", "exit_group", "ioctl"]
+    res = Sandbox(Policy(allow_syscalls=base)).run([str(exe)])
+    assert res.stdout.decode().split() == ["-1", str(errno.EPERM)], res
+    res = Sandbox(Policy(allow_syscalls=base + ["getppid"])).run([str(exe)])
+    assert res.stdout.decode().split()[0] != "-1"
+
+
+def test_deny_syscalls_replaces_the_blocklist():
+    code = "import os; print(os.getppid() > 0)"
+    res = Sandbox(Policy(deny_syscalls=["getppid"])).run(py(code))
+    assert b"PermissionError" in res.stderr
+    res = Sandbox(Policy(deny_syscalls=["getppid"])).run(["unshare", "-U", "true"])
+    assert res.exit_code == 0  # unshare is no longer blocked once the list is replaced
+
+
+def test_raw_sockets_and_udp():
+    code = """
+    import socket
+    for kind in (socket.SOCK_RAW, socket.SOCK_DGRAM):
+        try:
+            socket.socket(socket.AF_INET, kind, 1 if kind == socket.SOCK_RAW else 0).close(); print('ok')
+        except OSError as e:
+            print(e.errno)
+    """
+    assert Sandbox(Policy()).run(py(code)).stdout.split() == [str(errno.EPERM).encode(), b"ok"]
+    assert Sandbox(Policy(no_udp=True)).run(py(code)).stdout.split() == [str(errno.EPERM).encode()] * 2
+
+
+# ---- network ports and scopes (Landlock) ---------------------------------------------------------------
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_tcp_bind_and_connect_port_rules():
+    allowed, other = _free_port(), _free_port()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    target = srv.getsockname()[1]
+    code = f"""
+    import socket
+    def attempt(fn):
+        s = socket.socket()
+        try:
+            fn(s); print('ok')
+        except OSError as e:
+            print(e.errno)
+        finally:
+            s.close()
+    attempt(lambda s: s.bind(('127.0.0.1', {allowed})))
+    attempt(lambda s: s.bind(('127.0.0.1', {other})))
+    attempt(lambda s: s.connect(('127.0.0.1', {target})))
+    attempt(lambda s: s.connect(('127.0.0.1', {other})))
+    """
+    try:
+        res = Sandbox(Policy(net_bind=[allowed], net_connect=[target])).run(py(code))
+    finally:
+        srv.close()
+    assert res.stdout.decode().split() == ["ok", str(errno.EACCES), "ok", str(errno.EACCES)]
+
+
+def test_isolate_signals_and_ipc():
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(b"\0sandlock-test-" + str(os.getpid()).encode())
+    abstract.listen()
+    code = f"""
+    import os, socket
+    try:
+        os.kill({os.getpid()}, 0); print('ok')
+    except OSError as e:
+        print(e.errno)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(b'\\0sandlock-test-{os.getpid()}'); print('ok')
+    except OSError as e:
+        print(e.errno)
+    os.kill(os.getpid(), 0); print('self-ok')
+    """
+    try:
+        open_res = Sandbox(Policy()).run(py(code))
+        scoped = Sandbox(Policy(isolate_signals=True, isolate_ipc=True)).run(py(code))
+    finally:
+        abstract.close()
+    assert open_res.stdout.split() == [b"ok", b"ok", b"self-ok"]
+    assert scoped.stdout.split() == [str(errno.EPERM).encode(), str(errno.EPERM).encode(), b"self-ok"]
+
+
+# ---- the same, unprivileged ----------------------------------------------------------------------------
+
+NOBODY_SUITE = r"""
+import errno, os, sys, tempfile, textwrap
+from sandlock_core import Policy, Sandbox
+RO = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
+d = tempfile.mkdtemp()
+os.makedirs(d + "/tree/private")
+open(d + "/tree/ok", "w").write("fine")
+open(d + "/tree/secret", "w").write("s")
+os.symlink(d + "/tree/secret", d + "/tree/link")
+def probe(sb, code):
+    w = "import errno, os\ntry:\n    " + code + "\n    print('OK')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+    return sb.run([sys.executable, "-I", "-S", "-c", w]).stdout.decode().strip()
+sb = Sandbox(Policy(fs_readable=RO + [d + "/tree"], fs_writable=[d + "/rw"] if os.makedirs(d + "/rw") is None else [],
+                    fs_denied=[d + "/tree/secret"], isolate_signals=True))
+out = [probe(sb, "open('/root/.bashrc')" if os.path.exists('/root') else "open('/proc/1/environ')"),
+       probe(sb, f"open({d!r} + '/tree/ok').read()"),
+       probe(sb, f"open({d!r} + '/tree/link').read()"),
+       probe(sb, f"open({d!r} + '/tree/ok', 'w')"),
+       probe(sb, f"open({d!r} + '/rw/x', 'w').write('1')"),
+       probe(sb, "os.kill(1, 0)"),
+       probe(Sandbox(Policy()), "os.unshare(0x10000000) if hasattr(os, 'unshare') else (_ for _ in ()).throw(OSError(errno.EPERM, ''))")]
+print(os.getuid(), out)
+"""
+
+
+def test_confinement_as_an_unprivileged_user():
+    res = run_as_nobody(NOBODY_SUITE)
+    assert res.returncode == 0, res.stderr
+    uid, _, rest = res.stdout.strip().partition(" ")
+    assert uid == "65534"
+    assert eval(rest) == ["EACCES", "OK", "EACCES", "EACCES", "OK", "EPERM", "EPERM"]
+
+
+# ---- supervisor hygiene --------------------------------------------------------------------------------
+
+def _fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_leaked_fds_threads_or_zombies_after_1000_runs(tmp_path):
+    import threading
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_denied=[str(tmp_path / "x")]))  # with a supervisor
+    sb.run(["true"])
+    fds, threads = _fd_count(), threading.active_count()
+    for _ in range(1000):
+        assert sb.run(["true"]).exit_code == 0
+    sb.close()
+    assert _fd_count() <= fds
+    assert threading.active_count() <= threads
+    with pytest.raises(ChildProcessError):
+        os.waitpid(-1, os.WNOHANG)
+
+
+def test_handler_exception_fails_closed():
+    def broken(sup, n):
+        raise RuntimeError("boom")
+    res = Sandbox(Policy(), handlers={"getppid": broken}).run(py("import os; os.getppid()"))
+    assert b"PermissionError" in res.stderr
+
+
+def test_supervisor_death_kills_the_sandbox(tmp_path):
+    pidfile = tmp_path / "pids"
+    script = f"""
+import sys; sys.path[:0] = {[os.path.dirname(os.path.dirname(__import__('sandlock_core').__file__))]!r}
+from sandlock_core import Policy, Sandbox
+Sandbox(Policy()).run(["sh", "-c", "setsid sleep 60 & echo $! >> {pidfile}; sleep 60 & echo $! >> {pidfile}; sleep 60"])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(pidfile.read_text().split() if pidfile.exists() else []) < 2:
+        time.sleep(0.05)
+    pids = [int(p) for p in pidfile.read_text().split()]
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 1.0
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
+                 open(f"/proc/{p}/stat").read().split(")")[1].split()[0] != "Z"]
+        time.sleep(0.02)
+    assert not alive
