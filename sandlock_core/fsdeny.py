@@ -166,6 +166,8 @@ class FsDeny:
             base_fd, _ = self._base(sup, n, dirfd)
         try:
             return self._open_on_behalf(sup, n, name, base_fd, path, flags, mode, resolve)
+        except OSError as exc:  # what the kernel said to our on-behalf open is the child's answer
+            return Errno(exc.errno or errno.EACCES)
         finally:
             if base_fd != AT_FDCWD:
                 os.close(base_fd)

@@ -412,7 +412,8 @@ static void kill_all_children(void)
     char path[64] = "/proc/self/task/";
     put_uint(path + strlen(path), (unsigned)getpid());
     strcat(path, "/children");
-    for (;;) {
+    for (int round = 0; round < 10000; round++) {
+        pid_t pids[512];
         int found = 0;
         int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd >= 0) {
@@ -420,27 +421,26 @@ static void kill_all_children(void)
             ssize_t n;
             unsigned cur = 0; int in = 0;
             while ((n = read(fd, buf, sizeof(buf))) > 0) {
-                for (ssize_t i = 0; i < n; i++) {
-                    if (buf[i] >= '0' && buf[i] <= '9') { cur = cur * 10 + (unsigned)(buf[i] - '0'); in = 1; }
-                    else if (in) { kill((pid_t)cur, SIGKILL); found++; cur = 0; in = 0; }
+                for (ssize_t i = 0; i <= n; i++) {
+                    if (i < n && buf[i] >= '0' && buf[i] <= '9') { cur = cur * 10 + (unsigned)(buf[i] - '0'); in = 1; }
+                    else if (in) {
+                        kill((pid_t)cur, SIGKILL);
+                        if (found < 512) pids[found] = (pid_t)cur;
+                        found++; cur = 0; in = 0;
+                    }
                 }
             }
-            if (in) { kill((pid_t)cur, SIGKILL); found++; }
             close(fd);
         }
         int st;
         pid_t w;
-        if (!found) {
-            /* Nothing listed: reap what is left (zombies), and stop when there is no child at all. */
-            while ((w = waitpid(-1, &st, WNOHANG)) > 0) {}
-            if (w < 0 && errno == ECHILD) return;
-            if (fd < 0) {  /* no /proc: fall back to one blocking wait */
-                if (waitpid(-1, &st, 0) < 0 && errno == ECHILD) return;
-            }
-            continue;
-        }
-        while ((w = waitpid(-1, &st, __WALL)) > 0) {}
+        /* Reap what we killed (their orphans are re-parented to us before they become reapable). */
+        for (int i = 0; i < found && i < 512; i++) while (waitpid(pids[i], &st, __WALL) < 0 && errno == EINTR) {}
+        while ((w = waitpid(-1, &st, __WALL | WNOHANG)) > 0) {}
         if (w < 0 && errno == ECHILD) return;
+        if (!found && fd < 0) {  /* no /proc: a blocking wait is all we can do */
+            if (waitpid(-1, &st, __WALL) < 0 && errno == ECHILD) return;
+        }
     }
 }
 
