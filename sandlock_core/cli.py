@@ -56,10 +56,18 @@ def _version() -> str:
         return "0+unknown"
 
 
+class _VersionAction(argparse.Action):
+    """Resolve the version only when asked: importlib.metadata costs ~30 ms at start-up."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"sandlock {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sandlock", description="Lightweight process sandbox: Landlock + seccomp, no root.",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-V", "--version", action="version", version=f"sandlock {_version()}")
+    p.add_argument("-V", "--version", action=_VersionAction, nargs=0, help="show the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     r = sub.add_parser("run", help="run a command in a sandbox", epilog=EXAMPLES,
