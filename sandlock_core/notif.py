@@ -119,6 +119,7 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._on_close: list = []
+        self._path_cache: tuple = (None, None, None)  # (notification id, arg index, bytes)
         self.notifications = 0
         try:
             _sys.prctl  # keep import used
@@ -297,3 +298,47 @@ class Supervisor:
             os.close(dup)
             raise OSError(_errno.ESRCH, "notification no longer valid")
         return dup
+
+    # ---- shared helpers for path syscalls (several mechanisms chain on openat: read the path once) ----
+    def path_arg(self, n, index: int) -> bytes:
+        """The NUL-terminated path in argument ``index`` of this notification (cached per notification)."""
+        nid, idx, val = self._path_cache
+        if nid == n.id and idx == index:
+            return val
+        val = self.read_cstr(n, n.data.args[index])
+        self._path_cache = (n.id, index, val)
+        return val
+
+    def resolve(self, n, dirfd: int, path: bytes) -> str:
+        """An absolute, lexically normalised path for ``path`` as the child sees it (dirfd-relative or
+        cwd-relative). For *deciding* on symlinks, open on behalf instead: this is a name, not an object."""
+        p = os.fsdecode(path)
+        if not p.startswith("/"):
+            base = os.readlink(f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}")
+            p = base + "/" + p
+        return os.path.normpath(p) if not p.startswith("//") else os.path.normpath(p[1:])
+
+    @staticmethod
+    def memfd_with(data: bytes, name: str = "sandlock") -> int:
+        """A sealed memfd holding ``data`` (read-only for whoever receives it), for virtual files."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC | MFD_ALLOW_SEALING)
+        try:
+            os.write(fd, data)
+            os.lseek(fd, 0, os.SEEK_SET)
+            import fcntl
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+AT_FDCWD = -100
+MFD_ALLOW_SEALING = 2
+F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE = 1, 2, 4, 8
+
+
+def s32(v: int) -> int:
+    """A register value as a signed 32-bit int (dirfd, flags)."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v

@@ -269,9 +269,11 @@ def confine(policy: Policy) -> None:
             from .errors import PolicyError
             raise PolicyError("confine(): this policy needs a supervisor (" +
                               ", ".join(sorted(plan.names.values())) + "); use Sandbox(policy).run()")
-        _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
         if plan.ruleset is not None:
-            _sys.landlock_restrict_self(plan.ruleset.fd)
+            from .landlock import confine_self
+            confine_self(plan.ruleset)  # NO_NEW_PRIVS, then this thread's Landlock domain
+        else:
+            _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
         flags = _sys.SECCOMP_FILTER_FLAG_TSYNC
         _sys.seccomp_set_filter(plan.filter, flags)
     finally:

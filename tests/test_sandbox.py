@@ -442,8 +442,13 @@ Sandbox(Policy()).run(["sh", "-c", "setsid sleep 60 & echo $! >> {pidfile}; slee
     proc.wait()
     deadline = time.monotonic() + 1.0
     alive = pids
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().split(")")[1].split()[0] != "Z"
+        except OSError:
+            return False
     while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
-                 open(f"/proc/{p}/stat").read().split(")")[1].split()[0] != "Z"]
+        alive = [p for p in pids if running(p)]
         time.sleep(0.02)
     assert not alive
