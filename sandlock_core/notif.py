@@ -114,6 +114,7 @@ class Supervisor:
         self.denials: list[Denial] = []
         self.errors: list[str] = []
         self.state: dict = {}          # per-sandbox state that mechanisms share (ledgers, maps)
+        self.root_pid = 0              # the sandbox's first process
         self._pidfds: dict[int, int] = {}
         self._wake_r, self._wake_w = os.pipe2(O_CLOEXEC)
         self._thread: threading.Thread | None = None

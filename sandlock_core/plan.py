@@ -70,6 +70,7 @@ class PlanBuilder:
         self.names: dict[int, str] = {}
         self.extra_deny: dict[int, int] = {}
         self.setup: list[Callable] = []   # called with the Supervisor before the child is released
+        self.finish: list[Callable] = []  # called with (supervisor, result) once the sandbox is over
         self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
 
     def notify(self, name: str, handler) -> bool:
@@ -82,7 +83,14 @@ class PlanBuilder:
         return True
 
     def on_supervisor(self, fn: Callable) -> None:
+        """``fn(sup)`` runs once per run, after the listener arrived and before the child is released
+        (``sup.root_pid`` is the confined root process, still waiting; patch or inspect it here)."""
         self.setup.append(fn)
+
+    def on_finish(self, fn: Callable) -> None:
+        """``fn(sup, result)`` runs once per run after every process of the sandbox is gone (commit a COW
+        layer, add figures to the result). It may modify ``result``."""
+        self.finish.append(fn)
 
 
 class Plan:
@@ -106,6 +114,7 @@ class Plan:
         if record_denials:  # last: it only records, after every enforcing handler had its say
             importlib.import_module(f"{__package__}.denials").install(builder)
         self.setup = builder.setup
+        self.finish = builder.finish
         self.names = builder.names
         deny = self._deny_set(policy)
         for nr in list(builder.handlers):
@@ -202,9 +211,10 @@ class Plan:
         cfg.seccomp_flags = flags
         cfg.handoff_scm = int(self.handoff_scm)
 
-    def make_supervisor(self, listener: int):
+    def make_supervisor(self, listener: int, root_pid: int = 0):
         from .notif import Supervisor
         sup = Supervisor(listener, self.handlers, path_syscalls=self.path_syscalls, names=self.names)
+        sup.root_pid = root_pid
         for fn in self.setup:
             fn(sup)
         return sup

@@ -115,7 +115,7 @@ class Sandbox:
             try:
                 child.take_listener(use_pidfd=not self._plan.handoff_scm)
                 if child.listener >= 0:
-                    sup = self._plan.make_supervisor(child.listener)
+                    sup = self._plan.make_supervisor(child.listener, child.root_pid)
                     sup.start()
                 child.release()
             except _spawn.ChildSetupError as exc:
@@ -130,10 +130,15 @@ class Sandbox:
                 while not child.read_report():
                     pass
             child.reap()
+            self._running.remove(child)
+        try:
+            result = self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
+            for fn in self._plan.finish:
+                fn(sup, result)
+        finally:
             if sup is not None:
                 sup.stop()
-            self._running.remove(child)
-        return self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
+        return result
 
     def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
         if isinstance(cmd, (str, bytes)) or not cmd:
