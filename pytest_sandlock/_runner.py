@@ -1,0 +1,153 @@
+"""Run one test's call phase in a confined forked child; bring its reports back to the parent.
+
+The parent (the pytest process, never confined) sets the test up, then ``Sandbox.run_function`` forks a child
+that confines itself (Landlock + seccomp, supervised by the parent) and runs pytest's own ``call`` phase
+(``call_and_report(item, "call", log=False)``), so assertion rewriting, tracebacks, skip/xfail, captured
+output and ``record_property`` behave as in-process. The child serialises its report with
+``pytest_report_to_serializable`` into a memfd made before the fork (a pipe could fill up while the parent
+waits); the parent reads it back with ``pytest_report_from_serializable`` and logs it. Teardown runs in the
+parent again, so fixtures (and session fixtures) live in the pytest process, set up once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+
+IN_CHILD = False  # True inside the confined child (the timeout hooks and fixtures look at it)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def _warning_to_dict(w) -> dict:
+    cat = w.category
+    return {"message": str(w.message), "category": f"{cat.__module__}:{cat.__qualname__}",
+            "filename": w.filename, "lineno": w.lineno}
+
+
+def warning_from_dict(d: dict):
+    import importlib
+    mod, _, qual = d["category"].partition(":")
+    cat: type = UserWarning
+    try:
+        obj = importlib.import_module(mod)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, Warning):
+            cat = obj
+    except Exception:
+        pass
+    try:
+        message = cat(d["message"])
+    except Exception:
+        message = UserWarning(d["message"])
+    return warnings.WarningMessage(message, cat, d.get("filename") or "?", d.get("lineno") or 0)
+
+
+class _ChildCoverage:
+    """Coverage measured in the child must be saved before it ``os._exit``s (atexit does not run).
+
+    The parent's Coverage (pytest-cov's, or ``coverage run``'s) is stopped in the child and a fresh one with
+    the same configuration measures the test, then saves to ``<data_file>.sandlock.<pid>.<n>``, which
+    pytest-cov combines at the end of the session (with ``coverage run``: ``coverage combine --append``).
+    The data file's directory is writable under the plugin's defaults."""
+
+    def __init__(self):
+        self.cov = None
+        try:
+            import coverage
+        except ImportError:
+            return
+        parent = coverage.Coverage.current() if hasattr(coverage.Coverage, "current") else None
+        if parent is None:
+            return
+        try:
+            parent._auto_save = False
+            parent.stop()
+            suffix = f"sandlock.{os.getpid()}.{os.urandom(3).hex()}"
+            data_file = os.path.abspath(parent.config.data_file)
+            try:
+                from coverage.control import CONFIG_DATA_PREFIX  # coverage >= 7.10
+                cov = coverage.Coverage(data_file=data_file, data_suffix=suffix,
+                                        config_file=CONFIG_DATA_PREFIX + parent.config.serialize())
+            except (ImportError, AttributeError, TypeError):
+                cov = coverage.Coverage(data_file=data_file, data_suffix=suffix,
+                                        source=parent.config.source, branch=parent.config.branch)
+            cov._warn_no_data = False
+            cov._warn_unimported_source = False
+            cov._warn_preimported_source = False
+            cov.start()
+            self.cov = cov
+        except Exception as exc:  # never break the test over coverage
+            sys.stderr.write(f"sandlock: coverage not measured in the confined test: {exc!r}\n")
+
+    def save(self) -> None:
+        if self.cov is None:
+            return
+        try:
+            self.cov.stop()
+            self.cov.save()
+        except Exception as exc:
+            sys.stderr.write(f"sandlock: coverage data of the confined test not saved: {exc!r}\n")
+
+
+def child_main(item, out_fd: int, env: dict[str, str]) -> int:
+    """The confined child: run the call phase, write the report(s) to ``out_fd``. Returns the exit code."""
+    global IN_CHILD
+    IN_CHILD = True
+    from _pytest.outcomes import Exit
+    from _pytest.runner import call_and_report
+    for k, v in env.items():
+        os.environ[k] = v
+    if "TMPDIR" in env:
+        import tempfile
+        tempfile.tempdir = None
+    cov = _ChildCoverage()
+    config = item.config
+    messages = []
+    try:
+        with warnings.catch_warnings(record=True) as wlog:
+            report = call_and_report(item, "call", log=False)
+        data = config.hook.pytest_report_to_serializable(config=config, report=report)
+        messages.append({"kind": "report", "data": data})
+        for w in wlog:
+            messages.append({"kind": "warning", "data": _warning_to_dict(w)})
+    except Exit as exc:
+        messages.append({"kind": "exit", "msg": str(exc.msg), "returncode": exc.returncode})
+    except KeyboardInterrupt:
+        messages.append({"kind": "interrupt"})
+    finally:
+        cov.save()
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+    payload = "\n".join(json.dumps(m, default=str) for m in messages).encode()
+    _write_all(out_fd, payload)
+    return 0
+
+
+def read_messages(fd: int) -> list[dict]:
+    chunks = []
+    off = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, off)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        off += len(chunk)
+    out = []
+    for line in b"".join(chunks).splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out

@@ -1,0 +1,678 @@
+"""The pytest plugin: confined tests through markers, fixtures, options and reports.
+
+Thin on purpose: option parsing, markers, hooks and report formatting. All kernel work goes through
+:mod:`sandlock_core` (``Sandbox(policy, record_denials=True).run_function``). Policy resolution and its
+precedence are documented in :mod:`pytest_sandlock._policy`; the fork/report protocol in
+:mod:`pytest_sandlock._runner`; the denial mirror in :mod:`sandlock_core.denials`.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from . import _policy as P
+from . import _report as R
+from . import _runner
+
+PLUGIN_NAME = "sandlock"
+
+_SESSION_KEY = pytest.StashKey["P.Session"]()
+_STATE_KEY = pytest.StashKey["ItemState"]()
+_MODE_KEY = pytest.StashKey[str]()
+_STATS_KEY = pytest.StashKey["Stats"]()
+
+
+@dataclass
+class ItemState:
+    policy: Any = None
+    sandbox: Any = None
+    seed: int = 0
+    env: dict = field(default_factory=dict)
+    missing: list = field(default_factory=list)
+    denials: list = field(default_factory=list)
+
+
+@dataclass
+class Stats:
+    confined: int = 0
+    opted_out: list = field(default_factory=list)
+    denied: dict = field(default_factory=dict)  # nodeid -> count
+    missing: set = field(default_factory=set)
+    crashed: list = field(default_factory=list)
+
+
+# ---- options and ini ------------------------------------------------------------------------------------
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("sandlock", "sandlock: run tests inside a Landlock + seccomp sandbox")
+    group.addoption("--sandlock", action="store_true", dest="sandlock_all", default=None,
+                    help="confine every test (with the ini sandlock_* defaults), not only marked ones")
+    group.addoption("--sandlock-profile", metavar="NAME|PATH", dest="sandlock_profile", default=None,
+                    help="confine every test under this saved profile (or TOML file); a marker on a test "
+                         "refines it. Env: PYTEST_SANDLOCK_PROFILE. ini: sandlock_profile")
+    group.addoption("--sandlock-off", action="store_true", dest="sandlock_off", default=False,
+                    help="disable the plugin for this run: nothing is confined, markers are ignored")
+    group.addoption("--sandlock-seed", metavar="N|last", dest="sandlock_seed", default=None,
+                    help="session seed for per-test seeds (sandlock_seed fixture, random_seed=True); "
+                         "'last' reuses the previous run's")
+    group.addoption("--sandlock-strict", action="store_true", dest="sandlock_strict", default=None,
+                    help="fail (instead of skip) tests whose policy needs a kernel feature that is missing")
+    group.addoption("--sandlock-best-effort", action="store_true", dest="sandlock_best_effort", default=None,
+                    help="apply what this kernel supports; the header says what is not in force")
+    group.addoption("--sandlock-no-defaults", action="store_false", dest="sandlock_defaults", default=None,
+                    help="do not add the interpreter, site-packages, rootdir, tmp_path... to filesystem rules")
+    group.addoption("--sandlock-no-denials", action="store_false", dest="sandlock_denials", default=None,
+                    help="do not record denials (saves one supervisor round trip per open/exec)")
+    group.addoption("--sandlock-timeout", metavar="SECS", type=float, dest="sandlock_timeout", default=None,
+                    help="kill a confined test (and everything it started) after SECS; ini sandlock_timeout")
+
+    parser.addini("sandlock_profile", "profile (name or TOML path) under which every test runs confined")
+    parser.addini("sandlock_all", "confine every test (like --sandlock)", type="bool", default=False)
+    parser.addini("sandlock_readable", "paths confined tests may read (project-wide fs_readable)",
+                  type="linelist", default=[])
+    parser.addini("sandlock_writable", "paths confined tests may write (project-wide fs_writable)",
+                  type="linelist", default=[])
+    parser.addini("sandlock_denied", "paths confined tests may not touch (project-wide fs_denied)",
+                  type="linelist", default=[])
+    parser.addini("sandlock_net_bind", "TCP ports confined tests may bind (project-wide net_bind)",
+                  type="linelist", default=[])
+    parser.addini("sandlock_net_connect", "TCP ports confined tests may connect to (project-wide net_connect)",
+                  type="linelist", default=[])
+    parser.addini("sandlock_policy", "other project-wide policy fields, one 'field = value' (TOML) a line",
+                  type="linelist", default=[])
+    parser.addini("sandlock_defaults", "add the interpreter, site-packages, rootdir, tmp_path, cache and "
+                  "coverage dirs to filesystem rules (default true)", type="bool", default=True)
+    parser.addini("sandlock_denials", "record and report denials (default true)", type="bool", default=True)
+    parser.addini("sandlock_strict", "fail instead of skip when the kernel lacks a feature", type="bool",
+                  default=False)
+    parser.addini("sandlock_best_effort", "apply what the kernel supports", type="bool", default=False)
+    parser.addini("sandlock_timeout", "kill a confined test after this many seconds (0: never)", default="0")
+    parser.addini("sandlock_max_denials", "denials listed per failing test (default 20)", default="20")
+
+
+def _opt(config, name, ini, kind=None):
+    v = config.getoption(name, None)
+    if v is not None:
+        return v
+    return config.getini(ini)
+
+
+def _session(config) -> P.Session:
+    return config.stash[_SESSION_KEY]
+
+
+def _configure_session(config) -> P.Session:
+    s = P.Session()
+    s.off = bool(config.getoption("sandlock_off", False))
+    s.confine_all = bool(_opt(config, "sandlock_all", "sandlock_all"))
+    prof = config.getoption("sandlock_profile", None)
+    src = "--sandlock-profile"
+    if not prof and os.environ.get("PYTEST_SANDLOCK_PROFILE"):
+        prof, src = os.environ["PYTEST_SANDLOCK_PROFILE"], "$PYTEST_SANDLOCK_PROFILE"
+    if not prof and config.getini("sandlock_profile"):
+        prof, src = config.getini("sandlock_profile").strip(), "ini sandlock_profile"
+    if prof:
+        s.profile, s.profile_source = prof, src
+    s.defaults = bool(_opt(config, "sandlock_defaults", "sandlock_defaults"))
+    s.record_denials = bool(_opt(config, "sandlock_denials", "sandlock_denials"))
+    s.strict = bool(_opt(config, "sandlock_strict", "sandlock_strict"))
+    s.best_effort = bool(_opt(config, "sandlock_best_effort", "sandlock_best_effort"))
+    t = config.getoption("sandlock_timeout", None)
+    if t is None:
+        try:
+            t = float(config.getini("sandlock_timeout") or 0)
+        except ValueError:
+            raise pytest.UsageError(f"ini sandlock_timeout: {config.getini('sandlock_timeout')!r} is not a number")
+    s.timeout = t if t and t > 0 else None
+    try:
+        s.max_shown = int(config.getini("sandlock_max_denials") or 20)
+    except ValueError:
+        s.max_shown = 20
+    fields: dict = {}
+    for ini, name in (("sandlock_readable", "fs_readable"), ("sandlock_writable", "fs_writable"),
+                      ("sandlock_denied", "fs_denied"), ("sandlock_net_bind", "net_bind"),
+                      ("sandlock_net_connect", "net_connect")):
+        vals = [v for v in config.getini(ini) if v.strip()]
+        if vals:
+            if name.startswith("net_"):
+                vals = [int(v) if v.strip().isdigit() else v.strip() for v in vals]
+            fields[name] = vals
+    try:
+        fields.update(P.parse_policy_lines(config.getini("sandlock_policy")))
+    except P.MarkerError as exc:
+        raise pytest.UsageError(str(exc))
+    s.ini_fields = fields
+    s.seed, s.seed_source = _session_seed(config)
+    return s
+
+
+def _session_seed(config) -> tuple[int, str]:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and "sandlock_seed" in workerinput:
+        return int(workerinput["sandlock_seed"]), "controller"
+    opt = config.getoption("sandlock_seed", None)
+    cache = getattr(config, "cache", None)
+    if opt == "last":
+        last = cache.get("sandlock/seed", None) if cache is not None else None
+        if last is None:
+            raise pytest.UsageError("--sandlock-seed last: no previous run recorded a seed (see .pytest_cache)")
+        seed, src = int(last), "last"
+    elif opt is not None:
+        try:
+            seed, src = int(opt), "option"
+        except ValueError:
+            raise pytest.UsageError(f"--sandlock-seed: {opt!r} is not an integer or 'last'")
+    else:
+        seed, src = random.Random().getrandbits(32), "random"
+    if cache is not None and workerinput is None:
+        cache.set("sandlock/seed", seed)
+    return seed, src
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "sandbox(enabled=True, *, profile=None, **policy_fields): run this test confined by sandlock: the test "
+        "body and every process it starts. Keywords are sandlock Policy fields; placeholders {tmp_path}, "
+        "{rootdir}, {testdir}, {basetemp}, {cache_dir}, {worker_id}, {home}, {sys_prefix} expand per test. "
+        "sandbox(False) opts the test out of session-wide confinement.")
+    config.addinivalue_line("markers", "no_sandbox: run this test unconfined even under --sandlock-profile")
+    config.stash[_SESSION_KEY] = s = _configure_session(config)
+    config.stash[_STATS_KEY] = Stats()
+    if not config.pluginmanager.has_plugin("sandlock-late-setup"):
+        config.pluginmanager.register(_LateSetup(), "sandlock-late-setup")
+    if s.profile and not s.off:
+        try:
+            fields = P.profile_fields(s.profile)
+            P.check_field_names(fields, f"profile {s.profile!r}")
+        except P.MarkerError as exc:
+            raise pytest.UsageError(f"sandlock: {exc}")
+        except Exception as exc:
+            raise pytest.UsageError(f"sandlock: {s.profile_source} {s.profile!r}: {exc}")
+    if s.ini_fields and not s.off:
+        try:
+            P.check_field_names(s.ini_fields, "ini sandlock_policy")
+        except P.MarkerError as exc:
+            raise pytest.UsageError(f"sandlock: {exc}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """pytest-xdist controller: every worker gets the same session seed (pytest-randomly's pattern)."""
+    s = node.config.stash.get(_SESSION_KEY, None)
+    if s is not None:
+        node.workerinput["sandlock_seed"] = s.seed
+
+
+# ---- header and summary ---------------------------------------------------------------------------------
+
+def _mechanisms() -> tuple[int, list[str]]:
+    try:
+        from sandlock_core import landlock_abi_version
+        abi = landlock_abi_version()
+    except Exception:
+        abi = 0
+    mech = []
+    if abi >= 1:
+        mech.append("landlock-fs")
+    if abi >= 4:
+        mech.append("landlock-tcp")
+    if abi >= 6:
+        mech.append("landlock-scopes")
+    mech.append("seccomp")
+    return abi, mech
+
+
+def _wants_header(config, s: P.Session) -> bool:
+    if s.off:
+        return config.getoption("sandlock_off", False)
+    if s.active or config.getoption("sandlock_seed", None) is not None or s.ini_fields:
+        return True
+    return False
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    s = config.stash.get(_SESSION_KEY, None)
+    if s is None or not _wants_header(config, s):
+        return None
+    if s.off:
+        return ["sandlock: off (--sandlock-off): no test is confined"]
+    from . import __version__
+    abi, mech = _mechanisms()
+    if s.record_denials:
+        mech.append("denials mirrored by the supervisor")
+    parts = [f"sandlock {__version__}", f"Landlock ABI {abi}" if abi else "Landlock unavailable",
+             "mechanisms: " + ", ".join(mech)]
+    if s.profile:
+        parts.append(f"profile={s.profile}")
+    elif s.confine_all:
+        parts.append("all tests confined")
+    parts.append(f"seed={s.seed} (replay: --sandlock-seed {s.seed})")
+    lines = ["sandlock: " + "; ".join(parts)]
+    if s.best_effort:
+        missing = _session_missing(config, s)
+        lines.append("sandlock: best effort: " + ("not in force on this kernel: " + ", ".join(missing)
+                                                  if missing else "everything in the profile is in force"))
+    return lines
+
+
+def _session_missing(config, s: P.Session) -> list[str]:
+    try:
+        from sandlock_core import Policy, Sandbox
+        fields = dict(s.ini_fields)
+        if s.profile:
+            fields.update(P.profile_fields(s.profile))
+        fields["best_effort"] = True
+        mapping = _static_placeholders(config)
+        fields = {k: v for k, v in fields.items() if not any(P.needs_placeholder(v, n) for n in ("tmp_path",
+                                                                                                "testdir"))}
+        fields = P.expand(fields, mapping, "profile")
+        sb = Sandbox(Policy.from_dict(fields, source="profile"))
+        try:
+            return list(sb.missing)
+        finally:
+            sb.close()
+    except Exception as exc:
+        return [f"(could not tell: {exc})"]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    s = config.stash.get(_SESSION_KEY, None)
+    st = config.stash.get(_STATS_KEY, None)
+    if s is None or st is None or s.off or (not st.confined and not st.opted_out):
+        return
+    tr = terminalreporter
+    if getattr(config, "workerinput", None) is not None:
+        return
+    lines = [f"{st.confined} test{'s' if st.confined != 1 else ''} ran confined; seed {s.seed} "
+             f"(replay: --sandlock-seed {s.seed})"]
+    if st.opted_out:
+        lines.append(f"{len(st.opted_out)} test{'s' if len(st.opted_out) != 1 else ''} opted out and ran "
+                     f"unconfined: " + ", ".join(st.opted_out[:10]) + (" ..." if len(st.opted_out) > 10 else ""))
+    if st.denied:
+        lines.append("denials: " + ", ".join(f"{k} ({v})" for k, v in list(st.denied.items())[:10]))
+    if st.missing:
+        lines.append("not in force on this kernel (best effort): " + ", ".join(sorted(st.missing)))
+    tr.write_sep("-", "sandlock")
+    for line in lines:
+        tr.write_line(line)
+
+
+# ---- per-test policy -----------------------------------------------------------------------------------
+
+def _static_placeholders(config) -> dict:
+    cache_dir = None
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        cache_dir = str(getattr(cache, "_cachedir", "") or "") or None
+    basetemp = None
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None:
+        try:
+            basetemp = str(factory.getbasetemp())
+        except Exception:
+            basetemp = None
+    wi = getattr(config, "workerinput", None)
+    return {"rootdir": str(config.rootpath), "cache_dir": cache_dir, "basetemp": basetemp,
+            "worker_id": wi.get("workerid", "master") if wi else "master",
+            "home": os.path.expanduser("~"), "sys_prefix": sys.prefix, "tmp_path": None, "testdir": None}
+
+
+def _coverage_dir() -> str | None:
+    mod = sys.modules.get("coverage")
+    if mod is None:
+        return None
+    try:
+        cov = mod.Coverage.current()
+    except Exception:
+        return None
+    if cov is None:
+        return None
+    try:
+        return os.path.dirname(os.path.abspath(cov.config.data_file))
+    except Exception:
+        return None
+
+
+def _item_fields(item, s: P.Session) -> tuple[dict, str]:
+    """Merged (unexpanded) policy fields for ``item`` and a description of where they came from."""
+    mfields, mprofile, sources = P.marker_fields(item)
+    P.check_field_names(mfields, f"@pytest.mark.sandbox on {item.nodeid}")
+    fields = dict(s.ini_fields)
+    profile = mprofile or s.profile
+    if profile:
+        try:
+            fields.update(P.profile_fields(profile))
+        except Exception as exc:
+            raise P.MarkerError(f"profile {profile!r}: {exc}")
+    fields.update(mfields)
+    where = ", ".join(sources) if sources else (f"profile {profile!r}" if profile else "sandlock ini defaults")
+    return fields, where
+
+
+def _resolve(item, s: P.Session, request=None) -> ItemState:
+    """Build the effective policy for ``item`` (after its fixtures are set up: needs tmp_path)."""
+    state = item.stash.get(_STATE_KEY, None)
+    if state is not None and state.policy is not None:
+        return state
+    from sandlock_core import Policy
+    from sandlock_core.errors import PolicyError
+    fields, where = _item_fields(item, s)
+    seed = P.test_seed(s.seed, item.nodeid)
+    rs = fields.get("random_seed")
+    if rs is True or rs == "auto":
+        fields["random_seed"] = seed
+    elif isinstance(rs, int) and not isinstance(rs, bool):
+        seed = rs
+    config = item.config
+    mapping = _static_placeholders(config)
+    req = request if request is not None else getattr(item, "_request", None)
+    restricts_fs = bool(fields.get("fs_readable") or fields.get("fs_writable"))
+    tmp_path = None
+    if req and (P.needs_placeholder(fields, "tmp_path") or (restricts_fs and s.defaults)):
+        try:
+            tmp_path = str(req.getfixturevalue("tmp_path"))
+        except Exception as exc:
+            if P.needs_placeholder(fields, "tmp_path"):
+                raise P.MarkerError(f"{where}: {{tmp_path}} could not be created: {exc}")
+    mapping["tmp_path"] = tmp_path
+    path = getattr(item, "path", None)
+    mapping["testdir"] = str(path.parent) if path is not None else None
+    fields = P.expand(fields, mapping, where)
+    env: dict[str, str] = {}
+    if restricts_fs and s.defaults:
+        readable, writable = P.default_paths(mapping["rootdir"], mapping["cache_dir"], _coverage_dir())
+        if mapping["testdir"]:
+            readable = readable + [mapping["testdir"]]
+        if tmp_path:
+            writable = writable + [tmp_path]
+            env["TMPDIR"] = tmp_path
+        fields["fs_readable"] = P.merge_paths(fields.get("fs_readable"), readable)
+        fields["fs_writable"] = P.merge_paths(fields.get("fs_writable"), writable)
+    if s.best_effort:
+        fields.setdefault("best_effort", True)
+    try:
+        policy = Policy.from_dict(fields, source=where)
+    except PolicyError as exc:
+        raise P.MarkerError(str(exc)) from None
+    except (TypeError, ValueError) as exc:
+        raise P.MarkerError(f"{where}: {exc}") from None
+    state = ItemState(policy=policy, seed=seed, env=env)
+    item.stash[_STATE_KEY] = state
+    return state
+
+
+def _kernel_feature_error(exc) -> bool:
+    """True for errors that say the kernel lacks something (skip), False for policy mistakes (fail)."""
+    try:
+        from sandlock_core import errors as E
+    except Exception:
+        return False
+    kinds = tuple(getattr(E, n) for n in ("LandlockUnavailableError", "ConfinementError", "SeccompError",
+                                          "NotifError", "FeatureUnavailableError") if hasattr(E, n))
+    return isinstance(exc, kinds)
+
+
+def _make_sandbox(item, s: P.Session, state: ItemState, *, record_denials: bool):
+    from sandlock_core import Sandbox
+    from sandlock_core.errors import SandlockError
+    try:
+        return Sandbox(state.policy, record_denials=record_denials)
+    except SandlockError as exc:
+        if _kernel_feature_error(exc):
+            if s.strict:
+                pytest.fail(f"sandlock (--sandlock-strict): {exc}", pytrace=False)
+            pytest.skip(f"sandlock: this kernel cannot enforce the policy: {exc}")
+        pytest.fail(f"sandlock: {exc}", pytrace=False)
+
+
+# ---- the protocol ---------------------------------------------------------------------------------------
+
+def _mode(item) -> str:
+    mode = item.stash.get(_MODE_KEY, None)
+    if mode is None:
+        s = item.config.stash.get(_SESSION_KEY, None)
+        mode = P.UNCONFINED if s is None else P.item_mode(item, s)
+        item.stash[_MODE_KEY] = mode
+    return mode
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item) -> None:
+    """Before fixtures: reject bad marker arguments early (no fixture runs for a test that cannot run)."""
+    if _mode(item) != P.CONFINED:
+        return
+    s = _session(item.config)
+    try:
+        fields, where = _item_fields(item, s)
+    except P.MarkerError as exc:
+        pytest.fail(f"sandlock: {exc}", pytrace=False)
+
+
+class _LateSetup:
+    """After the fixtures: resolve the policy (needs tmp_path) and build the Sandbox, at setup time, so a
+    policy error is the test's setup failure and a missing kernel feature its skip."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_setup(self, item) -> None:
+        if _mode(item) != P.CONFINED:
+            return
+        s = _session(item.config)
+        try:
+            state = _resolve(item, s)
+        except P.MarkerError as exc:
+            pytest.fail(f"sandlock: {exc}", pytrace=False)
+        if state.sandbox is None:
+            state.sandbox = _make_sandbox(item, s, state, record_denials=s.record_denials)
+            state.missing = list(getattr(state.sandbox, "missing", []) or [])
+
+
+def _timeout_for(item, s: P.Session) -> tuple[float | None, str]:
+    timeout, src = s.timeout, "sandlock_timeout" if s.timeout else ""
+    pt = item.config.pluginmanager.get_plugin("timeout")
+    if pt is not None and hasattr(pt, "_get_item_settings"):
+        try:
+            settings = pt._get_item_settings(item)
+            if settings.timeout and settings.timeout > 0 and (timeout is None or settings.timeout < timeout):
+                timeout, src = float(settings.timeout), "pytest-timeout"
+        except Exception:
+            pass
+    return timeout, src
+
+
+def pytest_runtest_protocol(item, nextitem):
+    mode = _mode(item)
+    if mode == P.OPTED_OUT:
+        st = item.config.stash[_STATS_KEY]
+        st.opted_out.append(item.nodeid)
+        item.user_properties.append(("sandlock", "opted out: ran unconfined"))
+        return None
+    if mode != P.CONFINED:
+        return None
+    from _pytest.runner import call_and_report, show_test_item
+    ihook = item.ihook
+    ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    hasrequest = hasattr(item, "_request")
+    if hasrequest and not item._request:
+        item._initrequest()
+    try:
+        rep = call_and_report(item, "setup", True)
+        if rep.passed:
+            setup_only = item.config.getoption("setuponly", False)
+            if item.config.getoption("setupshow", False):
+                show_test_item(item, add_space=not setup_only)
+            if not setup_only:
+                _confined_call(item)
+        if item.session.shouldfail or item.session.shouldstop:
+            nextitem = None
+        call_and_report(item, "teardown", True, nextitem=nextitem)
+    finally:
+        state = item.stash.get(_STATE_KEY, None)
+        if state is not None and state.sandbox is not None:
+            try:
+                state.sandbox.close()
+            except Exception:
+                pass
+            state.sandbox = None
+        if hasrequest:
+            item._request = False
+            item.funcargs = None
+    ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def _confined_call(item) -> None:
+    s = _session(item.config)
+    st = item.config.stash[_STATS_KEY]
+    state = item.stash[_STATE_KEY]
+    st.confined += 1
+    st.missing.update(state.missing)
+    timeout, tsrc = _timeout_for(item, s)
+    fd = os.memfd_create("sandlock-report", os.MFD_CLOEXEC)
+    try:
+        result = state.sandbox.run_function(_runner.child_main, item, fd, state.env, timeout=timeout)
+        messages = _runner.read_messages(fd)
+    finally:
+        os.close(fd)
+    denials = R.denial_dicts(getattr(result, "denials", []) or [])
+    report = None
+    config = item.config
+    for m in messages:
+        kind = m.get("kind")
+        if kind == "report":
+            report = config.hook.pytest_report_from_serializable(config=config, data=m["data"])
+        elif kind == "warning":
+            config.hook.pytest_warning_recorded.call_historic(kwargs=dict(
+                warning_message=_runner.warning_from_dict(m["data"]), when="runtest", nodeid=item.nodeid,
+                location=None))
+        elif kind == "exit":
+            pytest.exit(m.get("msg", ""), m.get("returncode"))
+        elif kind == "interrupt":
+            raise KeyboardInterrupt
+    if report is None:
+        st.crashed.append(item.nodeid)
+        report = _crash_report(item, R.describe_result(result, timeout=timeout, timeout_source=tsrc), denials, s)
+    else:
+        item.user_properties[:] = list(report.user_properties)
+        _decorate(item, report, denials, s)
+    if denials:
+        st.denied[item.nodeid] = R.total(denials)
+        item.user_properties.append(("sandlock_denials", R.junit_value(denials)))
+    item.user_properties.append(("sandlock_seed", state.seed))
+    item.ihook.pytest_runtest_logreport(report=report)
+
+
+def _decorate(item, report, denials: list[dict], s: P.Session) -> None:
+    if not denials:
+        return
+    report.sections.append((R.SECTION, R.format_section(denials, limit=s.max_shown)))
+    if report.failed:
+        note = f" [sandlock: {R.total(denials)} denied]"
+        lr = report.longrepr
+        crash = getattr(lr, "reprcrash", None)
+        if crash is not None and getattr(crash, "message", None) is not None:
+            crash.message += note
+        elif isinstance(lr, str):
+            report.longrepr = lr + note
+
+
+def _crash_report(item, message: str, denials: list[dict], s: P.Session):
+    """A failed call report for a child that died without reporting (xfail still applies)."""
+    from _pytest.runner import CallInfo
+    if denials:
+        message += f" [sandlock: {R.total(denials)} denied]"
+
+    def fail():
+        pytest.fail(message, pytrace=False)
+
+    call = CallInfo.from_call(fail, when="call")
+    report = item.ihook.pytest_runtest_makereport(item=item, call=call)
+    if denials:
+        report.sections.append((R.SECTION, R.format_section(denials, limit=s.max_shown)))
+    return report
+
+
+# ---- pytest-timeout -------------------------------------------------------------------------------------
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_set_timer(item, settings):
+    """A confined test's timeout is enforced by the sandbox (it kills the whole process tree and the test
+    fails with 'Timeout'); pytest-timeout's own timer (which would end the session) is not armed."""
+    if _runner.IN_CHILD or _mode(item) == P.CONFINED:
+        return True
+    return None
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_timeout_cancel_timer(item):
+    if _runner.IN_CHILD or _mode(item) == P.CONFINED:
+        return True
+    return None
+
+
+# ---- fixtures -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sandbox_policy(request) -> Any:
+    """The test's effective sandlock ``Policy`` (marker, profile, ini and defaults merged)."""
+    item = request.node
+    s = _session(request.config)
+    try:
+        return _resolve(item, s, request).policy
+    except P.MarkerError as exc:
+        pytest.fail(f"sandlock: {exc}", pytrace=False)
+
+
+@pytest.fixture
+def sandbox(request, sandbox_policy):
+    """A ``sandlock_core.Sandbox`` for the test's effective policy: ``sandbox.run(["cmd", ...])``.
+
+    Inside a confined test whose sandbox has a supervisor, the kernel allows only one seccomp listener per
+    process tree, so this sandbox records no denials of its own (those of the outer one are reported)."""
+    s = _session(request.config)
+    state = request.node.stash[_STATE_KEY]
+    record = s.record_denials and _mode(request.node) != P.CONFINED
+    sb = _make_sandbox(request.node, s, state, record_denials=record)
+    try:
+        yield sb
+    finally:
+        sb.close()
+
+
+@pytest.fixture
+def sandlock_seed(request) -> int:
+    """This test's seed: the marker's ``random_seed``, else derived from the session seed (``--sandlock-seed``)
+    and the test id. Replay a failure with the seed printed in the header and summary."""
+    s = _session(request.config)
+    try:
+        return _resolve(request.node, s, request).seed if _mode(request.node) == P.CONFINED else \
+            _seed_only(request.node, s)
+    except P.MarkerError as exc:
+        pytest.fail(f"sandlock: {exc}", pytrace=False)
+
+
+def _seed_only(item, s: P.Session) -> int:
+    try:
+        fields, _ = _item_fields(item, s)
+    except P.MarkerError:
+        fields = {}
+    rs = fields.get("random_seed")
+    if isinstance(rs, int) and not isinstance(rs, bool):
+        return rs
+    return P.test_seed(s.seed, item.nodeid)
+
+
+@pytest.fixture
+def sandbox_faker(sandlock_seed):
+    """A ``faker.Faker`` seeded from ``sandlock_seed``: test data and sandboxed randomness from one seed."""
+    faker = pytest.importorskip("faker", reason="sandbox_faker needs Faker (pip install 'pytest-sandlock[faker]')")
+    fake = faker.Faker()
+    fake.seed_instance(sandlock_seed)
+    return fake
