@@ -452,3 +452,88 @@ Sandbox(Policy()).run(["sh", "-c", "setsid sleep 60 & echo $! >> {pidfile}; slee
         alive = [p for p in pids if running(p)]
         time.sleep(0.02)
     assert not alive
+
+
+# ---- architecture escapes (x86_64) ---------------------------------------------------------------------
+
+ARCH_ESCAPES = r"""
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int main(int argc, char **argv) {
+    long r;
+    if (!strcmp(argv[1], "int80")) {            /* i386 getpid through the 32-bit entry */
+        __asm__ volatile ("int $0x80" : "=a"(r) : "a"(20) : "memory");
+    } else if (!strcmp(argv[1], "x32")) {       /* x32 ABI: getpid | __X32_SYSCALL_BIT */
+        r = syscall(39 | 0x40000000);
+    } else {
+        r = syscall(SYS_getpid);
+    }
+    printf("survived %ld\n", r);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def arch_escapes(tmp_path_factory):
+    import platform
+    if platform.machine() != "x86_64":
+        pytest.skip("the int 0x80 and x32 entries exist on x86_64 only")
+    d = tmp_path_factory.mktemp("arch")
+    (d / "a.c").write_text(ARCH_ESCAPES)
+    subprocess.run(["gcc", "-O1", "-o", str(d / "a"), str(d / "a.c")], check=True)
+    return str(d / "a")
+
+
+@pytest.mark.parametrize("entry", ["int80", "x32"])
+def test_foreign_syscall_entries_are_killed(arch_escapes, entry):
+    assert subprocess.run([arch_escapes, "native"], capture_output=True).returncode == 0
+    res = Sandbox(Policy()).run([arch_escapes, entry])
+    assert res.signal == signal.SIGSYS, res
+    assert b"survived" not in res.stdout
+
+
+# ---- confine() and the notified set --------------------------------------------------------------------
+
+def test_confine_applies_to_the_calling_process(tmp_path):
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            from sandlock_core import confine
+            confine(Policy(fs_readable=SYSTEM_RO))
+            out = []
+            for path in (str(secret), "/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd"):
+                try:
+                    open(path).read()
+                    out.append("OK")
+                except OSError as e:
+                    out.append(errno.errorcode[e.errno])
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            rc = libc.unshare(0x10000000)  # CLONE_NEWUSER: in the default blocklist
+            out.append("OK" if rc == 0 else errno.errorcode[ctypes.get_errno()])
+            os.write(w, " ".join(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    got = os.read(r, 100).decode().split()
+    assert got == ["EACCES", "OK", "EPERM"]
+
+
+def test_confine_refuses_policies_that_need_a_supervisor(tmp_path):
+    from sandlock_core import confine
+    with pytest.raises(PolicyError, match="supervisor"):
+        confine(Policy(fs_readable=SYSTEM_RO, fs_denied=[str(tmp_path)]))
+
+
+def test_a_plain_filesystem_policy_notifies_nothing():
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=["/tmp"], net_bind=[8080], isolate_ipc=True))
+    assert not sb._plan.want_listener and sb._plan.handlers == {}
+    res = sb.run(["sh", "-c", "ls /usr >/dev/null; echo done"])
+    assert res.stdout == b"done\n" and res.notifications == 0
