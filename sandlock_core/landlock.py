@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import os
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import _sys
 from .errors import ConfinementError, LandlockUnavailableError, PolicyError
