@@ -537,3 +537,28 @@ def test_a_plain_filesystem_policy_notifies_nothing():
     assert not sb._plan.want_listener and sb._plan.handlers == {}
     res = sb.run(["sh", "-c", "ls /usr >/dev/null; echo done"])
     assert res.stdout == b"done\n" and res.notifications == 0
+
+
+DOCKER_LIKE = r"""
+import sys, os
+from sandlock_core import Policy, Sandbox, _sys, seccomp, syscalls
+# What Docker's default profile does: pidfd_getfd fails with EPERM for this process and its children.
+spec = seccomp.deny_only_spec(deny=frozenset(), errno_actions=((syscalls.number("pidfd_getfd"), 1),))
+_sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)
+_sys.seccomp_set_filter(seccomp.build_filter(spec), _sys.SECCOMP_FILTER_FLAG_TSYNC)
+from sandlock_core.check import rows
+print(dict((name, ok) for name, ok, _ in rows())["pidfd_getfd"])
+d = sys.argv[1]
+ro = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
+res = Sandbox(Policy(fs_readable=ro + [d], fs_denied=[d + "/secret"])).run(["cat", d + "/ok", d + "/secret"])
+print(res.stdout.decode().strip(), res.exit_code, b"Permission denied" in res.stderr)
+"""
+
+
+def test_listener_handoff_works_where_pidfd_getfd_is_blocked(tmp_path):
+    (tmp_path / "ok").write_text("fine")
+    (tmp_path / "secret").write_text("s")
+    res = subprocess.run([sys.executable, "-c", DOCKER_LIKE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["False", "fine 1 True"]
