@@ -137,6 +137,7 @@ class Plan:
         self.handoff_scm = sendmsg not in notify
         self.cwd = policy.cwd
         self._env = self._build_env(policy)
+        self.envp_cache = None  # the C envp array, built at the first spawn
         self._cpu_mask = self._build_cpu_mask(policy.cpu_cores)
 
     # ---- compilation steps ----

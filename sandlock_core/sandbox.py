@@ -64,6 +64,7 @@ class Sandbox:
         for child in list(self._running):
             child.kill()
         self._plan.close()
+        _spawn.reap_pending(block=True)
 
     @property
     def missing(self) -> list[str]:

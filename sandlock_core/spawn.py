@@ -140,10 +140,16 @@ class Spawned:
                 pass
 
     def reap(self) -> None:
-        """Collect the reaper and close our fds."""
+        """Collect the reaper (or leave it to finish its exit off the critical path) and close our fds.
+
+        The reaper has already killed everything and reported; tearing down its copy of our address space
+        takes a fraction of a millisecond, so a reaper that is still exiting is reaped later
+        (``reap_pending``: at the next spawn, at ``Sandbox.close()``, at interpreter exit)."""
         if self.reaper:
             try:
-                os.waitpid(self.reaper, 0)
+                pid, _ = os.waitpid(self.reaper, os.WNOHANG)
+                if pid == 0:
+                    _pending.append(self.reaper)
             except ChildProcessError:
                 pass
             self.reaper = 0
@@ -154,8 +160,33 @@ class Spawned:
                 setattr(self, name, -1)
 
 
+_pending: list[int] = []
+
+
+def reap_pending(block: bool = False) -> None:
+    """Collect reapers that were still exiting when their sandbox ended."""
+    for pid in list(_pending):
+        try:
+            done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _pending.remove(pid)
+
+
+def _reap_at_exit() -> None:
+    reap_pending(block=True)
+
+
+import atexit  # noqa: E402
+
+atexit.register(_reap_at_exit)
+
+
 def spawn(plan, argv: list[str], *, stdio=(-1, -1, -1), cwd: str | None = None, new_pgrp: bool = True) -> Spawned:
     """Fork the reaper and the confined root child for ``argv``; returns before exec (see Spawned.release)."""
+    if _pending:
+        reap_pending()
     keep: list = []
     cfg = ffi.new("struct sl_cfg *")
     keep.append(cfg)
@@ -173,7 +204,11 @@ def spawn(plan, argv: list[str], *, stdio=(-1, -1, -1), cwd: str | None = None, 
     cfg.exec_paths = _cstr_array(cands, keep)
     cfg.n_exec_paths = len(cands)
     cfg.argv = _cstr_array([os.fsencode(a) for a in argv], keep)
-    cfg.envp = _cstr_array([k + b"=" + v for k, v in env.items()], keep)
+    envp = plan.envp_cache
+    if envp is None:  # built once per plan: the environment does not change between runs
+        plan.envp_keep = []
+        envp = plan.envp_cache = _cstr_array([k + b"=" + v for k, v in env.items()], plan.envp_keep)
+    cfg.envp = envp
 
     sv = ffi.new("int[2]")
     r = lib.sl_socketpair(sv)
