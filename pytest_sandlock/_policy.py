@@ -105,46 +105,20 @@ def marker_fields(item) -> tuple[dict, str | None, list[str]]:
 
 
 def check_field_names(fields: dict, where: str) -> None:
+    from sandlock_core.errors import PolicyError
     from sandlock_core.policy import Policy
-    known = set(Policy.field_names())
-    bad = sorted(set(fields) - known)
-    if bad:
-        import difflib
-        parts = []
-        for name in bad:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            parts.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise MarkerError(f"{where}: unknown policy field{'s' if len(bad) > 1 else ''} {', '.join(parts)}; "
-                          f"the fields are: {', '.join(sorted(known))}")
+    try:
+        Policy.check_names(fields, where)
+    except PolicyError as exc:
+        raise MarkerError(str(exc)) from None
 
 
 def profile_fields(name: str) -> dict:
     """A saved profile (name) or a TOML file (path) as a dict of Policy fields."""
-    from sandlock_core import profile as _profile
+    from sandlock_core.profile import profile_dict
     if name.endswith(".toml") or os.sep in name:
-        path = os.path.abspath(os.path.expanduser(name))
-        fn = getattr(_profile, "profile_dict_from_file", None) or getattr(_profile, "load_profile_file", None)
-        if fn is not None:
-            d = fn(path)
-            return dict(d) if isinstance(d, dict) else _policy_to_dict(d)
-        try:
-            import tomllib
-        except ImportError:  # pragma: no cover - Python 3.10
-            import tomli as tomllib
-        with open(path, "rb") as f:
-            return dict(tomllib.load(f))
-    fn = getattr(_profile, "profile_dict", None)
-    if fn is not None:
-        return dict(fn(name))
-    return _policy_to_dict(_profile.load_profile(name))
-
-
-def _policy_to_dict(policy) -> dict:
-    import dataclasses
-    from sandlock_core.policy import Policy
-    base = Policy()
-    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)
-            if getattr(policy, f.name) != getattr(base, f.name)}
+        name = os.path.abspath(os.path.expanduser(name))
+    return dict(profile_dict(name))
 
 
 def parse_policy_lines(lines: list[str]) -> dict:

@@ -13,7 +13,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile  # noqa: F401  (imported here, not in the confined child, where it may not be readable)
 import warnings
+
+from _pytest.outcomes import Exit
+from _pytest.runner import call_and_report
+
+MAX_REPORT = 64 << 20  # the child is untrusted: never read more than this from it
 
 IN_CHILD = False  # True inside the confined child (the timeout hooks and fixtures look at it)
 
@@ -60,9 +66,8 @@ class _ChildCoverage:
 
     def __init__(self):
         self.cov = None
-        try:
-            import coverage
-        except ImportError:
+        coverage = sys.modules.get("coverage")  # never import in the child: the files may not be readable
+        if coverage is None:
             return
         parent = coverage.Coverage.current() if hasattr(coverage.Coverage, "current") else None
         if parent is None:
@@ -97,16 +102,17 @@ class _ChildCoverage:
             sys.stderr.write(f"sandlock: coverage data of the confined test not saved: {exc!r}\n")
 
 
-def child_main(item, out_fd: int, env: dict[str, str]) -> int:
-    """The confined child: run the call phase, write the report(s) to ``out_fd``. Returns the exit code."""
+def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str] | None = None) -> int:
+    """The confined child: run the call phase, write the report(s) to ``out_fd``. Returns the exit code.
+    ``whole_env`` replaces the environment (the policy's clean_env/env); ``env`` adds to it (TMPDIR)."""
     global IN_CHILD
     IN_CHILD = True
-    from _pytest.outcomes import Exit
-    from _pytest.runner import call_and_report
+    if whole_env is not None:
+        os.environ.clear()
+        os.environ.update(whole_env)
     for k, v in env.items():
         os.environ[k] = v
     if "TMPDIR" in env:
-        import tempfile
         tempfile.tempdir = None
     cov = _ChildCoverage()
     config = item.config
@@ -134,10 +140,20 @@ def child_main(item, out_fd: int, env: dict[str, str]) -> int:
     return 0
 
 
+def fix_report(report):
+    """JSON has no tuples: a skip's ``longrepr`` (path, lineno, reason) must be one again (pytest asserts it).
+    JSON, not pickle: the child is confined and untrusted, and unpickling its bytes in the unconfined parent
+    would hand it the parent."""
+    lr = getattr(report, "longrepr", None)
+    if isinstance(lr, list) and len(lr) == 3:
+        report.longrepr = tuple(lr)
+    return report
+
+
 def read_messages(fd: int) -> list[dict]:
     chunks = []
     off = 0
-    while True:
+    while off < MAX_REPORT:
         chunk = os.pread(fd, 1 << 20, off)
         if not chunk:
             break

@@ -36,6 +36,7 @@ class ItemState:
     env: dict = field(default_factory=dict)
     missing: list = field(default_factory=list)
     denials: list = field(default_factory=list)
+    clean_env: dict | None = None  # the whole environment of the confined body, when the policy sets it
 
 
 @dataclass
@@ -404,9 +405,25 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
         raise P.MarkerError(str(exc)) from None
     except (TypeError, ValueError) as exc:
         raise P.MarkerError(f"{where}: {exc}") from None
-    state = ItemState(policy=policy, seed=seed, env=env)
+    state = ItemState(policy=policy, seed=seed, env=env, clean_env=_child_environ(policy))
     item.stash[_STATE_KEY] = state
     return state
+
+
+def _child_environ(policy) -> dict | None:
+    """The environment the policy gives its processes (clean_env, env), for the confined test body too:
+    ``run_function`` forks without exec, so the plan's environment would otherwise reach only subprocesses."""
+    if not policy.clean_env and not policy.env:
+        return None
+    try:
+        from sandlock_core.plan import Plan
+        env = Plan._build_env(policy)
+        return {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()}
+    except Exception:
+        env = dict(os.environ) if not policy.clean_env else {
+            k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG")}
+        env.update(policy.env)
+        return env
 
 
 def _kernel_feature_error(exc) -> bool:
@@ -537,7 +554,8 @@ def _confined_call(item) -> None:
     timeout, tsrc = _timeout_for(item, s)
     fd = os.memfd_create("sandlock-report", os.MFD_CLOEXEC)
     try:
-        result = state.sandbox.run_function(_runner.child_main, item, fd, state.env, timeout=timeout)
+        result = state.sandbox.run_function(_runner.child_main, item, fd, state.env, state.clean_env,
+                                            timeout=timeout)
         messages = _runner.read_messages(fd)
     finally:
         os.close(fd)
@@ -547,7 +565,7 @@ def _confined_call(item) -> None:
     for m in messages:
         kind = m.get("kind")
         if kind == "report":
-            report = config.hook.pytest_report_from_serializable(config=config, data=m["data"])
+            report = _runner.fix_report(config.hook.pytest_report_from_serializable(config=config, data=m["data"]))
         elif kind == "warning":
             config.hook.pytest_warning_recorded.call_historic(kwargs=dict(
                 warning_message=_runner.warning_from_dict(m["data"]), when="runtest", nodeid=item.nodeid,
@@ -574,20 +592,20 @@ def _decorate(item, report, denials: list[dict], s: P.Session) -> None:
         return
     report.sections.append((R.SECTION, R.format_section(denials, limit=s.max_shown)))
     if report.failed:
-        note = f" [sandlock: {R.total(denials)} denied]"
+        note = f"[sandlock: {R.total(denials)} denied]"
         lr = report.longrepr
         crash = getattr(lr, "reprcrash", None)
         if crash is not None and getattr(crash, "message", None) is not None:
-            crash.message += note
+            crash.message = note + " " + crash.message   # first: survives the short summary's truncation
         elif isinstance(lr, str):
-            report.longrepr = lr + note
+            report.longrepr = note + " " + lr
 
 
 def _crash_report(item, message: str, denials: list[dict], s: P.Session):
     """A failed call report for a child that died without reporting (xfail still applies)."""
     from _pytest.runner import CallInfo
     if denials:
-        message += f" [sandlock: {R.total(denials)} denied]"
+        message = f"[sandlock: {R.total(denials)} denied] {message}"
 
     def fail():
         pytest.fail(message, pytrace=False)

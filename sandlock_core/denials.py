@@ -120,11 +120,9 @@ class Mirror:
         self.fs = bool(self.readable or self.writable)
         self.bind = _port_set(getattr(policy, "net_bind", None))
         self.connect = _port_set(getattr(policy, "net_connect", None))
-        # Landlock handles TCP bind/connect as soon as either list is given (see landlock.build_ruleset):
-        # a policy with only net_connect denies every bind, and the reverse.
+        # Landlock handles only the TCP right whose list is non-empty (landlock.build_ruleset): with only
+        # net_connect, bind stays unrestricted, and the reverse.
         self.net = self.bind is not None or self.connect is not None
-        self.bind = self.bind or frozenset()
-        self.connect = self.connect or frozenset()
 
     @staticmethod
     def _beneath(path: str, roots: tuple[str, ...]) -> bool:
@@ -150,9 +148,10 @@ def _comm(pid: int) -> str:
         return "?"
 
 
-def _child_path(sup, n, dirfd: int, addr: int, *, empty_ok: bool = False) -> str | None:
-    """The absolute path a *at() call names, as the child sees it (None: not a filesystem path)."""
-    raw = os.fsdecode(sup.read_cstr(n, addr)) if addr else ""
+def _child_path(sup, n, dirfd: int, index: int, *, empty_ok: bool = False) -> str | None:
+    """The absolute path a *at() call names in argument ``index``, as the child sees it (None: not a
+    filesystem path). Read through ``sup.path_arg``: an enforcing handler earlier in the chain already read it."""
+    raw = os.fsdecode(sup.path_arg(n, index)) if n.data.args[index] else ""
     pid = n.pid
     if raw.startswith("/"):
         path = raw
@@ -171,6 +170,15 @@ def _child_path(sup, n, dirfd: int, addr: int, *, empty_ok: bool = False) -> str
     elif path == "/proc/thread-self" or path.startswith("/proc/thread-self/"):
         path = f"/proc/{pid}/task/{pid}" + path[len("/proc/thread-self"):]
     return path
+
+
+def _display(path: str) -> tuple[str, str]:
+    """(what the report shows, what the hint suggests). A process's own /proc entries cannot get a rule of
+    their own (a rule on /proc/self would name the pytest process's directory): only "/proc" helps."""
+    parts = path.split("/", 3)
+    if len(parts) >= 3 and parts[1] == "proc" and parts[2].isdigit():
+        return "/proc/<pid>" + ("/" + parts[3] if len(parts) > 3 else ""), "/proc"
+    return path, path
 
 
 def _resolve(path: str, follow: bool = True) -> str | None:
@@ -201,6 +209,10 @@ def _fmt_list(field: str, value) -> str:
 # ---- recording ----------------------------------------------------------------------------------------
 
 def _record(sup, n, syscall: str, detail: str, access: str, hint: str, err: int = _errno.EACCES) -> None:
+    if detail.startswith("/proc/"):
+        shown, allow = _display(detail)
+        if allow != detail:
+            detail, hint = shown, f"{hint.split(' += ')[0]} += [{allow!r}]"
     state = sup.state
     seen = state.get("denials.seen")
     if seen is None:
@@ -245,10 +257,10 @@ def _check_fs(sup, n, mirror: Mirror, syscall: str, path: str | None, access: st
             _record(sup, n, syscall, path, access, _fmt_list("fs_writable", parent))
 
 
-def _open_common(sup, n, mirror: Mirror, syscall: str, dirfd: int, addr: int, flags: int) -> None:
+def _open_common(sup, n, mirror: Mirror, syscall: str, dirfd: int, index: int, flags: int) -> None:
     if flags & O_PATH:
         return  # O_PATH opens are not access-checked by Landlock
-    path = _child_path(sup, n, dirfd, addr)
+    path = _child_path(sup, n, dirfd, index)
     if path is None:
         return
     if (flags & O_TMPFILE) == O_TMPFILE:
@@ -285,31 +297,31 @@ def _fs_handlers(m: Mirror) -> dict:
         return n.data.args[i]
 
     def h_open(sup, n):
-        _open_common(sup, n, m, "open", AT_FDCWD, a(n, 0), a(n, 1))
+        _open_common(sup, n, m, "open", AT_FDCWD, 0, a(n, 1))
 
     def h_creat(sup, n):
-        _open_common(sup, n, m, "creat", AT_FDCWD, a(n, 0), O_CREAT | O_WRONLY | O_TRUNC)
+        _open_common(sup, n, m, "creat", AT_FDCWD, 0, O_CREAT | O_WRONLY | O_TRUNC)
 
     def h_openat(sup, n):
-        _open_common(sup, n, m, "openat", _int32(a(n, 0)), a(n, 1), a(n, 2))
+        _open_common(sup, n, m, "openat", _int32(a(n, 0)), 1, a(n, 2))
 
     def h_openat2(sup, n):
         how = sup.read_mem(n, a(n, 2), 8)
-        _open_common(sup, n, m, "openat2", _int32(a(n, 0)), a(n, 1), struct.unpack("=Q", how)[0])
+        _open_common(sup, n, m, "openat2", _int32(a(n, 0)), 1, struct.unpack("=Q", how)[0])
 
     def h_execve(sup, n):
-        path = _child_path(sup, n, AT_FDCWD, a(n, 0))
+        path = _child_path(sup, n, AT_FDCWD, 0)
         _check_fs(sup, n, m, "execve", _resolve(path) if path else None, "exec")
 
     def h_execveat(sup, n):
         flags = a(n, 4)
-        path = _child_path(sup, n, _int32(a(n, 0)), a(n, 1), empty_ok=bool(flags & AT_EMPTY_PATH))
+        path = _child_path(sup, n, _int32(a(n, 0)), 1, empty_ok=bool(flags & AT_EMPTY_PATH))
         _check_fs(sup, n, m, "execveat", _resolve(path) if path else None, "exec")
 
     def mk(name, dirfd_arg, path_arg, access, flags_arg=None):
         def h(sup, n):
             dirfd = AT_FDCWD if dirfd_arg is None else _int32(a(n, dirfd_arg))
-            path = _child_path(sup, n, dirfd, a(n, path_arg))
+            path = _child_path(sup, n, dirfd, path_arg)
             if path is None:
                 return
             acc = access
@@ -321,15 +333,15 @@ def _fs_handlers(m: Mirror) -> dict:
         return h
 
     def h_truncate(sup, n):
-        path = _child_path(sup, n, AT_FDCWD, a(n, 0))
+        path = _child_path(sup, n, AT_FDCWD, 0)
         _check_fs(sup, n, m, "truncate", _resolve(path) if path else None, "write")
 
     def mv(name, old_dirfd, old_path, new_dirfd, new_path, remove_old: bool):
         def h(sup, n):
             od = AT_FDCWD if old_dirfd is None else _int32(a(n, old_dirfd))
             nd = AT_FDCWD if new_dirfd is None else _int32(a(n, new_dirfd))
-            src = _child_path(sup, n, od, a(n, old_path))
-            dst = _child_path(sup, n, nd, a(n, new_path))
+            src = _child_path(sup, n, od, old_path)
+            dst = _child_path(sup, n, nd, new_path)
             if src is None or dst is None:
                 return
             if remove_old:
@@ -343,11 +355,11 @@ def _fs_handlers(m: Mirror) -> dict:
         return h
 
     def h_symlink(sup, n):
-        path = _child_path(sup, n, AT_FDCWD, a(n, 1))
+        path = _child_path(sup, n, AT_FDCWD, 1)
         _check_fs(sup, n, m, "symlink", _resolve(path, follow=False) if path else None, "create")
 
     def h_symlinkat(sup, n):
-        path = _child_path(sup, n, _int32(a(n, 1)), a(n, 2))
+        path = _child_path(sup, n, _int32(a(n, 1)), 2)
         _check_fs(sup, n, m, "symlinkat", _resolve(path, follow=False) if path else None, "create")
 
     return {
@@ -387,7 +399,7 @@ def _is_tcp(sup, n, fd: int) -> bool:
 
 
 def _net_handlers(m: Mirror) -> dict:
-    def mk(name: str, allowed: frozenset[int], field: str):
+    def mk(name: str, allowed: frozenset[int] | None, field: str):
         def h(sup, n):
             args = n.data.args
             size = min(int(args[2]), 128)
@@ -395,7 +407,7 @@ def _net_handlers(m: Mirror) -> dict:
             if addr is None:
                 return
             _family, host, port = addr
-            if port in allowed or not _is_tcp(sup, n, _int32(args[0])):
+            if allowed is None or port in allowed or not _is_tcp(sup, n, _int32(args[0])):
                 return
             hint = _fmt_list(field, port)
             if name == "bind" and port == 0:
@@ -413,7 +425,11 @@ def install(builder) -> None:
     if m.fs:
         handlers.update(_fs_handlers(m))
     if m.net:
-        handlers.update(_net_handlers(m))
+        net = _net_handlers(m)
+        if m.bind is not None:
+            handlers["bind"] = net["bind"]
+        if m.connect is not None:
+            handlers["connect"] = net["connect"]
     for name, fn in handlers.items():
         builder.notify(name, _safe(fn))
 
