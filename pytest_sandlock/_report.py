@@ -63,7 +63,8 @@ def format_section(items: list[dict], *, limit: int = 20, mirrored_note: bool = 
     for it in items[:limit]:
         target = it.get("detail") or ""
         who = f"pid {it.get('pid', '?')}" + (f" ({it['comm']})" if it.get("comm") else "")
-        what = it.get("syscall", "?") + (f" [{it['access']}]" if it.get("access") else "")
+        what = it.get("syscall", "?") + (f" [{it['access']}]" if it.get("access") not in (None, "", it.get("syscall"))
+                                         else "")
         count = int(it.get("count", 1) or 1)
         rows.append((what, target, str(it.get("errno", "")), who, (f"x{count}" if count > 1 else ""),
                      it.get("hint") or "", it.get("source") or ""))

@@ -385,7 +385,7 @@ def test_child_that_segfaults(pytester):
     """))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "-p", "no:faulthandler")
     result.assert_outcomes(failed=1, passed=1, xfailed=1)
-    result.stdout.fnmatch_lines(["*test_segv*killed by SIGSEGV*"])
+    result.stdout.fnmatch_lines(["the confined test process was killed by SIGSEGV (Segmentation fault)*"])
 
 
 def test_child_that_hangs_past_the_timeout(pytester):
@@ -446,33 +446,34 @@ def test_denial_report(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA", "--junitxml=junit.xml")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "--- sandlock denials ---" in out.replace("-" * 10, "---").replace("----", "---") or \
-        "sandlock denials" in out
-    result.stdout.fnmatch_lines([
-        "*operations refused*",
-        "*openat*[[]read[]]*/etc/hostname*EACCES*pid *(cat)*x2*-> fs_readable += ['/etc/hostname']*",
-        "*openat*[[]read[]]*/etc/passwd*EACCES*pid *(python*)*-> fs_readable += ['/etc/passwd']*",
-        "*to allow all of them: @pytest.mark.sandbox(fs_readable=[[]..., '/etc/hostname', '/etc/passwd'[]])*",
-    ])
-    result.stdout.fnmatch_lines(["FAILED *test_reads_etc* [[]sandlock: 3 denied[]]*"])
+    result.stdout.fnmatch_lines(["*- sandlock denials -*"])
+    result.stdout.re_match_lines([
+        r"\d+ operations refused \(\d+ distinct\):",
+        r"  openat \[read\]  /etc/hostname +EACCES  pid \d+ \(cat\) +x2  -> fs_readable \+= \['/etc/hostname'\]",
+        r"  openat \[read\]  /etc/passwd +EACCES  pid \d+ \(python\S*\) +-> fs_readable \+= \['/etc/passwd'\]",
+        r"to allow all of them: @pytest.mark.sandbox\(fs_readable=\[\.\.\., .*'/etc/hostname', '/etc/passwd'\]\)",
+    ], consecutive=False)
+    result.stdout.fnmatch_lines(["FAILED *test_reads_etc - [[]sandlock: 3 denied[]] Permissio*"])
     junit = ET.parse(pytester.path / "junit.xml")
     props = {p.get("name"): p.get("value") for p in junit.iter("property")}
     data = json.loads(props["sandlock_denials"])
     assert {d["detail"] for d in data} == {"/etc/hostname", "/etc/passwd"}
     assert all(d["errno"] == "EACCES" and d["source"] == "landlock" for d in data)
+    assert {d["comm"] for d in data} == {"cat", "python"} or "cat" in {d["comm"] for d in data}
     failure = next(junit.iter("failure"))
-    assert "[sandlock: 3 denied]" in failure.get("message")
+    assert failure.get("message").startswith("[sandlock: 3 denied]")
 
 
 def test_denials_for_writes_creates_and_network(pytester):
     pytester.makepyfile(textwrap.dedent(f"""
         import os, socket, pytest
 
-        @pytest.mark.sandbox(fs_readable={SYS_ARG}, fs_writable=["{{tmp_path}}/w"], net_connect=[1])
+        @pytest.mark.sandbox(fs_readable={SYS_ARG}, net_connect=[1])
         def test_many(tmp_path):
-            (tmp_path / "w").mkdir()   # parent made in the parent? no: tmp_path itself is writable by default
+            (tmp_path / "ok.txt").write_text("tmp_path is writable by default")
             for op in (lambda: open(tmp_path.parent / "created.txt", "w"),
                        lambda: os.mkdir("/var/tmp/sandlock-nope"),
+                       lambda: open("/etc/hostname", "a"),
                        lambda: socket.create_connection(("127.0.0.1", 9), timeout=1)):
                 try:
                     op()
@@ -482,11 +483,13 @@ def test_denials_for_writes_creates_and_network(pytester):
     """))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*openat*[[]create[]]*created.txt*EACCES*-> fs_writable += [[]*[]]*",
-        "*mkdir*[[]create[]]*/var/tmp/sandlock-nope*-> fs_writable += ['/var/tmp']*",
-        "*connect*127.0.0.1:9/tcp*EACCES*-> net_connect += [[]9[]]*",
-    ])
+    result.stdout.re_match_lines([
+        r"  openat +\[create\] +/tmp/\S+/created.txt +EACCES .* -> fs_writable \+= \['/tmp/\S+'\]",
+        r"  mkdir +\[create\] +/var/tmp/sandlock-nope +EACCES .* -> fs_writable \+= \['/var/tmp'\]",
+        r"  openat +\[write\] +/etc/hostname +EACCES .* -> fs_writable \+= \['/etc/hostname'\]",
+        r"  connect +127.0.0.1:9/tcp +EACCES .* -> net_connect \+= \[9\]",
+    ], consecutive=False)
+    assert not re.search(r"ok.txt +EACCES", result.stdout.str())
 
 
 def test_passing_test_with_denials_keeps_quiet(pytester):
@@ -527,20 +530,18 @@ def test_fixtures(pytester):
         def test_seed(sandlock_seed, sandbox_faker):
             print("SEED", sandlock_seed, sandbox_faker.name())
 
-        @pytest.mark.sandbox(random_seed=1234)
-        def test_marker_seed(sandlock_seed):
+        @pytest.mark.sandbox(False, random_seed=1234)   # the seed without confinement: random_seed is not
+        def test_marker_seed(sandlock_seed):              # enforced by every build yet
             assert sandlock_seed == 1234
     """))
     one = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--sandlock-seed", "7")
-    if "time_start" in one.stdout.str() or "random_seed: " in one.stdout.str():
-        pass
     seeds1 = re.findall(r"SEED \d+ .*", one.stdout.str())
     two = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--sandlock-seed", "7")
     seeds2 = re.findall(r"SEED \d+ .*", two.stdout.str())
     assert seeds1 and seeds1 == seeds2
     three = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--sandlock-seed", "8")
     assert re.findall(r"SEED \d+ .*", three.stdout.str()) != seeds1
-    one.assert_outcomes(passed=3 + ("random_seed" not in one.stdout.str()))
+    one.assert_outcomes(passed=4)
 
 
 def test_seed_last_replays_the_previous_run(pytester):
@@ -611,4 +612,4 @@ def test_coverage_from_confined_test_and_its_python_subprocess(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--cov=mod", "--cov-report=term-missing")
     result.assert_outcomes(passed=1)
     # line 3-4 (in_child) and 9-10 (__main__ block, run only in the subprocess) are covered; never() is not
-    result.stdout.fnmatch_lines(["mod.py * 8 * 1 * 88%* 7"])
+    result.stdout.fnmatch_lines(["mod.py * 7 * 1 * 86%* 7"])
