@@ -17,16 +17,15 @@ from .policy import FsIsolation, Policy
 
 # (predicate, module) for every supervisor mechanism; the module's install(builder) registers handlers.
 MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
+    (lambda p: p.net_allow_hosts is not None or p.port_remap, "network"),
     (lambda p: bool(p.fs_denied), "fsdeny"),
 ]
 
 # Fields this build cannot enforce yet: refused with a clear error, never silently ignored. Each feature
 # removes its entry when it lands.
 UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
-    ("net_allow_hosts", lambda p: p.net_allow_hosts is not None),
     ("max_memory", lambda p: p.max_memory is not None),
     ("max_cpu", lambda p: p.max_cpu is not None),
-    ("port_remap", lambda p: p.port_remap),
     ("time_start", lambda p: p.time_start is not None),
     ("time_freeze", lambda p: p.time_freeze),
     ("random_seed", lambda p: p.random_seed is not None),

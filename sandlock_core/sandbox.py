@@ -71,6 +71,13 @@ class Sandbox:
         """Protections skipped under best effort (empty unless the policy opted in)."""
         return list(self._plan.missing)
 
+    def ports(self, proto: str = "tcp") -> dict[int, int]:
+        """port_remap: {virtual port: real host port} of the current (or most recent) run; ``proto`` "tcp" or
+        "udp". Safe to call from another thread while the command runs; empty without port_remap."""
+        sup = getattr(self, "_sup", None)
+        m = sup.state.get("port_map" if proto == "tcp" else "port_map_udp") if sup is not None else None
+        return dict(m or {})
+
     # ---- running ----
     def run(self, cmd: list[str], timeout: float | None = None, *, stdin: bytes | int | None = None) -> Result:
         """Run ``cmd`` confined; capture stdout and stderr. ``stdin``: None (closed: /dev/null), bytes
@@ -108,30 +115,52 @@ class Sandbox:
 
     def _supervise(self, child, stdin_data, out_r, err_r, timeout, start) -> Result:
         """Take the listener, start the supervisor, release the child, wait; always clean up."""
-        self._running.append(child)
-        setup_error = sup = None
+        sup = setup_error = None
         out = err = b""
         timed_out = False
         try:
-            try:
-                child.take_listener(use_pidfd=not self._plan.handoff_scm)
-                if child.listener >= 0:
-                    sup = self._plan.make_supervisor(child.listener, child.root_pid)
-                    sup.start()
-                child.release()
-            except _spawn.ChildSetupError as exc:
-                setup_error = exc
-            except (ChildError, SandboxError) as exc:
-                child.kill()
-                setup_error = exc
+            sup, setup_error = self._launch(child)
             out, err, timed_out = self._communicate(child, stdin_data, out_r, err_r, timeout)
         finally:
-            if child.status is None and child.killed_by is None:
-                child.kill()
-                while not child.read_report():
-                    pass
-            child.reap()
+            self._end(child)
+        return self._conclude(child, sup, out, err, timed_out, setup_error, start)
+
+    def _launch(self, child):
+        """Take the listener, start the supervisor, release the child. Returns (supervisor, setup_error);
+        the child is registered as running (``_end`` unregisters it)."""
+        self._running.append(child)
+        setup_error = sup = None
+        try:
+            child.take_listener(use_pidfd=not self._plan.handoff_scm)
+            if child.listener >= 0:
+                sup = self._plan.make_supervisor(child.listener, child.root_pid)
+                self._sup = sup  # the current/most recent run's supervisor (ports())
+                sup.start()
+            child.release()
+        except _spawn.ChildSetupError as exc:
+            setup_error = exc
+        except (ChildError, SandboxError) as exc:
+            child.kill()
+            setup_error = exc
+        except BaseException:
+            self._end(child)
+            if sup is not None:
+                sup.stop()
+            raise
+        return sup, setup_error
+
+    def _end(self, child) -> None:
+        """Make sure the sandbox is over (kill it if needed), collect the reaper, unregister."""
+        if child.status is None and child.killed_by is None:
+            child.kill()
+            while not child.read_report():
+                pass
+        child.reap()
+        if child in self._running:
             self._running.remove(child)
+
+    def _conclude(self, child, sup, out, err, timed_out, setup_error, start) -> Result:
+        """The Result of a finished child; runs the plan's finish hooks and stops the supervisor."""
         try:
             result = self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
             for fn in self._plan.finish:
