@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     misc.add_argument("-e", "--exec-shell", metavar="CMD", help="run CMD with /bin/sh -c")
     misc.add_argument("-i", "--interactive", action="store_true", help="use the terminal (the default)")
     misc.add_argument("--best-effort", action="store_true", help="apply what this kernel supports")
+    misc.add_argument("-v", "--verbose", action="store_true",
+                      help="report on stderr (with --port-remap: which host port serves each virtual port)")
     misc.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
     sub.add_parser("check", help="show what this kernel supports")
@@ -220,7 +222,12 @@ def cmd_run(a) -> int:
     old = {s: _signal.signal(s, _signal.SIG_IGN) for s in (_signal.SIGINT, _signal.SIGQUIT)}
     try:
         with sb:
-            res = sb.run_foreground(cmd, timeout=a.timeout)
+            watch = _watch_ports(sb) if a.verbose and policy.port_remap else None
+            try:
+                res = sb.run_foreground(cmd, timeout=a.timeout)
+            finally:
+                if watch is not None:
+                    watch()
     finally:
         for s, h in old.items():
             _signal.signal(s, h)
@@ -242,6 +249,34 @@ def cmd_run(a) -> int:
             status["signal"] = res.signal
         os.write(a.status_fd, (json.dumps(status, separators=(",", ":")) + "\n").encode())
     return code
+
+
+def _watch_ports(sb):
+    """Print each new virtual->real port mapping on stderr while the command runs; returns a stopper."""
+    import threading
+    stop = threading.Event()
+    seen: set = set()
+
+    def report():
+        for proto in ("tcp", "udp"):
+            for virt, real in sorted(sb.ports(proto).items()):
+                if (proto, virt) not in seen:
+                    seen.add((proto, virt))
+                    sys.stderr.write(f"sandlock: port {virt}/{proto} -> {real}\n")
+                    sys.stderr.flush()
+
+    def loop():
+        while not stop.wait(0.02):
+            report()
+        report()
+
+    t = threading.Thread(target=loop, name="sandlock-ports", daemon=True)
+    t.start()
+
+    def stopper():
+        stop.set()
+        t.join(1)
+    return stopper
 
 
 def cmd_check(a) -> int:
