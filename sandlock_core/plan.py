@@ -94,7 +94,7 @@ class PlanBuilder:
 
 class Plan:
     def __init__(self, policy: Policy, *, best_effort: bool | None = None, record_denials: bool = False,
-                 handlers: dict | None = None):
+                 handlers: dict | None = None, policy_fn=None, policy_fn_timeout: float = 5.0):
         check_supported(policy)
         self.policy = policy
         self.record_denials = record_denials
@@ -107,6 +107,11 @@ class Plan:
         for applies, module in MECHANISMS:
             if applies(policy):
                 importlib.import_module(f"{__package__}.{module}").install(builder)
+        if policy_fn is not None:
+            # After every built-in mechanism: it wraps their chains for the held syscalls, so the callback sees
+            # each event once the enforcers decided (event.denied) and can only tighten their answer.
+            builder.policy_fn, builder.policy_fn_timeout = policy_fn, policy_fn_timeout
+            importlib.import_module(f"{__package__}.policy_fn").install(builder)
         for name, handler in (handlers or {}).items():  # user handlers run after the built-in ones
             if not builder.notify(name, handler):
                 raise PolicyError(f"handlers: no syscall {name!r} on {self.arch}")

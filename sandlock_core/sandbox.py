@@ -44,14 +44,17 @@ class Sandbox:
     """A policy bound to the machinery that enforces it. Reusable: the plan is compiled once."""
 
     def __init__(self, policy: Policy | None = None, *, policy_fn=None, init_fn=None, work_fn=None,
-                 record_denials: bool = False, handlers: dict | None = None):
+                 record_denials: bool = False, handlers: dict | None = None, policy_fn_timeout: float = 5.0):
         from .plan import Plan
         self.policy = policy if policy is not None else Policy()
-        if policy_fn is not None or init_fn is not None or work_fn is not None:
-            from .errors import PolicyError
-            raise PolicyError("policy_fn/init_fn/work_fn are not supported by this build yet")
-        self._plan = Plan(self.policy, record_denials=record_denials, handlers=handlers)
+        self.policy_fn = policy_fn
+        self.init_fn = init_fn
+        self.work_fn = work_fn
+        self._plan = Plan(self.policy, record_denials=record_denials, handlers=handlers, policy_fn=policy_fn,
+                          policy_fn_timeout=policy_fn_timeout)
         self._running: list[_spawn.Spawned] = []
+        self._procs: list = []        # Process handles from popen() still running
+        self._template = None         # the COW fork template (forking.Template), started by fork()
 
     # ---- context manager ----
     def __enter__(self):
@@ -61,8 +64,14 @@ class Sandbox:
         self.close()
 
     def close(self) -> None:
+        """End everything this sandbox started (popen processes, the fork template, runs in other threads)."""
+        if self._template is not None:
+            self._template.close()
+            self._template = None
         for child in list(self._running):
             child.kill()
+        for proc in list(self._procs):
+            proc.close()
         self._plan.close()
         _spawn.reap_pending(block=True)
 
@@ -71,12 +80,112 @@ class Sandbox:
         """Protections skipped under best effort (empty unless the policy opted in)."""
         return list(self._plan.missing)
 
-    def ports(self, proto: str = "tcp") -> dict[int, int]:
-        """port_remap: {virtual port: real host port} of the current (or most recent) run; ``proto`` "tcp" or
-        "udp". Safe to call from another thread while the command runs; empty without port_remap."""
-        sup = getattr(self, "_sup", None)
-        m = sup.state.get("port_map" if proto == "tcp" else "port_map_udp") if sup is not None else None
-        return dict(m or {})
+    # ---- a running sandbox ----
+    def popen(self, cmd: list[str], *, stdin=-1, stdout=-1, stderr=-1):
+        """Start ``cmd`` confined and return a ``Process`` at once. Each of ``stdin``/``stdout``/``stderr`` is
+        ``PIPE`` (-1, the default: an unbuffered binary stream on the Process), ``DEVNULL`` (-3), ``None``
+        (inherit the caller's) or a file descriptor."""
+        from .process import Process
+        if isinstance(cmd, (str, bytes)) or not cmd:
+            raise ValueError("cmd must be a non-empty list of arguments")
+        start = time.monotonic()
+        theirs: list[int] = []   # the child's ends, closed here once it has them
+        ours: list[int] = []     # our ends, closed if the start fails
+        stdio = []
+        for i, mode in enumerate((stdin, stdout, stderr)):
+            if mode == -1:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                child_end, our_end = (r, w) if i == 0 else (w, r)
+                theirs.append(child_end)
+                ours.append(our_end)
+                stdio.append(child_end)
+            elif mode == -3:
+                fd = os.open(_DEVNULL, (os.O_RDONLY if i == 0 else os.O_WRONLY) | os.O_CLOEXEC)
+                theirs.append(fd)
+                ours.append(-1)
+                stdio.append(fd)
+            else:
+                ours.append(-1)
+                stdio.append(i if mode is None else int(mode))
+        try:
+            child = _spawn.spawn(self._plan, list(cmd), stdio=tuple(stdio))
+        except BaseException:
+            for fd in theirs + ours:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        try:
+            sup, setup_error = self._launch(child)
+        except BaseException:
+            for fd in ours:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        proc = Process(self, child, sup, setup_error, start, *ours)
+        self._procs.append(proc)
+        return proc
+
+    @property
+    def pid(self) -> int | None:
+        """The root process of the most recently started command that is still running (None if none)."""
+        for child in reversed(self._running):
+            if child.status is None and child.killed_by is None and child.root_pid:
+                return child.root_pid
+        return None
+
+    def is_running(self) -> bool:
+        return self.pid is not None
+
+    def _live(self, what: str) -> list:
+        live = [c for c in self._running if c.status is None and c.killed_by is None]
+        if not live:
+            raise RuntimeError(f"{what}(): the sandbox is not running")
+        return live
+
+    def pause(self) -> None:
+        """SIGSTOP every process of every command this sandbox is running (RuntimeError if none)."""
+        from .process import signal_all
+        for child in self._live("pause"):
+            signal_all(child.reaper, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT every process paused by ``pause()`` (RuntimeError if nothing runs)."""
+        from .process import signal_all
+        for child in self._live("resume"):
+            signal_all(child.reaper, signal.SIGCONT)
+
+    def kill(self) -> None:
+        """Kill every process this sandbox is running (a ``run()`` in another thread returns KILLED)."""
+        for child in list(self._running):
+            child.kill()
+
+    # ---- composition: pipelines, COW fork and map-reduce ----
+    def cmd(self, args: list[str]):
+        """A pipeline stage running ``args`` under this sandbox's policy: ``a.cmd(x) | b.cmd(y)``."""
+        from .pipeline import Stage
+        return Stage(self, args)
+
+    def fork(self, n: int, timeout: float | None = None):
+        """Make ``n`` copy-on-write clones of the template (started at the first call: a confined process that
+        ran ``init_fn`` once); clone ``i`` runs ``work_fn(i)`` with ``CLONE_ID=i`` and its stdout on its own
+        pipe. Returns once every clone is reaped: a ``ForkResult`` (one ``Clone`` per clone, in order)."""
+        from . import forking
+        if self.work_fn is None:
+            raise ValueError("fork() needs Sandbox(..., work_fn=...)")
+        if self._template is None:
+            self._template = forking.Template(self)
+        return self._template.fork(n, timeout=timeout)
+
+    def reduce(self, cmd: list[str], clones, timeout: float | None = None) -> Result:
+        """Run ``cmd`` under this sandbox with every clone's output, in clone order, on its stdin."""
+        from .forking import clone_output
+        return self.run(cmd, timeout, stdin=clone_output(clones))
 
     # ---- running ----
     def run(self, cmd: list[str], timeout: float | None = None, *, stdin: bytes | int | None = None) -> Result:
