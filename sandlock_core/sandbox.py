@@ -80,6 +80,13 @@ class Sandbox:
         """Protections skipped under best effort (empty unless the policy opted in)."""
         return list(self._plan.missing)
 
+    def ports(self, proto: str = "tcp") -> dict[int, int]:
+        """port_remap: {virtual port: real host port} of the current (or most recent) run; ``proto`` "tcp" or
+        "udp". Safe to call from another thread while the command runs; empty without port_remap."""
+        sup = getattr(self, "_sup", None)
+        m = sup.state.get("port_map" if proto == "tcp" else "port_map_udp") if sup is not None else None
+        return dict(m or {})
+
     # ---- a running sandbox ----
     def popen(self, cmd: list[str], *, stdin=-1, stdout=-1, stderr=-1):
         """Start ``cmd`` confined and return a ``Process`` at once. Each of ``stdin``/``stdout``/``stderr`` is
