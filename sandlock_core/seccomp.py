@@ -1,164 +1,306 @@
-"""The seccomp-bpf program: a policy's deny/notify/allow decisions compiled to classic BPF.
+"""The seccomp-bpf program: a ``FilterSpec`` (numbers and switches, no names) compiled to classic BPF.
 
-Layout: arch check (mismatch kills: this is what stops i386 ``int 0x80`` on x86_64), x32 bit check (kills),
-argument filters (clone namespace flags, clone3, tty injection ioctls, raw/UDP sockets, PR_SET_DUMPABLE), then
-the notify set (USER_NOTIF), the deny set (EPERM) or, in allowlist mode, the allowed set, then the default.
+Program layout (``build_filter``)::
+
+    A = arch;  A != AUDIT_ARCH(spec.arch)           -> KILL_PROCESS   (i386 int 0x80 / sysenter, AArch32)
+    A = nr
+    x86_64:  A >= X32_SYSCALL_BIT and A != -1       -> KILL_PROCESS   (the x32 ABI)
+    argument filters, one self-contained block per syscall; a block that passes reloads nr and goes on:
+        clone   arg0 & CLONE_NEW*                    -> ERRNO(EPERM)
+        clone3                                       -> ERRNO(ENOSYS)  (flags are in memory; libc falls back
+                                                                        to clone(2), which the line above checks)
+        ioctl   (u32)arg1 in {TIOCSTI, TIOCLINUX}    -> ERRNO(EPERM)
+        socket  arg0 in {AF_INET, AF_INET6} and (arg1 & 0xf) in {SOCK_RAW[, SOCK_DGRAM]} -> ERRNO(EPERM)
+        prctl   arg0 == PR_SET_DUMPABLE              -> ERRNO(EPERM)
+    errno_actions: nr == n                           -> ERRNO(e)
+    notify set                                       -> USER_NOTIF
+    deny set                                         -> ERRNO(EPERM)
+    allowlist mode:  allow_only set -> ALLOW, anything else -> ERRNO(EPERM)
+    otherwise:       ALLOW
+
+Consequences the callers rely on:
+
+* Argument filters run before the notify set, so a notified ``clone``/``socket``/``ioctl``/``prctl`` reaches
+  the supervisor only when its arguments passed. ``clone3`` (with ``clone3_enosys``) never reaches it, nor
+  any list: not even an allowlist or a notify entry can let it through.
+* A syscall both notified and denied (or notified and in ``errno_actions``) is a ``ValueError``: the
+  supervisor could CONTINUE what the policy denies.
+* In allowlist mode a notified syscall is allowed through the supervisor; ``deny`` still beats ``allow_only``.
+* Only the low 32 bits of an argument are compared (what the kernel uses for int/unsigned int arguments).
+* ``personality`` and ``prctl(PR_SET_DUMPABLE)`` are denied by default: the child must call personality()
+  before installing the filter, and may not make itself non-dumpable (an unprivileged supervisor could no
+  longer read its memory or take its fds).
 """
 from __future__ import annotations
 
 import errno
 import functools
+import sys
 from dataclasses import dataclass
+from typing import Iterable
 
 from . import bpf, syscalls
 
-RET_KILL_PROCESS = 0x80000000
-RET_TRAP = 0x00030000
-RET_ERRNO = 0x00050000
-RET_USER_NOTIF = 0x7FC00000
-RET_ALLOW = 0x7FFF0000
+# seccomp return actions (linux/seccomp.h); the low 16 bits carry data (errno for ERRNO).
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_KILL_THREAD = 0x00000000
+SECCOMP_RET_TRAP = 0x00030000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_USER_NOTIF = 0x7FC00000
+SECCOMP_RET_TRACE = 0x7FF00000
+SECCOMP_RET_LOG = 0x7FFC0000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_DATA = 0x0000FFFF
+# Short names.
+RET_KILL_PROCESS, RET_TRAP, RET_ERRNO = SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_TRAP, SECCOMP_RET_ERRNO
+RET_USER_NOTIF, RET_ALLOW = SECCOMP_RET_USER_NOTIF, SECCOMP_RET_ALLOW
 
-OFF_NR, OFF_ARCH = 0, 4
+# struct seccomp_data { int nr; __u32 arch; __u64 instruction_pointer; __u64 args[6]; }
+OFF_NR = 0
+OFF_ARCH = 4
+OFF_IP = 8
+OFF_ARGS = 16
 
 
-def OFF_ARG(i: int) -> int:
-    return 16 + 8 * i  # low 32 bits (little endian)
+def arg_lo(i: int) -> int:
+    """Offset of the low 32 bits of argument ``i`` (args are native-endian u64)."""
+    return OFF_ARGS + 8 * i + (4 if sys.byteorder == "big" else 0)
 
 
-CLONE_NS_FLAGS = (0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
-                  | 0x00000080)  # NEWNS NEWCGROUP NEWUTS NEWIPC NEWUSER NEWPID NEWNET NEWTIME
-TIOCSTI, TIOCLINUX = 0x5412, 0x541C
-AF_INET, AF_INET6 = 2, 10
-SOCK_DGRAM, SOCK_RAW, SOCK_TYPE_MASK = 2, 3, 0xF
+CLONE_NEWTIME = 0x00000080
+CLONE_NEWNS = 0x00020000
+CLONE_NEWCGROUP = 0x02000000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_NAMESPACE_FLAGS = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
+                         | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWTIME)
+TIOCSTI = 0x5412
+TIOCLINUX = 0x541C
+AF_INET = 2
+AF_INET6 = 10
+SOCK_DGRAM = 2
+SOCK_RAW = 3
+SOCK_TYPE_MASK = 0xF
 PR_SET_DUMPABLE = 4
 
-# What sandlock's own child needs between installing the filter and execve (allowlist mode adds these).
-ALLOWLIST_BASELINE = ("read", "write", "close", "close_range", "sendmsg", "getpid", "execve", "execveat",
-                      "exit", "exit_group", "prlimit64", "setrlimit", "rt_sigreturn")
+# What sandlock's own C child does between seccomp() and execve() (csrc/native.c, sl_confine + exec):
+# read/write on the hand-off socket (and write for the error report), sendmsg for the listener (SCM_RIGHTS),
+# getpid for the pid in the hand-off message, close/close_range for fds, setrlimit (glibc: prlimit64) for
+# RLIMIT_NOFILE, execve (execveat for fexecve-style callers), exit/exit_group on failure, rt_sigreturn
+# should a signal handler run meanwhile. Nothing the *program* needs after execve is here: allowlist users
+# list that themselves. ``allowlist_numbers`` adds these; ``build_filter`` does not.
+ALLOWLIST_BASELINE: tuple[str, ...] = (
+    "read", "write", "close", "close_range", "sendmsg", "getpid", "execve", "execveat",
+    "exit", "exit_group", "prlimit64", "setrlimit", "rt_sigreturn",
+)
 
 
 @dataclass(frozen=True)
 class FilterSpec:
+    """What the filter decides, in syscall numbers of ``arch``. Hashable: ``build_filter`` caches on it."""
     arch: str
-    notify: frozenset = frozenset()
-    deny: frozenset = frozenset()
-    allow_only: frozenset | None = None
+    notify: frozenset[int] = frozenset()
+    deny: frozenset[int] = frozenset()               # -> EPERM
+    allow_only: frozenset[int] | None = None         # allowlist mode when not None
     deny_clone_namespaces: bool = True
     clone3_enosys: bool = True
     deny_tty_inject: bool = True
     no_raw_sockets: bool = True
     no_udp: bool = False
     deny_set_dumpable: bool = True
-    errno_actions: tuple = ()
+    errno_actions: tuple[tuple[int, int], ...] = ()  # (nr, errno), checked before notify/deny
+
+    def __post_init__(self):
+        # Accept any iterable of ints for the sets (callers pass sets); keep the object hashable.
+        for field in ("notify", "deny"):
+            v = getattr(self, field)
+            if not isinstance(v, frozenset):
+                object.__setattr__(self, field, frozenset(v))
+        if self.allow_only is not None and not isinstance(self.allow_only, frozenset):
+            object.__setattr__(self, "allow_only", frozenset(self.allow_only))
+        if not isinstance(self.errno_actions, tuple):
+            object.__setattr__(self, "errno_actions", tuple(tuple(p) for p in self.errno_actions))
 
 
-def allowlist_numbers(names, arch: str | None = None) -> frozenset:
-    nums = syscalls.resolve_names(names, "allow_syscalls", arch)
-    nums |= {n for n in (syscalls.number(s, arch) for s in ALLOWLIST_BASELINE) if n is not None}
-    return frozenset(nums)
-
-
-def deny_only_spec(arch: str | None = None, deny=None, **kw) -> FilterSpec:
+def allowlist_numbers(names: Iterable[str], arch: str | None = None) -> frozenset[int]:
+    """The user's allowlist (``PolicyError`` for unknown names) plus ``ALLOWLIST_BASELINE``."""
     arch = arch or syscalls.native_arch()
+    return frozenset(syscalls.resolve_names(names, "allow_syscalls", arch)) | syscalls.numbers(
+        ALLOWLIST_BASELINE, arch)
+
+
+def deny_only_spec(*, arch: str | None = None, deny: Iterable[int | str] | None = None, **options) -> FilterSpec:
+    """A spec for ``confine()``-style use, without a supervisor: ``deny`` (numbers or names; default
+    ``DEFAULT_BLOCKLIST``) plus the argument filters; ``options`` are the other ``FilterSpec`` fields."""
+    arch = arch or syscalls.native_arch()
+    if "notify" in options:
+        raise TypeError("deny_only_spec() has no notify set (there is no supervisor)")
     if deny is None:
-        deny = frozenset(n for n in (syscalls.number(s, arch) for s in syscalls.DEFAULT_BLOCKLIST) if n is not None)
-    return FilterSpec(arch=arch, deny=frozenset(deny), **kw)
+        nrs = syscalls.numbers(syscalls.DEFAULT_BLOCKLIST, arch)
+    else:
+        deny = list(deny)
+        names = [d for d in deny if isinstance(d, str)]
+        nrs = frozenset(d for d in deny if not isinstance(d, str)) | syscalls.resolve_names(
+            names, "deny_syscalls", arch)
+    return FilterSpec(arch=arch, deny=frozenset(nrs), **options)
 
 
-def _group(p: bpf.Program, nrs, action: int, tag: str, chunk: int = 200) -> None:
-    """jeq nr -> return action, for every nr; chunked so each jump stays under 256."""
+def _errno(e: int) -> int:
+    if not 0 < e <= SECCOMP_RET_DATA:
+        raise ValueError(f"errno {e} out of range")
+    return SECCOMP_RET_ERRNO | e
+
+
+def _describe(nrs, arch: str) -> str:
+    return ", ".join(sorted(syscalls.name_of(n, arch) or str(n) for n in nrs))
+
+
+# A run of "jeq nr -> shared ret" gets its own ret every CHUNK entries, so no conditional jump needs a
+# trampoline (the assembler would insert one, but that doubles the size of a long list).
+CHUNK = 200
+
+
+def _dispatch(p: bpf.Program, nrs: Iterable[int], action: int) -> None:
+    """nr in ``nrs`` -> return ``action``; otherwise fall through. A == nr on entry and on exit."""
     nrs = sorted(nrs)
-    for c in range(0, len(nrs), chunk):
-        part = nrs[c:c + chunk]
-        hit, skip = f"{tag}_hit{c}", f"{tag}_skip{c}"
-        for nr in part:
-            p.jump_if(bpf.JMP_JEQ_K, nr, hit, None)
-        p.ja(skip)
+    for start in range(0, len(nrs), CHUNK):
+        part = nrs[start:start + CHUNK]
+        hit, miss = p.new_label("hit"), p.new_label("miss")
+        for nr in part[:-1]:
+            p.jeq(nr, jt=hit)
+        p.jeq(part[-1], jt=hit, jf=miss)
         p.label(hit)
         p.ret(action)
-        p.label(skip)
+        p.label(miss)
 
 
-@functools.lru_cache(maxsize=64)
+def _check_spec(spec: FilterSpec) -> None:
+    if spec.arch not in syscalls.AUDIT_ARCH:
+        raise ValueError(f"no seccomp filter for architecture {spec.arch!r} "
+                         f"(supported: {', '.join(syscalls.AUDIT_ARCH)})")
+    for field in ("notify", "deny", "allow_only"):
+        for nr in getattr(spec, field) or ():
+            if not isinstance(nr, int) or not 0 <= nr < syscalls.X32_SYSCALL_BIT:
+                raise ValueError(f"FilterSpec.{field}: {nr!r} is not a syscall number")
+    both = spec.notify & spec.deny
+    if both:
+        raise ValueError(f"syscalls both notified and denied: {_describe(both, spec.arch)} "
+                         "(drop the handlers of denied syscalls)")
+    seen: dict[int, int] = {}
+    for nr, e in spec.errno_actions:
+        _errno(e)
+        if seen.setdefault(nr, e) != e:
+            raise ValueError(f"errno_actions: syscall {_describe([nr], spec.arch)} given two errnos")
+    both = spec.notify & set(seen)
+    if both:
+        raise ValueError(f"syscalls both notified and in errno_actions: {_describe(both, spec.arch)}")
+
+
+@functools.lru_cache(maxsize=128)
 def build_filter(spec: FilterSpec) -> bytes:
-    if spec.notify & spec.deny:
-        names = sorted(syscalls.name_of(n, spec.arch) or str(n) for n in spec.notify & spec.deny)
-        raise ValueError(f"syscalls both notified and denied: {names}")
-    nr = functools.partial(syscalls.number, arch=spec.arch)
+    """The assembled program (``struct sock_filter[]`` bytes) for ``spec``; see the module docstring."""
+    _check_spec(spec)
+    arch = spec.arch
+    nr_of = syscalls.table(arch).get
+    eperm = _errno(errno.EPERM)
     p = bpf.Program()
-    p.load(OFF_ARCH)
-    p.jump_if(bpf.JMP_JEQ_K, syscalls.AUDIT_ARCH[spec.arch], None, "kill")
-    p.load(OFF_NR)
-    if spec.arch == "x86_64":
-        p.jump_if(bpf.JMP_JGE_K, syscalls.X32_SYSCALL_BIT, "kill", None)
-    eperm = RET_ERRNO | errno.EPERM
+    kill = "kill"
+
+    p.ld_abs(OFF_ARCH)
+    p.jeq(syscalls.AUDIT_ARCH[arch], jf=kill)
+    p.ld_abs(OFF_NR)
+    if arch == "x86_64":
+        # x32 numbers carry bit 30; let nr == -1 through (the kernel answers ENOSYS; tracers use it).
+        native = p.new_label("native")
+        p.jge(syscalls.X32_SYSCALL_BIT, jf=native)
+        p.jeq(0xFFFFFFFF, jf=kill)
+        p.label(native)
 
     def arg_block(name: str, body) -> None:
-        n = nr(name)
-        if n is None:
+        """if nr == name: body (which returns or falls through); A = nr again afterwards."""
+        nr = nr_of(name)
+        if nr is None:
             return
-        end = f"end_{name}"
-        p.jump_if(bpf.JMP_JEQ_K, n, None, end)
+        skip = p.new_label(f"not_{name}")
+        p.jeq(nr, jf=skip)
         body()
-        p.load(OFF_NR)
-        p.label(end)
+        p.ld_abs(OFF_NR)
+        p.label(skip)
 
     if spec.deny_clone_namespaces:
-        def clone_body():
-            p.load(OFF_ARG(0))
-            p.jump_if(bpf.JMP_JSET_K, CLONE_NS_FLAGS, None, "clone_ok")
+        def clone_ns():
+            ok = p.new_label("clone_ok")
+            p.ld_abs(arg_lo(0))
+            p.jset(CLONE_NAMESPACE_FLAGS, jf=ok)
             p.ret(eperm)
-            p.label("clone_ok")
-        arg_block("clone", clone_body)
-    if spec.clone3_enosys and nr("clone3") is not None:
-        # clone3 keeps its flags in memory BPF cannot read; ENOSYS makes libc fall back to clone(2).
-        p.jump_if(bpf.JMP_JEQ_K, nr("clone3"), None, "clone3_end")
-        p.ret(RET_ERRNO | errno.ENOSYS)
-        p.label("clone3_end")
+            p.label(ok)
+        arg_block("clone", clone_ns)
+
+    if spec.clone3_enosys and nr_of("clone3") is not None:
+        after = p.new_label("not_clone3")
+        p.jeq(nr_of("clone3"), jf=after)
+        p.ret(_errno(errno.ENOSYS))
+        p.label(after)
+
     if spec.deny_tty_inject:
-        def ioctl_body():
-            p.load(OFF_ARG(1))
-            p.jump_if(bpf.JMP_JEQ_K, TIOCSTI, "ioctl_deny", None)
-            p.jump_if(bpf.JMP_JEQ_K, TIOCLINUX, "ioctl_deny", "ioctl_ok")
-            p.label("ioctl_deny")
+        def tty_inject():
+            deny, ok = p.new_label("ioctl_deny"), p.new_label("ioctl_ok")
+            p.ld_abs(arg_lo(1))  # cmd is an unsigned int: the high half is ignored by the kernel
+            p.jeq(TIOCSTI, jt=deny)
+            p.jeq(TIOCLINUX, jf=ok)
+            p.label(deny)
             p.ret(eperm)
-            p.label("ioctl_ok")
-        arg_block("ioctl", ioctl_body)
+            p.label(ok)
+        arg_block("ioctl", tty_inject)
+
     if spec.no_raw_sockets or spec.no_udp:
-        def socket_body():
-            p.load(OFF_ARG(0))
-            p.jump_if(bpf.JMP_JEQ_K, AF_INET, "sock_ip", None)
-            p.jump_if(bpf.JMP_JEQ_K, AF_INET6, "sock_ip", "sock_ok")
-            p.label("sock_ip")
-            p.load(OFF_ARG(1))
-            p.and_(SOCK_TYPE_MASK)
-            if spec.no_raw_sockets:
-                p.jump_if(bpf.JMP_JEQ_K, SOCK_RAW, "sock_deny", None)
-            if spec.no_udp:
-                p.jump_if(bpf.JMP_JEQ_K, SOCK_DGRAM, "sock_deny", None)
-            p.ja("sock_ok")
-            p.label("sock_deny")
+        def inet_types():
+            inet, deny, ok = p.new_label("inet"), p.new_label("sock_deny"), p.new_label("sock_ok")
+            p.ld_abs(arg_lo(0))
+            p.jeq(AF_INET, jt=inet)
+            p.jeq(AF_INET6, jf=ok)
+            p.label(inet)
+            p.ld_abs(arg_lo(1))
+            p.alu_and(SOCK_TYPE_MASK)   # strip SOCK_NONBLOCK / SOCK_CLOEXEC
+            bad = ([SOCK_RAW] if spec.no_raw_sockets else []) + ([SOCK_DGRAM] if spec.no_udp else [])
+            for t in bad[:-1]:
+                p.jeq(t, jt=deny)
+            p.jeq(bad[-1], jf=ok)
+            p.label(deny)
             p.ret(eperm)
-            p.label("sock_ok")
-        arg_block("socket", socket_body)
+            p.label(ok)
+        arg_block("socket", inet_types)
+
     if spec.deny_set_dumpable:
-        def prctl_body():
-            p.load(OFF_ARG(0))
-            p.jump_if(bpf.JMP_JEQ_K, PR_SET_DUMPABLE, None, "prctl_ok")
+        def dumpable():
+            ok = p.new_label("prctl_ok")
+            p.ld_abs(arg_lo(0))
+            p.jeq(PR_SET_DUMPABLE, jf=ok)
             p.ret(eperm)
-            p.label("prctl_ok")
-        arg_block("prctl", prctl_body)
-    for i, (n, err) in enumerate(spec.errno_actions):
-        p.jump_if(bpf.JMP_JEQ_K, n, None, f"errno_end{i}")
-        p.ret(RET_ERRNO | err)
-        p.label(f"errno_end{i}")
-    _group(p, spec.notify, RET_USER_NOTIF, "notify")
-    if spec.allow_only is not None:
-        _group(p, spec.allow_only - spec.notify, RET_ALLOW, "allow")
-        p.ret(eperm)
+            p.label(ok)
+        arg_block("prctl", dumpable)
+
+    for nr, e in dict(spec.errno_actions).items():
+        after = p.new_label("errno_next")
+        p.jeq(nr, jf=after)
+        p.ret(_errno(e))
+        p.label(after)
+
+    if spec.notify:
+        _dispatch(p, spec.notify, SECCOMP_RET_USER_NOTIF)
+    if spec.allow_only is None:
+        if spec.deny:
+            _dispatch(p, spec.deny, eperm)
+        p.ret(SECCOMP_RET_ALLOW)
     else:
-        _group(p, spec.deny, eperm, "deny")
-        p.ret(RET_ALLOW)
-    p.label("kill")
-    p.ret(RET_KILL_PROCESS)
+        allowed = spec.allow_only - spec.notify - spec.deny  # deny beats allow; notified ones went above
+        if allowed:
+            _dispatch(p, allowed, SECCOMP_RET_ALLOW)
+        p.ret(eperm)
+
+    p.label(kill)
+    p.ret(SECCOMP_RET_KILL_PROCESS)
     return p.assemble()

@@ -1,56 +1,135 @@
-"""Generate sandlock_core/_syscall_table.py from libseccomp (the numbers are libseccomp's, not ours).
+#!/usr/bin/env python3
+"""Regenerate ``sandlock_core/_syscall_table.py``: syscall name -> number for x86_64 and aarch64.
 
-Names come from the kernel uapi headers (x86_64 and asm-generic); numbers for each architecture from
-libseccomp's resolver, so aarch64 is right even when generated on x86_64. Rerun when headers or
-libseccomp gain syscalls: python3 tools/gen_syscalls.py
+Where the numbers come from: libseccomp's own per-architecture tables, asked through
+``seccomp_syscall_resolve_name_arch(arch_token, name)``. That resolver answers for any architecture on
+any host, so the aarch64 table is right although this runs on x86_64. Nothing here is typed in by hand
+except the list of *names* to ask about:
+
+* every ``__NR_<name>`` in the x86_64 uapi header and in ``asm-generic/unistd.h`` (aarch64 uses the
+  generic table), and
+* ``NEWER`` below: syscalls newer than the installed headers. They are kept only where libseccomp knows
+  them; the run prints the ones it does not, so nobody mistakes a missing name for a typo.
+
+libseccomp answers a negative pseudo number (or __NR_SCMP_ERROR, -1) for a name an architecture lacks
+(``mmap2`` on x86_64, ``open`` on aarch64): such names are left out of that architecture's table.
+
+Usage: ``python3 tools/gen_syscalls.py [--check]``. ``--check`` exits 1 when the committed module differs
+from what would be generated (for CI), without writing.
 """
+from __future__ import annotations
+
+import argparse
 import ctypes
 import ctypes.util
 import os
 import re
+import sys
 
-ARCHES = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
-HEADERS = ["/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "/usr/include/asm-generic/unistd.h"]
-EXTRA = ["clone3", "close_range", "openat2", "pidfd_getfd", "faccessat2", "process_madvise", "epoll_pwait2",
-         "mount_setattr", "landlock_create_ruleset", "landlock_add_rule", "landlock_restrict_self",
-         "memfd_secret", "process_mrelease", "futex_waitv", "set_mempolicy_home_node", "cachestat", "fchmodat2",
-         "map_shadow_stack", "futex_wake", "futex_wait", "futex_requeue", "statmount", "listmount",
-         "lsm_get_self_attr", "lsm_set_self_attr", "lsm_list_modules", "mseal", "setxattrat", "getxattrat",
-         "listxattrat", "removexattrat", "open_tree_attr", "uretprobe"]
+# seccomp.h: SCMP_ARCH_* equal the kernel's AUDIT_ARCH_* values.
+ARCH_TOKENS = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+
+HEADERS = (
+    "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+    "/usr/include/asm-generic/unistd.h",
+)
+
+# Syscalls added after Linux 6.1 (the headers here may stop earlier). Kept only if libseccomp knows them.
+NEWER = (
+    "cachestat", "fchmodat2", "map_shadow_stack", "futex_wake", "futex_wait", "futex_requeue",
+    "statmount", "listmount", "lsm_get_self_attr", "lsm_set_self_attr", "lsm_list_modules", "mseal",
+    "setxattrat", "getxattrat", "listxattrat", "removexattrat", "open_tree_attr", "uretprobe",
+    "file_getattr", "file_setattr",
+)
+
+# Header macros that look like syscalls but are not.
+NOT_SYSCALLS = {"syscalls", "arch_specific_syscall"}
+
+_DEFINE = re.compile(r"^\s*#\s*define\s+__NR_([a-z0-9_]+)\b", re.MULTILINE)
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "sandlock_core", "_syscall_table.py")
 
 
-def names() -> list[str]:
-    out = set(EXTRA)
-    for h in HEADERS:
-        if os.path.exists(h):
-            out.update(re.findall(r"#define __NR3?2?_([a-z0-9_]+)\s", open(h).read()))
-    out.discard("syscalls")
-    out.discard("arch_specific_syscall")
-    return sorted(out)
+def header_names() -> set[str]:
+    names: set[str] = set()
+    for path in HEADERS:
+        if not os.path.exists(path):
+            sys.exit(f"gen_syscalls: {path} is missing (install linux-libc-dev)")
+        with open(path) as f:
+            names.update(_DEFINE.findall(f.read()))
+    return names - NOT_SYSCALLS
 
 
-def main():
-    lib = ctypes.CDLL(ctypes.util.find_library("seccomp") or "libseccomp.so.2")
+def load_libseccomp():
+    path = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
+    lib = ctypes.CDLL(path)
     lib.seccomp_syscall_resolve_name_arch.argtypes = [ctypes.c_uint32, ctypes.c_char_p]
+    lib.seccomp_syscall_resolve_name_arch.restype = ctypes.c_int
+    lib.seccomp_version.restype = ctypes.POINTER(ctypes.c_uint * 3)
+    version = ".".join(map(str, lib.seccomp_version().contents))
+    return lib, version
+
+
+def build_tables(lib, names) -> dict[str, dict[str, int]]:
     tables = {}
-    for arch, token in ARCHES.items():
-        t = {}
-        for n in names():
-            nr = lib.seccomp_syscall_resolve_name_arch(token, n.encode())
+    for arch, token in ARCH_TOKENS.items():
+        found = {}
+        for name in sorted(names):
+            nr = lib.seccomp_syscall_resolve_name_arch(token, name.encode())
             if nr >= 0:
-                t[n] = nr
-        tables[arch] = dict(sorted(t.items(), key=lambda kv: kv[1]))
-    path = os.path.join(os.path.dirname(__file__), "..", "sandlock_core", "_syscall_table.py")
-    with open(path, "w") as f:
-        f.write('"""Generated by tools/gen_syscalls.py from libseccomp: do not edit."""\n\nTABLES = {\n')
-        for arch, t in tables.items():
-            f.write(f"    {arch!r}: {{\n")
-            for n, nr in t.items():
-                f.write(f"        {n!r}: {nr},\n")
-            f.write("    },\n")
-        f.write("}\n")
-    print({a: len(t) for a, t in tables.items()})
+                found[name] = nr
+        # Sanity: one number per name and no two names on one number.
+        by_nr: dict[int, str] = {}
+        for name, nr in found.items():
+            if nr in by_nr:
+                sys.exit(f"gen_syscalls: {arch}: {by_nr[nr]} and {name} both resolve to {nr}")
+            by_nr[nr] = name
+        tables[arch] = dict(sorted(found.items(), key=lambda kv: kv[1]))
+    return tables
+
+
+def render(tables, version: str) -> str:
+    lines = [
+        '"""Syscall numbers per architecture. GENERATED by tools/gen_syscalls.py from libseccomp '
+        f'{version}: do not edit."""',
+        "",
+        "TABLES: dict[str, dict[str, int]] = {",
+    ]
+    for arch, table in tables.items():
+        lines.append(f"    {arch!r}: {{")
+        lines.extend(f"        {name!r}: {nr}," for name, nr in table.items())
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--check", action="store_true", help="compare with the committed module, do not write")
+    ap.add_argument("--output", default=OUT)
+    args = ap.parse_args(argv)
+    lib, version = load_libseccomp()
+    names = header_names() | set(NEWER)
+    tables = build_tables(lib, names)
+    text = render(tables, version)
+    unknown = sorted(n for n in NEWER if all(n not in t for t in tables.values()))
+    if unknown:
+        print(f"libseccomp {version} does not know (left out): {', '.join(unknown)}", file=sys.stderr)
+    if args.check:
+        try:
+            with open(args.output) as f:
+                current = f.read()
+        except FileNotFoundError:
+            current = ""
+        if current != text:
+            print(f"{args.output} is out of date: run tools/gen_syscalls.py", file=sys.stderr)
+            return 1
+        return 0
+    with open(args.output, "w") as f:
+        f.write(text)
+    print(", ".join(f"{arch}: {len(t)} syscalls" for arch, t in tables.items()))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
