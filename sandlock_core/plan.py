@@ -18,6 +18,8 @@ from .policy import FsIsolation, Policy
 # (predicate, module) for every supervisor mechanism; the module's install(builder) registers handlers.
 MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
     (lambda p: p.net_allow_hosts is not None or p.port_remap, "network"),
+    (lambda p: (p.time_start is not None or p.random_seed is not None or p.deterministic_dirs
+                or p.hostname is not None), "deterministic"),
     (lambda p: bool(p.fs_denied), "fsdeny"),
 ]
 
@@ -26,11 +28,6 @@ MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
 UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
     ("max_memory", lambda p: p.max_memory is not None),
     ("max_cpu", lambda p: p.max_cpu is not None),
-    ("time_start", lambda p: p.time_start is not None),
-    ("time_freeze", lambda p: p.time_freeze),
-    ("random_seed", lambda p: p.random_seed is not None),
-    ("deterministic_dirs", lambda p: p.deterministic_dirs),
-    ("hostname", lambda p: p.hostname is not None),
     ("num_cpus", lambda p: p.num_cpus is not None),
     ("isolate_pids", lambda p: p.isolate_pids),
     ("workdir", lambda p: p.workdir is not None),

@@ -1,0 +1,789 @@
+"""Deterministic execution: the sandbox clock, seeded randomness, sorted listings, a fixed host name.
+
+Works on every process of the sandbox, in any language, through the kernel interface and the vDSO (no
+patching of an interpreter). Which syscalls are notified depends only on the active policy fields.
+
+Time (``time_start``, ``time_freeze``)
+    *Sandbox clock*: CLOCK_REALTIME as the sandbox sees it is ``real + offset`` with ``offset = time_start -
+    real_now`` taken when the run starts (nanoseconds), or exactly ``time_start`` when frozen. Monotonic,
+    boot-time and CPU clocks are never touched (they stay monotonic); ``/proc/uptime`` is boot-time based
+    and stays real.
+
+    * vDSO: ``clock_gettime``/``gettimeofday``/``time`` are patched in each process's own vDSO
+      (``vdso.py``): reads cost no supervisor round trip. The root of a run and the confined test body are
+      patched before they are released; after every ``execve`` the new image is patched when it first calls
+      ``arch_prctl`` (every x86_64 libc, Go and static glibc set their TLS with it before ``main``). Limit:
+      a program that reads the vDSO clock before any ``arch_prctl`` (hand-written start-up code, nolibc)
+      sees real time from the vDSO; its raw syscalls are still virtualized.
+    * raw ``clock_gettime`` (realtime clocks), ``gettimeofday``, ``time``: answered by the supervisor.
+    * ``clock_nanosleep`` with ``TIMER_ABSTIME`` on a realtime clock: the sleep is done by a worker until
+      the sandbox clock reaches the target (a frozen clock counts from the call). Non-fatal signals are
+      delivered when it ends. ``timerfd_settime`` with ``TFD_TIMER_ABSTIME`` on a realtime timerfd: done on
+      behalf on the same timer. ``timer_settime`` with ``TIMER_ABSTIME`` on a realtime timer: the target in
+      the caller's ``itimerspec`` is rewritten to real time before the kernel reads it (the caller's copy
+      keeps the rewritten value). Relative sleeps (``sleep 1``, ``nanosleep``) are untouched: they take
+      real time.
+    * ``utimensat``/``futimens`` with ``UTIME_NOW`` or NULL times set the sandbox clock's "now" (done on
+      behalf, checked against the caller's uid like the kernel's UTIME_NOW rule).
+    * The times the kernel stamps by itself (a write's mtime, a creation's ctime) are real. With
+      ``normalize_mtime`` the stat family (``stat``, ``lstat``, ``fstat``, ``newfstatat``, ``statx``) is
+      answered on behalf and any timestamp at or after the run's real start is shown on the sandbox clock
+      (frozen: exactly ``time_start``), so archives built in the sandbox (zip, wheel, tar) carry sandbox
+      times. The files on disk keep their real times.
+
+Randomness (``random_seed``)
+    Every process gets its own streams, derived from the seed and the process's *lineage*: the root is
+    ``r``; the k-th child of a process (k counted from 0, in the order the supervisor first meets children
+    of that parent) is ``<parent>.k``. Stream bytes: ``BLAKE2b-512(key=seed as 8 bytes little-endian,
+    data=lineage + b"\\0" + purpose + b"\\0" + counter as 8 bytes little-endian)`` for counter 0, 1, 2, ...
+    concatenated; purpose is ``getrandom`` for ``getrandom(2)`` and ``urandom:<i>`` for the i-th open of
+    ``/dev/urandom``/``/dev/random`` in that process. What is deterministic: everything a process reads, as
+    long as its siblings do not race to their first random read (sequential build steps, a shell running
+    commands one after the other, a single process) and its threads do not race each other. The vDSO
+    ``getrandom`` (glibc 2.41+) is made to report ENOSYS so libc uses the syscall. ``/dev/urandom`` opens
+    get a pipe fed from the stream by one feeder thread (endless, unlike a file; ``fstat`` shows a FIFO).
+    ``/proc/sys/kernel/random/uuid`` gives a UUID4 from the stream.
+
+Listings (``deterministic_dirs``): ``getdents64`` is answered on behalf with the whole directory sorted by
+    name bytes, served in chunks as the caller's buffer allows; the directory offset is the index into the
+    sorted list, so ``rewinddir``/``seekdir``/``telldir`` keep working. A listing is read afresh when a
+    reader starts at offset 0.
+
+Host name (``hostname``): ``uname`` is answered with the node name replaced; ``/etc/hostname`` and
+    ``/proc/sys/kernel/hostname`` read the name.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import select
+import stat as _stat
+import struct
+import threading
+import time
+
+from . import syscalls
+from .notif import DEFERRED, Errno, InjectFd, Value, s32
+
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_SYMLINK_NOFOLLOW = 0x100
+TIMER_ABSTIME = 1
+REALTIME_CLOCKS = (0, 5, 8)  # CLOCK_REALTIME, CLOCK_REALTIME_COARSE, CLOCK_REALTIME_ALARM
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+GETRANDOM_MAX = 1 << 20
+NS = 10**9
+
+
+# ---------------------------------------------------------------- raw syscalls on our side
+def _raw(name: str, *args) -> int:
+    from ._native import lib
+    a = list(args) + [0] * (6 - len(args))
+    return lib.sl_raw_syscall6(syscalls.number(name), *a)
+
+
+def _tgid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return pid
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return int(data[data.rindex(b")") + 2:].split()[1])
+
+
+# ---------------------------------------------------------------- the sandbox clock
+class Clock:
+    def __init__(self, start_s: float, freeze: bool):
+        self.start_ns = int(round(start_s * NS))
+        self.freeze = freeze
+        self.offset_ns = 0
+        self.run_start_real_ns = 0
+
+    def begin(self) -> None:
+        """Per run: the offset from the real clock, and the real instant the run started."""
+        self.run_start_real_ns = time.time_ns()
+        self.offset_ns = self.start_ns - self.run_start_real_ns
+
+    def now_ns(self) -> int:
+        return self.start_ns if self.freeze else time.time_ns() + self.offset_ns
+
+    def real_of(self, virtual_ns: int) -> int:
+        """The real instant at which the sandbox clock shows ``virtual_ns`` (frozen: counted from now)."""
+        if self.freeze:
+            return time.time_ns() + (virtual_ns - self.start_ns)
+        return virtual_ns - self.offset_ns
+
+    def view(self, real_ns: int) -> int:
+        """A kernel-stamped time as the sandbox shows it (normalize_mtime)."""
+        if real_ns < self.run_start_real_ns - NS:  # older than the run (1 s slack: coarse fs clocks)
+            return real_ns
+        return self.start_ns if self.freeze else real_ns + self.offset_ns
+
+
+# ---------------------------------------------------------------- seeded streams
+class Stream:
+    __slots__ = ("_key", "_prefix", "_counter", "_buf")
+
+    def __init__(self, seed: int, lineage: str, purpose: str):
+        self._key = seed.to_bytes(8, "little")
+        self._prefix = lineage.encode() + b"\0" + purpose.encode() + b"\0"
+        self._counter = 0
+        self._buf = b""
+
+    def read(self, n: int) -> bytes:
+        if len(self._buf) < n:
+            parts = [self._buf]
+            have = len(self._buf)
+            key, prefix, c = self._key, self._prefix, self._counter
+            while have < n:
+                block = hashlib.blake2b(prefix + c.to_bytes(8, "little"), key=key, digest_size=64).digest()
+                parts.append(block)
+                have += 64
+                c += 1
+            self._counter = c
+            self._buf = b"".join(parts)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+
+class Lineage:
+    """Stable names for processes: ``r`` for the root, ``<parent>.<k>`` for the k-th child met."""
+
+    def __init__(self):
+        self.names: dict[int, str] = {}
+        self.children: dict[str, int] = {}
+        self.root = 0
+        self.lock = threading.Lock()
+
+    def name(self, tgid: int) -> str:
+        with self.lock:
+            return self._name(tgid, 0)
+
+    def _name(self, tgid: int, depth: int) -> str:
+        got = self.names.get(tgid)
+        if got is not None:
+            return got
+        if tgid == self.root or depth > 64:
+            name = "r" if tgid == self.root else f"?{tgid}"
+        else:
+            try:
+                parent = _ppid(tgid)
+            except (OSError, ValueError):
+                parent = 0
+            if parent <= 1:
+                base = "?"
+            else:
+                base = self._name(parent, depth + 1)
+            k = self.children.get(base, 0)
+            self.children[base] = k + 1
+            name = f"{base}.{k}"
+        self.names[tgid] = name
+        return name
+
+
+class Feeder:
+    """One thread that keeps every /dev/urandom pipe of the sandbox full from its stream."""
+
+    CHUNK = 65536
+
+    def __init__(self):
+        self._pipes: dict[int, Stream] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, name="sandlock-urandom", daemon=True)
+        self._thread.start()
+
+    def add(self, stream: Stream) -> int:
+        """A read end to give the child; the write end is ours."""
+        r, w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(w, False)
+        with self._lock:
+            self._pipes[w] = stream
+        os.write(self._wake_w, b"x")
+        return r
+
+    def _main(self):
+        pending: dict[int, bytes] = {}
+        while True:
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            with self._lock:
+                if self._closed:
+                    break
+                fds = list(self._pipes)
+            for w in fds:
+                poller.register(w, select.POLLOUT)
+            for fd, ev in poller.poll():
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                if ev & (select.POLLERR | select.POLLHUP):
+                    self._drop(fd, pending)
+                    continue
+                data = pending.pop(fd, None)
+                if data is None:
+                    data = self._pipes[fd].read(self.CHUNK)
+                try:
+                    n = os.write(fd, data)
+                except BlockingIOError:
+                    n = 0
+                except OSError:
+                    self._drop(fd, pending)
+                    continue
+                if n < len(data):
+                    pending[fd] = data[n:]
+        for w in list(self._pipes):
+            self._drop(w, pending)
+
+    def _drop(self, fd, pending):
+        with self._lock:
+            self._pipes.pop(fd, None)
+        pending.pop(fd, None)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def close(self):
+        with self._lock:
+            self._closed = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join(2)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+# ---------------------------------------------------------------- the mechanism
+class Deterministic:
+    def __init__(self, policy, arch: str):
+        self.policy = policy
+        self.arch = arch
+        self.clock = Clock(policy.time_start, policy.time_freeze) if policy.time_start is not None else None
+        self.seed = policy.random_seed
+        self.hostname = policy.hostname
+        self.normalize = bool(getattr(policy, "normalize_mtime", False)) and self.clock is not None
+        self._reset()
+
+    def _reset(self):
+        self.lineage = Lineage()
+        self.streams: dict[tuple[int, str], Stream] = {}
+        self.opens: dict[int, int] = {}
+        self.feeder: Feeder | None = None
+        self.listings: dict[tuple[int, int], tuple[tuple[int, int], list[bytes]]] = {}
+        self.lock = threading.Lock()
+
+    # ---- per run ----
+    def setup(self, sup) -> None:
+        self._reset()
+        self.lineage.root = sup.root_pid
+        if self.clock is not None:
+            self.clock.begin()
+        sup.on_close(self.close)
+        if sup.root_pid:
+            self._patch(sup, sup.root_pid)  # the confined test body never execs: patch it now
+
+    def close(self) -> None:
+        if self.feeder is not None:
+            self.feeder.close()
+            self.feeder = None
+
+    # ---- vDSO ----
+    def _patch(self, sup, pid: int) -> None:
+        if self.arch != "x86_64":
+            return
+        from . import vdso
+        c = self.clock
+        try:
+            vdso.patch_pid(pid, offset_ns=None if c is None or c.freeze else c.offset_ns,
+                           freeze_ns=c.start_ns if c is not None and c.freeze else None,
+                           disable_getrandom=self.seed is not None)
+        except (OSError, vdso.VdsoError) as exc:
+            if not isinstance(exc, ProcessLookupError) and not (isinstance(exc, OSError)
+                                                                and exc.errno in (errno.ESRCH, errno.ENOENT)):
+                sup.errors.append(f"vDSO patch of pid {pid} failed: {exc}")
+
+    def h_arch_prctl(self, sup, n):
+        self._patch(sup, n.pid)
+        return None
+
+    def _in_vdso(self, n) -> bool:
+        from . import vdso
+        try:
+            rng = vdso.vdso_range(n.pid)
+        except OSError:
+            return False
+        return rng is not None and rng[0] <= n.data.instruction_pointer < rng[1]
+
+    # ---- clocks ----
+    @staticmethod
+    def _put(sup, n, addr: int, data: bytes):
+        try:
+            sup.write_mem(n, addr, data)
+        except OSError:
+            return Errno(errno.EFAULT)
+        return None
+
+    def h_clock_gettime(self, sup, n):
+        clk = s32(n.data.args[0])
+        if clk not in REALTIME_CLOCKS or self._in_vdso(n):
+            return None  # other clocks are real; the vDSO's own fallback is shifted by its hook
+        sec, nsec = divmod(self.clock.now_ns(), NS)
+        return self._put(sup, n, n.data.args[1], struct.pack("<qq", sec, nsec)) or Value(0)
+
+    def h_gettimeofday(self, sup, n):
+        tv, tz = n.data.args[0], n.data.args[1]
+        sec, nsec = divmod(self.clock.now_ns(), NS)
+        if tv:
+            err = self._put(sup, n, tv, struct.pack("<qq", sec, nsec // 1000))
+            if err:
+                return err
+        if tz:
+            err = self._put(sup, n, tz, struct.pack("<ii", 0, 0))
+            if err:
+                return err
+        return Value(0)
+
+    def h_time(self, sup, n):
+        sec = self.clock.now_ns() // NS
+        if n.data.args[0]:
+            err = self._put(sup, n, n.data.args[0], struct.pack("<q", sec))
+            if err:
+                return err
+        return Value(sec)
+
+    def h_clock_nanosleep(self, sup, n):
+        a = n.data.args
+        clk, flags = s32(a[0]), s32(a[1])
+        if not flags & TIMER_ABSTIME or clk not in REALTIME_CLOCKS:
+            return None
+        sec, nsec = struct.unpack("<qq", sup.read_mem(n, a[2], 16))
+        if not 0 <= nsec < NS:
+            return Errno(errno.EINVAL)
+        target = self.clock.real_of(sec * NS + nsec)
+        notif_id, pid = n.id, n.pid
+
+        def wait():
+            while True:
+                left = target - time.time_ns()
+                if left <= 0 or sup.listener < 0 or not sup.id_valid(notif_id):
+                    break
+                time.sleep(min(left / NS, 0.5))
+            sup.respond(notif_id, Value(0), pid)
+
+        threading.Thread(target=wait, name="sandlock-sleep", daemon=True).start()
+        return DEFERRED
+
+    def h_timerfd_settime(self, sup, n):
+        a = n.data.args
+        fd, flags = s32(a[0]), s32(a[1])
+        if not flags & TIMER_ABSTIME:
+            return None
+        clockid = None
+        try:
+            with open(f"/proc/{n.pid}/fdinfo/{fd}", "rb") as f:
+                for line in f:
+                    if line.startswith(b"clockid:"):
+                        clockid = int(line.split()[1])
+        except OSError:
+            return None
+        if clockid not in REALTIME_CLOCKS:
+            return None
+        spec = bytearray(sup.read_mem(n, a[2], 32))
+        isec, insec, vsec, vnsec = struct.unpack("<qqqq", spec)
+        if vsec or vnsec:
+            real = self.clock.real_of(vsec * NS + vnsec)
+            struct.pack_into("<qq", spec, 16, *divmod(max(real, 1), NS))
+        from ._native import ffi
+        new = ffi.new("char[]", bytes(spec))
+        old = ffi.new("char[]", 32)
+        dup = sup.dup_child_fd(n, fd)
+        try:
+            r = _raw("timerfd_settime", dup, flags, ffi.cast("long", new), ffi.cast("long", old) if a[3] else 0)
+        finally:
+            os.close(dup)
+        if r < 0:
+            return Errno(-r)
+        if a[3]:
+            err = self._put(sup, n, a[3], ffi.buffer(old, 32)[:])
+            if err:
+                return err
+        return Value(0)
+
+    def h_timer_settime(self, sup, n):
+        a = n.data.args
+        timerid, flags = s32(a[0]), s32(a[1])
+        if not flags & TIMER_ABSTIME:
+            return None
+        clockid = None
+        try:
+            with open(f"/proc/{_tgid(n.pid)}/timers", "rb") as f:
+                current = None
+                for line in f:
+                    if line.startswith(b"ID:"):
+                        current = int(line.split()[1])
+                    elif line.startswith(b"ClockID:") and current == timerid:
+                        clockid = int(line.split()[1])
+        except OSError:
+            return None
+        if clockid not in REALTIME_CLOCKS:
+            return None
+        vsec, vnsec = struct.unpack("<qq", sup.read_mem(n, a[2] + 16, 16))
+        if vsec or vnsec:
+            real = self.clock.real_of(vsec * NS + vnsec)
+            sup.write_mem(n, a[2] + 16, struct.pack("<qq", *divmod(max(real, 1), NS)))
+        return None  # the kernel reads the rewritten target (see the module docstring)
+
+    # ---- utimensat: UTIME_NOW / NULL follow the sandbox clock ----
+    def h_utimensat(self, sup, n):
+        a = n.data.args
+        dirfd, path_addr, times_addr, flags = s32(a[0]), a[1], a[2], s32(a[3])
+        now = self.clock.now_ns()
+        if times_addr:
+            raw = struct.unpack("<qqqq", sup.read_mem(n, times_addr, 32))
+            pairs = [(raw[0], raw[1]), (raw[2], raw[3])]
+            if all(ns_ != UTIME_NOW for _, ns_ in pairs):
+                return None  # explicit times: the kernel's business
+            explicit = any(ns_ not in (UTIME_NOW, UTIME_OMIT) for _, ns_ in pairs)
+        else:
+            pairs = [(0, UTIME_NOW), (0, UTIME_NOW)]
+            explicit = False
+        if explicit:
+            return None  # a mix with explicit times needs ownership anyway: leave it to the kernel
+        path = sup.read_cstr(n, path_addr) if path_addr else None
+        # the object, looked up as the child would
+        if path is None or path == b"":
+            if path is None and dirfd == AT_FDCWD:
+                return Errno(errno.EFAULT)
+            base = sup.dup_child_fd(n, dirfd) if dirfd != AT_FDCWD else \
+                os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC)
+            target, name = base, None
+        else:
+            if path.startswith(b"/"):
+                base = None
+            elif dirfd == AT_FDCWD:
+                base = os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC)
+            else:
+                base = sup.dup_child_fd(n, dirfd)
+            target, name = base, path
+        try:
+            try:
+                follow = not flags & AT_SYMLINK_NOFOLLOW
+                st = os.stat(name if name is not None else target, dir_fd=target if name is not None else None,
+                             follow_symlinks=follow) if name is not None else os.fstat(target)
+                if not self._may_touch(n.pid, st, dirfd if name is None and dirfd != AT_FDCWD else None):
+                    return Errno(errno.EACCES)
+                times = [(now if ns_ == UTIME_NOW else None) for _, ns_ in pairs]
+                cur = (st.st_atime_ns, st.st_mtime_ns)
+                ns_pair = tuple(t if t is not None else cur[i] for i, t in enumerate(times))
+                if name is not None:
+                    os.utime(name, ns=ns_pair, dir_fd=target, follow_symlinks=follow)
+                else:
+                    os.utime(f"/proc/self/fd/{target}", ns=ns_pair)
+            except OSError as exc:
+                return Errno(exc.errno or errno.EACCES)
+        finally:
+            if base is not None:
+                os.close(base)
+        return Value(0)
+
+    @staticmethod
+    def _may_touch(pid, st, fd) -> bool:
+        """The kernel's rule for setting times to now: owner, write permission, or CAP_FOWNER (root)."""
+        uid, gids = None, set()
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        uid = int(line.split()[2])
+                    elif line.startswith(b"Gid:"):
+                        gids.add(int(line.split()[2]))
+                    elif line.startswith(b"Groups:"):
+                        gids.update(int(g) for g in line.split()[1:])
+        except OSError:
+            return False
+        if uid is None:
+            return False
+        if uid == 0 or uid == st.st_uid:
+            return True
+        if fd is not None:  # futimens: a descriptor opened for writing is enough
+            try:
+                fl = None
+                with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
+                    for line in f:
+                        if line.startswith(b"flags:"):
+                            fl = int(line.split()[1], 8)
+                if fl is not None and fl & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    return True
+            except (OSError, ValueError):
+                pass
+        mode = st.st_mode
+        if st.st_gid in gids:
+            return bool(mode & _stat.S_IWGRP)
+        return bool(mode & _stat.S_IWOTH)
+
+    # ---- normalize_mtime: the stat family on behalf ----
+    def _fix_stat(self, buf: bytearray) -> None:
+        for off in (72, 88, 104):  # st_atim, st_mtim, st_ctim (x86_64 struct stat)
+            sec, nsec = struct.unpack_from("<qq", buf, off)
+            v = self.clock.view(sec * NS + nsec)
+            struct.pack_into("<qq", buf, off, *divmod(v, NS))
+
+    def _fix_statx(self, buf: bytearray) -> None:
+        for off in (0x40, 0x50, 0x60, 0x70):  # stx_atime, btime, ctime, mtime
+            sec, nsec = struct.unpack_from("<qI", buf, off)
+            if sec == 0 and nsec == 0:
+                continue
+            v = self.clock.view(sec * NS + nsec)
+            s_, ns_ = divmod(v, NS)
+            struct.pack_into("<qI", buf, off, s_, ns_)
+
+    def _stat_on_behalf(self, sup, n, syscall, dirfd, path_addr, flags, out_addr, size, fix, mask=None):
+        from ._native import ffi
+        path = sup.read_cstr(n, path_addr) if path_addr else None
+        base = -1
+        if dirfd == AT_FDCWD:
+            if path is None or not path.startswith(b"/"):
+                base = os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC)
+        elif path is None or not path.startswith(b"/"):
+            base = sup.dup_child_fd(n, dirfd)
+        try:
+            cpath = ffi.new("char[]", path) if path is not None else ffi.NULL
+            buf = ffi.new("char[]", size)
+            fd_arg = base if base >= 0 else AT_FDCWD
+            if syscall == "statx":
+                r = _raw("statx", fd_arg, ffi.cast("long", cpath), flags, mask, ffi.cast("long", buf))
+            else:
+                r = _raw("newfstatat", fd_arg, ffi.cast("long", cpath), ffi.cast("long", buf), flags)
+        finally:
+            if base >= 0:
+                os.close(base)
+        if r < 0:
+            return Errno(-r)
+        data = bytearray(ffi.buffer(buf, size))
+        fix(data)
+        return self._put(sup, n, out_addr, bytes(data)) or Value(0)
+
+    def h_newfstatat(self, sup, n):
+        a = n.data.args
+        return self._stat_on_behalf(sup, n, "newfstatat", s32(a[0]), a[1], s32(a[3]), a[2], 144, self._fix_stat)
+
+    def h_stat(self, sup, n):
+        a = n.data.args
+        return self._stat_on_behalf(sup, n, "newfstatat", AT_FDCWD, a[0], 0, a[1], 144, self._fix_stat)
+
+    def h_lstat(self, sup, n):
+        a = n.data.args
+        return self._stat_on_behalf(sup, n, "newfstatat", AT_FDCWD, a[0], AT_SYMLINK_NOFOLLOW, a[1], 144,
+                                    self._fix_stat)
+
+    def h_fstat(self, sup, n):
+        from ._native import ffi
+        a = n.data.args
+        dup = sup.dup_child_fd(n, s32(a[0]))
+        try:
+            buf = ffi.new("char[]", 144)
+            r = _raw("newfstatat", dup, ffi.cast("long", ffi.new("char[]", b"")), ffi.cast("long", buf),
+                     AT_EMPTY_PATH)
+        finally:
+            os.close(dup)
+        if r < 0:
+            return Errno(-r)
+        data = bytearray(ffi.buffer(buf, 144))
+        self._fix_stat(data)
+        return self._put(sup, n, a[1], bytes(data)) or Value(0)
+
+    def h_statx(self, sup, n):
+        a = n.data.args
+        return self._stat_on_behalf(sup, n, "statx", s32(a[0]), a[1], s32(a[2]), a[4], 256, self._fix_statx,
+                                    mask=a[3] & 0xFFFFFFFF)
+
+    # ---- randomness ----
+    def _stream(self, pid: int, purpose: str) -> Stream:
+        tgid = _tgid(pid)
+        key = (tgid, purpose)
+        s = self.streams.get(key)
+        if s is None:
+            s = self.streams[key] = Stream(self.seed, self.lineage.name(tgid), purpose)
+        return s
+
+    def h_getrandom(self, sup, n):
+        a = n.data.args
+        count = min(a[1], GETRANDOM_MAX)
+        if count == 0:
+            return Value(0)
+        data = self._stream(n.pid, "getrandom").read(count)
+        return self._put(sup, n, a[0], data) or Value(count)
+
+    # ---- opens of virtual files ----
+    _TAILS = (b"random", b"hostname", b"uuid")
+
+    def _virtual_open(self, sup, n, dirfd: int, path_index: int, flags: int):
+        path = sup.path_arg(n, path_index)
+        if not path.endswith(self._TAILS) or flags & os.O_ACCMODE != os.O_RDONLY:
+            return None
+        name = sup.resolve(n, dirfd, path)
+        real = os.path.realpath(name)
+        cloexec = bool(flags & os.O_CLOEXEC)
+        if self.seed is not None:
+            if real in ("/dev/urandom", "/dev/random"):
+                tgid = _tgid(n.pid)
+                with self.lock:
+                    i = self.opens.get(tgid, 0)
+                    self.opens[tgid] = i + 1
+                    if self.feeder is None:
+                        self.feeder = Feeder()
+                stream = Stream(self.seed, self.lineage.name(tgid), f"urandom:{i}")
+                fd = self.feeder.add(stream)
+                if flags & os.O_NONBLOCK:
+                    os.set_blocking(fd, False)
+                return InjectFd(fd, cloexec)
+            if real == "/proc/sys/kernel/random/uuid":
+                b = bytearray(self._stream(n.pid, "getrandom").read(16))
+                b[6] = (b[6] & 0x0F) | 0x40
+                b[8] = (b[8] & 0x3F) | 0x80
+                h = b.hex()
+                text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}\n".encode()
+                return InjectFd(sup.memfd_with(text, "uuid"), cloexec)
+        if self.hostname is not None and real in ("/etc/hostname", "/proc/sys/kernel/hostname"):
+            return InjectFd(sup.memfd_with(self.hostname.encode() + b"\n", "hostname"), cloexec)
+        return None
+
+    def h_open(self, sup, n):
+        return self._virtual_open(sup, n, AT_FDCWD, 0, s32(n.data.args[1]))
+
+    def h_openat(self, sup, n):
+        return self._virtual_open(sup, n, s32(n.data.args[0]), 1, s32(n.data.args[2]))
+
+    def h_openat2(self, sup, n):
+        a = n.data.args
+        if a[3] < 8:
+            return None
+        flags = struct.unpack("<Q", sup.read_mem(n, a[2], 8))[0]
+        return self._virtual_open(sup, n, s32(a[0]), 1, s32(flags & 0xFFFFFFFF))
+
+    # ---- uname ----
+    def h_uname(self, sup, n):
+        u = os.uname()
+        fields = (u.sysname, self.hostname, u.release, u.version, u.machine, "(none)")
+        try:
+            with open("/proc/sys/kernel/domainname") as f:
+                fields = fields[:5] + (f.read().strip(),)
+        except OSError:
+            pass
+        data = b"".join(f.encode()[:64].ljust(65, b"\0") for f in fields)
+        return self._put(sup, n, n.data.args[0], data) or Value(0)
+
+    # ---- sorted listings ----
+    def _listing(self, dup: int) -> list[tuple[int, int, bytes]]:
+        from ._native import ffi
+        fd = os.open(f"/proc/self/fd/{dup}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        entries = []
+        try:
+            buf = ffi.new("char[]", 65536)
+            while True:
+                r = _raw("getdents64", fd, ffi.cast("long", buf), 65536)
+                if r < 0:
+                    raise OSError(-r, os.strerror(-r))
+                if r == 0:
+                    break
+                data = ffi.buffer(buf, r)[:]
+                off = 0
+                while off < r:
+                    ino, _doff, reclen, dtype = struct.unpack_from("<QqHB", data, off)
+                    name = data[off + 19:off + reclen].split(b"\0", 1)[0]
+                    entries.append((ino, dtype, name))
+                    off += reclen
+        finally:
+            os.close(fd)
+        entries.sort(key=lambda e: e[2])
+        return entries
+
+    def h_getdents64(self, sup, n):
+        a = n.data.args
+        fd, addr, count = s32(a[0]), a[1], a[2] & 0xFFFFFFFF
+        dup = sup.dup_child_fd(n, fd)
+        try:
+            st = os.fstat(dup)
+            if not _stat.S_ISDIR(st.st_mode):
+                return Errno(errno.ENOTDIR)
+            pos = os.lseek(dup, 0, os.SEEK_CUR)
+            key = (_tgid(n.pid), fd)
+            ident = (st.st_dev, st.st_ino)
+            cached = self.listings.get(key)
+            if pos == 0 or cached is None or cached[0] != ident:
+                cached = (ident, self._listing(dup))
+                self.listings[key] = cached
+            entries = cached[1]
+            out = bytearray()
+            i = pos
+            while 0 <= i < len(entries):
+                ino, dtype, name = entries[i]
+                reclen = (19 + len(name) + 1 + 7) & ~7
+                if len(out) + reclen > count:
+                    break
+                rec = struct.pack("<QqHB", ino, i + 1, reclen, dtype) + name
+                out += rec.ljust(reclen, b"\0")
+                i += 1
+            if not out and 0 <= pos < len(entries):
+                return Errno(errno.EINVAL)  # the buffer cannot hold the next entry
+            if out:
+                err = self._put(sup, n, addr, bytes(out))
+                if err:
+                    return err
+                os.lseek(dup, i, os.SEEK_SET)
+            return Value(len(out))
+        finally:
+            os.close(dup)
+
+
+def install(builder) -> None:
+    policy = builder.policy
+    arch = builder.arch
+    if policy.time_start is not None and arch != "x86_64":
+        from .errors import PolicyError
+        raise PolicyError("time_start: time virtualization on aarch64 is not supported yet (x86_64 only)")
+    d = Deterministic(policy, arch)
+    if policy.time_start is not None or policy.random_seed is not None:
+        builder.notify("arch_prctl", d.h_arch_prctl)
+    if policy.time_start is not None:
+        builder.notify("clock_gettime", d.h_clock_gettime)
+        builder.notify("gettimeofday", d.h_gettimeofday)
+        builder.notify("time", d.h_time)
+        builder.notify("clock_nanosleep", d.h_clock_nanosleep)
+        builder.notify("timerfd_settime", d.h_timerfd_settime)
+        builder.notify("timer_settime", d.h_timer_settime)
+        builder.notify("utimensat", d.h_utimensat)
+        if d.normalize:
+            builder.notify("newfstatat", d.h_newfstatat)
+            builder.notify("stat", d.h_stat)
+            builder.notify("lstat", d.h_lstat)
+            builder.notify("fstat", d.h_fstat)
+            builder.notify("statx", d.h_statx)
+    if policy.random_seed is not None:
+        builder.notify("getrandom", d.h_getrandom)
+    if policy.random_seed is not None or policy.hostname is not None:
+        builder.notify("open", d.h_open)
+        builder.notify("openat", d.h_openat)
+        builder.notify("openat2", d.h_openat2)
+    if policy.hostname is not None:
+        builder.notify("uname", d.h_uname)
+    if policy.deterministic_dirs:
+        builder.notify("getdents64", d.h_getdents64)
+    builder.on_supervisor(d.setup)
