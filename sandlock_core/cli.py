@@ -33,7 +33,8 @@ _VALUE_FIELDS = {"max_memory": "max_memory", "max_processes": "max_processes", "
 _BOOL_FIELDS = {"isolate_ipc": "isolate_ipc", "isolate_signals": "isolate_signals", "isolate_pids": "isolate_pids",
                 "clean_env": "clean_env", "no_coredump": "no_coredump",
                 "no_randomize_memory": "no_randomize_memory", "no_huge_pages": "no_huge_pages",
-                "deterministic_dirs": "deterministic_dirs", "port_remap": "port_remap",
+                "deterministic_dirs": "deterministic_dirs", "normalize_mtime": "normalize_mtime",
+                "port_remap": "port_remap",
                 "freeze_time": "time_freeze", "best_effort": "best_effort", "privileged": "privileged"}
 
 
@@ -111,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     det.add_argument("--freeze-time", action="store_true", help="the clock does not advance")
     det.add_argument("--random-seed", type=int, metavar="N")
     det.add_argument("--deterministic-dirs", action="store_true")
+    det.add_argument("--normalize-mtime", action="store_true",
+                     help="stat shows times stamped during the run on the sandbox clock (needs --time-start)")
     det.add_argument("--no-randomize-memory", action="store_true")
     det.add_argument("--no-huge-pages", action="store_true")
     det.add_argument("--no-coredump", action="store_true")

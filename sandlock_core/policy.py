@@ -272,6 +272,7 @@ class Policy:
     no_huge_pages: bool = False
     no_coredump: bool = False
     deterministic_dirs: bool = False
+    normalize_mtime: bool = False  # stat shows times stamped during the run on the sandbox clock
     hostname: Any = None
     num_cpus: Any = None
     cpu_cores: Any = None
@@ -311,6 +312,7 @@ class Policy:
         s("net_connect", parse_ports(self.net_connect, "net_connect"))
         for name in ("no_raw_sockets", "no_udp", "isolate_ipc", "isolate_signals", "isolate_pids", "port_remap",
                      "time_freeze", "no_randomize_memory", "no_huge_pages", "no_coredump", "deterministic_dirs",
+                     "normalize_mtime",
                      "clean_env", "close_fds", "privileged", "best_effort"):
             s(name, _bool(name, getattr(self, name)))
         s("max_memory", None if self.max_memory is None else parse_size(self.max_memory, "max_memory"))
@@ -321,6 +323,8 @@ class Policy:
         s("num_cpus", _int("num_cpus", self.num_cpus, 1, 4096))
         s("cpu_cores", None if self.cpu_cores is None else parse_cpu_list(self.cpu_cores))
         s("time_start", None if self.time_start is None else parse_time(self.time_start))
+        if self.normalize_mtime and self.time_start is None:
+            raise PolicyError("normalize_mtime: True needs time_start (the sandbox clock it shows times on)")
         if self.time_freeze and self.time_start is None:
             raise PolicyError("time_freeze: True needs time_start (the instant the clock is frozen at)")
         s("random_seed", _int("random_seed", self.random_seed, 0, (1 << 64) - 1))
