@@ -1,0 +1,104 @@
+"""Redis throughput, bare against sandboxed (port_remap + net_allow_hosts + Landlock), in the same run.
+
+Two redis-servers run side by side for the whole benchmark: a bare one, and one inside a Sandbox with
+``port_remap`` (it binds virtual port 6379, the host reaches it through ``Sandbox.ports()``),
+``net_allow_hosts=["localhost"]`` (connect/sendto/sendmsg/sendmmsg and /etc/hosts are supervised), Landlock
+read-only /usr /lib /etc and ``net_bind=[6379]``. ``redis-benchmark -t set,get -n N`` is run against each,
+alternating bare/sandboxed for R rounds; the medians of requests per second and their ratio are reported.
+Target: sandboxed >= 97% of bare for both SET and GET.
+
+Usage: .venv/bin/python benchmarks/redis.py [N=100000] [ROUNDS=5]
+"""
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from sandlock_core import Policy, Sandbox
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
+ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 5
+SERVER_ARGS = ["--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_up(port: int) -> None:
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"redis on port {port} did not come up")
+
+
+def shutdown(port: int) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(b"SHUTDOWN NOSAVE\r\n")
+            s.recv(100)
+    except OSError:
+        pass
+
+
+def bench(port: int) -> dict[str, float]:
+    out = subprocess.run(["redis-benchmark", "-p", str(port), "-t", "set,get", "-n", str(N), "-q"],
+                         capture_output=True, text=True, check=True).stdout
+    return {t: float(re.findall(rf"{t}: ([\d.]+) requests per second", out)[-1]) for t in ("SET", "GET")}
+
+
+def main():
+    if not shutil.which("redis-server") or not shutil.which("redis-benchmark"):
+        sys.exit("redis-server and redis-benchmark are needed (apt-get install redis-server)")
+    bare_port = free_port()
+    bare = subprocess.Popen(["redis-server", "--port", str(bare_port), *SERVER_ARGS], stdout=subprocess.DEVNULL)
+    policy = Policy(port_remap=True, net_allow_hosts=["localhost"], net_bind=[6379],
+                    fs_readable=["/usr", "/lib", "/etc"], cwd="/tmp")
+    sb = Sandbox(policy)
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("res", sb.run(
+        ["redis-server", "--port", "6379", *SERVER_ARGS])))
+    t.start()
+    while 6379 not in sb.ports():
+        if not t.is_alive():
+            sys.exit(f"sandboxed redis-server failed: {box.get('res')}")
+        time.sleep(0.02)
+    sand_port = sb.ports()[6379]
+    try:
+        wait_up(bare_port)
+        wait_up(sand_port)
+        results = {"bare": [], "sandlock": []}
+        for r in range(ROUNDS):
+            order = [("bare", bare_port), ("sandlock", sand_port)]
+            if r % 2:
+                order.reverse()
+            for name, port in order:
+                results[name].append(bench(port))
+        print(f"redis-benchmark -t set,get -n {N}, {ROUNDS} alternating rounds "
+              f"(sandboxed: port 6379 -> {sand_port})")
+        for test in ("SET", "GET"):
+            b = statistics.median(x[test] for x in results["bare"])
+            s = statistics.median(x[test] for x in results["sandlock"])
+            runs = " ".join(f"{x[test]:.0f}/{y[test]:.0f}" for x, y in zip(results["bare"], results["sandlock"]))
+            print(f"{test}: bare {b:.0f} rps, sandlock {s:.0f} rps, ratio {s / b:.3f}   (bare/sandlock: {runs})")
+    finally:
+        shutdown(sand_port)
+        shutdown(bare_port)
+        t.join(10)
+        bare.wait(10)
+        sb.close()
+
+
+if __name__ == "__main__":
+    main()
