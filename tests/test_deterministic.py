@@ -1,0 +1,286 @@
+"""Deterministic execution end to end: real programs (date, od, ls, touch, python3, a C program)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sandlock_core import Policy, PolicyError, Sandbox
+from sandlock_core.plan import Plan
+from sandlock_core import syscalls
+
+PY = "/usr/bin/python3"
+X86 = syscalls.native_arch() == "x86_64"
+BASE = dict(fs_readable=["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev", "/proc"], fs_writable=["/tmp"])
+Y2000_06_15 = 961027200
+Y2000 = 946684800
+pytestmark = pytest.mark.skipif(not X86, reason="time virtualization is x86_64 only")
+
+
+def sh(sb: Sandbox, script: str):
+    r = sb.run(["sh", "-c", script], timeout=60)
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.error)
+    return r.stdout.decode()
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-I", "-S", "-c", textwrap.dedent(code)]
+
+
+@pytest.fixture(scope="module")
+def cprog(tmp_path_factory):
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is missing")
+    d = tmp_path_factory.mktemp("c")
+    src = d / "clk.c"
+    src.write_text(textwrap.dedent(r"""
+        #include <stdio.h>
+        #include <stdint.h>
+        #include <time.h>
+        #include <string.h>
+        #include <sys/time.h>
+        #include <sys/timerfd.h>
+        #include <sys/syscall.h>
+        #include <unistd.h>
+        static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+        int main(int argc, char **argv) {
+            struct timespec rt, co, raw, mo; struct timeval tv;
+            clock_gettime(CLOCK_REALTIME, &rt);
+            clock_gettime(CLOCK_REALTIME_COARSE, &co);
+            clock_gettime(CLOCK_MONOTONIC, &mo);
+            gettimeofday(&tv, NULL);
+            time_t t = time(NULL);
+            syscall(SYS_clock_gettime, CLOCK_REALTIME, &raw);
+            struct timeval rtv; syscall(SYS_gettimeofday, &rtv, NULL);
+            long rtime = syscall(SYS_time, NULL);
+            printf("vdso %ld %ld %ld %ld\nraw %ld %ld %ld\nmono %ld\n", (long)rt.tv_sec, (long)co.tv_sec,
+                   (long)tv.tv_sec, (long)t, (long)raw.tv_sec, (long)rtv.tv_sec, rtime, (long)mo.tv_sec);
+            if (argc > 1) {   /* absolute realtime sleep and timerfd: one second of the sandbox clock */
+                double a = now();
+                struct timespec target; clock_gettime(CLOCK_REALTIME, &target); target.tv_sec += 1;
+                clock_nanosleep(CLOCK_REALTIME, TIMER_ABSTIME, &target, NULL);
+                double b = now();
+                int fd = timerfd_create(CLOCK_REALTIME, 0);
+                struct itimerspec its; memset(&its, 0, sizeof its);
+                clock_gettime(CLOCK_REALTIME, &its.it_value); its.it_value.tv_sec += 1;
+                timerfd_settime(fd, TFD_TIMER_ABSTIME, &its, NULL);
+                uint64_t n; read(fd, &n, sizeof n);
+                printf("abs_sleep %.2f timerfd %.2f\n", b - a, now() - b);
+            }
+            return 0;
+        }
+    """))
+    exe = d / "clk"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    return str(exe)
+
+
+# ---- time --------------------------------------------------------------------------------------------------
+
+def test_date_prints_the_start_year():
+    sb = Sandbox(Policy(**BASE, time_start="2000-06-15T00:00:00Z"))
+    assert sh(sb, "date -u +%Y") == "2000\n"
+
+
+def test_vdso_and_raw_syscalls_see_the_shifted_clock(cprog):
+    sb = Sandbox(Policy(fs_readable=BASE["fs_readable"] + [os.path.dirname(cprog)], fs_writable=["/tmp"],
+                        time_start="2000-06-15T00:00:00Z"))
+    r = sb.run([cprog, "sleep"], timeout=30)
+    assert r.exit_code == 0, r
+    lines = dict(line.split(" ", 1) for line in r.stdout.decode().splitlines())
+    for v in lines["vdso"].split() + lines["raw"].split():
+        assert Y2000_06_15 - 1 <= int(v) <= Y2000_06_15 + 10, lines  # coarse clocks lag a tick
+    assert int(lines["mono"]) == pytest.approx(time.monotonic(), abs=30)  # monotonic untouched
+    sleep, tfd = (float(x) for x in lines["abs_sleep"].split()[0:3:2])
+    assert 0.8 <= sleep <= 2.0 and 0.8 <= tfd <= 2.0, lines
+
+
+def test_sleep_one_takes_a_second():
+    sb = Sandbox(Policy(**BASE, time_start="2000-06-15T00:00:00Z"))
+    t = time.monotonic()
+    sh(sb, "sleep 1")
+    assert 0.9 <= time.monotonic() - t < 3
+
+
+def test_frozen_clock_does_not_advance_and_subprocesses_share_it():
+    sb = Sandbox(Policy(**BASE, time_start=Y2000 + 0.25, time_freeze=True))
+    out = sh(sb, f"{PY} -I -S -c 'import time; a=time.time(); time.sleep(0.2); print(a, time.time())'; date +%s")
+    assert out.split() == ["946684800.25", "946684800.25", "946684800"]
+
+
+def test_touch_sets_the_sandbox_now_and_normalize_mtime_shows_written_files_on_it(tmp_path):
+    f = tmp_path / "touched"
+    sb = Sandbox(Policy(**BASE, time_start=Y2000, time_freeze=True))
+    sh(sb, f"touch {f}")
+    assert os.stat(f).st_mtime == Y2000
+    # a write stamps the real time: visible as such unless normalize_mtime
+    g = tmp_path / "written"
+    assert int(sh(sb, f"echo x > {g}; stat -c %Y {g}")) > Y2000 + 10**8
+    sb = Sandbox(Policy(**BASE, time_start=Y2000, time_freeze=True, normalize_mtime=True))
+    h = tmp_path / "written2"
+    old = tmp_path / "old"
+    old.write_text("x")
+    os.utime(old, (1234567890, 1234567890))
+    assert sh(sb, f"echo x > {h}; stat -c %Y {h}; stat -c %Y {old}; {PY} -I -S -c 'import os; print(int(os.stat(\"{h}\").st_mtime))'").split() == [str(Y2000), "1234567890", str(Y2000)]
+    assert os.stat(h).st_mtime > Y2000 + 10**8  # the file on disk keeps its real time
+
+
+def test_confined_function_sees_the_sandbox_clock(tmp_path):
+    out = tmp_path / "out"
+
+    def body():
+        import subprocess as sp
+        with open(out, "w") as f:
+            f.write(f"{int(time.time())} {sp.run(['date', '+%Y'], capture_output=True, text=True).stdout}")
+
+    sb = Sandbox(Policy(**BASE, time_start="2000-06-15T00:00:00Z"))
+    r = sb.run_function(body, timeout=30)
+    assert r.exit_code == 0, r
+    t, year = out.read_text().split()
+    assert Y2000_06_15 <= int(t) < Y2000_06_15 + 10 and year == "2000"
+
+
+# ---- randomness, listings, host name, and the whole proof ---------------------------------------------------
+
+PROOF = f"""
+date
+{PY} -I -S -c "import time,random,os,uuid; print(time.time(), random.random(), os.urandom(8).hex(), uuid.uuid4())"
+od -N16 /dev/urandom
+od -N16 /dev/urandom
+ls -f {{d}}
+{PY} -I -S -c "print(hex(id(object())), id(bytearray(100000)))"
+uname -n; cat /etc/hostname
+"""
+
+
+def test_two_runs_are_byte_identical_and_another_seed_differs(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    for name in ("zeta", "alpha", "mid", "beta", "omega", "x1", "a2"):
+        (d / name).write_text(name)
+    script = PROOF.format(d=d)
+
+    def run(seed):
+        return sh(Sandbox(Policy(**BASE, time_start="2000-01-01T00:00:00Z", time_freeze=True, random_seed=seed,
+                                 deterministic_dirs=True, no_randomize_memory=True, hostname="repro")), script)
+
+    one, two, other = run(42), run(42), run(43)
+    assert one == two
+    assert one != other
+    lines = one.splitlines()
+    assert lines[0].endswith("2000") and lines[1].startswith("946684800.0 ")
+    assert lines[2] != lines[4]  # each open gets its own stream
+    listing = lines[6:6 + 9]
+    assert listing == [".", "..", "a2", "alpha", "beta", "mid", "omega", "x1", "zeta"]
+    assert lines[-2:] == ["repro", "repro"]
+    # the same in the other seed's run except for the random parts
+    assert other.splitlines()[6:-3] == lines[6:-3]
+
+
+def test_getrandom_streams_are_per_process_and_long_reads_do_not_end():
+    sb = Sandbox(Policy(**BASE, random_seed=7))
+    script = f"head -c 3000000 /dev/urandom | od -A n -t x8 | tail -n 2; {PY} -I -S -c 'import os; print(os.urandom(4).hex())'; " \
+             f"{PY} -I -S -c 'import os; print(os.urandom(4).hex())'"
+    a, b = sh(sb, script), sh(sb, script)
+    assert a == b
+    lines = a.split("\n")
+    assert lines[-3] != lines[-2]  # two processes, two streams
+
+
+def test_uname_and_hostname_files():
+    sb = Sandbox(Policy(**BASE, hostname="ci-box"))
+    out = sh(sb, f"uname -n; hostname; cat /etc/hostname /proc/sys/kernel/hostname; "
+                 f"{PY} -I -S -c 'import socket, os; print(socket.gethostname(), os.uname().sysname)'")
+    assert out.split() == ["ci-box"] * 5 + [os.uname().sysname]
+
+
+def test_sorted_listings_with_small_buffers_seek_and_rewind(tmp_path):
+    d = tmp_path / "big"
+    d.mkdir()
+    names = [f"f{i:04d}-" + "x" * (i % 50) for i in range(700)]
+    import random
+    for n in random.sample(names, len(names)):
+        (d / n).write_text("")
+    sb = Sandbox(Policy(**BASE, deterministic_dirs=True))
+    out = sh(sb, f"ls -f {d}")
+    assert out.split() == [".", ".."] + sorted(names)
+    code = f"""
+        import os
+        print(os.listdir({str(d)!r}) == sorted(os.listdir({str(d)!r})))
+        fd = os.open({str(d)!r}, os.O_RDONLY)
+        with os.scandir(fd) as it:
+            first = [e.name for e in it]
+        os.lseek(fd, 0, 0)
+        with os.scandir(fd) as it:
+            again = [e.name for e in it]
+        print(first == again == sorted(first), len(first))
+    """
+    r = sb.run(py(code), timeout=30)
+    assert r.stdout.decode().split() == ["True", "True", "700"], r
+
+
+# ---- plumbing: what is notified, refusals, the plugin, the build example ------------------------------------
+
+def names_of(policy):
+    plan = Plan(policy)
+    try:
+        return set(plan.names[nr] for nr in plan.handlers)
+    finally:
+        plan.close()
+
+
+def test_only_active_fields_are_notified():
+    assert not names_of(Policy()) & {"clock_gettime", "getrandom", "getdents64", "uname", "arch_prctl"}
+    assert names_of(Policy(hostname="h")) == {"uname", "open", "openat", "openat2"}
+    assert names_of(Policy(deterministic_dirs=True)) == {"getdents64"}
+    assert names_of(Policy(random_seed=1)) == {"getrandom", "open", "openat", "openat2", "arch_prctl"}
+    t = names_of(Policy(time_start=0))
+    assert {"clock_gettime", "gettimeofday", "time", "arch_prctl", "utimensat"} <= t and "newfstatat" not in t
+    assert "newfstatat" in names_of(Policy(time_start=0, normalize_mtime=True))
+    with pytest.raises(PolicyError, match="normalize_mtime"):
+        Policy(normalize_mtime=True)
+
+
+def test_cli_flags(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sandlock_core.cli", "run", "--time-start", "2000-06-15T00:00:00Z",
+                        "--random-seed", "1", "--hostname", "h1", "-r", "/", "--", "sh", "-c",
+                        "date +%Y; uname -n"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["2000", "h1"]
+
+
+def test_pytest_markers_time_start_and_random_seed(pytester):
+    pytester.makepyfile(textwrap.dedent(f"""
+        import os, subprocess, time, random
+        import pytest
+
+        @pytest.mark.sandbox(fs_readable={["/usr", "/lib", "/lib64", "/bin", "/etc", "/dev", "/proc"]!r},
+                             time_start="2000-06-15T00:00:00Z", random_seed=5)
+        def test_body():
+            assert {Y2000_06_15} <= time.time() < {Y2000_06_15} + 60
+            out = subprocess.run(["date", "+%Y"], capture_output=True, text=True).stdout
+            assert out == "2000\\n"
+            print("RANDOM", os.urandom(8).hex(),
+                  subprocess.run(["od", "-A", "n", "-N8", "-t", "x1", "/dev/urandom"], capture_output=True,
+                                 text=True).stdout.strip())
+    """))
+    runs = [pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s") for _ in range(2)]
+    for r in runs:
+        r.assert_outcomes(passed=1)
+    got = [[line[line.index("RANDOM"):] for line in r.stdout.lines if "RANDOM" in line] for r in runs]
+    assert got[0] and got[0] == got[1]
+
+
+def test_reproducible_build_example():
+    if not os.path.exists("/usr/bin/python3") or subprocess.run(
+            ["/usr/bin/python3", "-c", "import wheel, setuptools"], capture_output=True).returncode:
+        pytest.skip("needs /usr/bin/python3 with setuptools and wheel")
+    here = os.path.join(os.path.dirname(__file__), "..", "examples", "reproducible-build", "check.py")
+    r = subprocess.run([sys.executable, here], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reproducible in the sandbox, not without it" in r.stdout
