@@ -20,6 +20,7 @@ then the session: a profile (option, env or ini) or ``--sandlock`` / ini ``sandl
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -114,7 +115,12 @@ def check_field_names(fields: dict, where: str) -> None:
 
 
 def profile_fields(name: str) -> dict:
-    """A saved profile (name) or a TOML file (path) as a dict of Policy fields."""
+    """A saved profile (name) or a TOML file (path) as a dict of Policy fields (read once per session)."""
+    return dict(_profile_fields(name))
+
+
+@functools.lru_cache(maxsize=32)
+def _profile_fields(name: str) -> dict:
     from sandlock_core.profile import profile_dict
     if name.endswith(".toml") or os.sep in name:
         name = os.path.abspath(os.path.expanduser(name))

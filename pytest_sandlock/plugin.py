@@ -342,8 +342,20 @@ def _coverage_dir() -> str | None:
         return None
 
 
+_FIELDS_KEY = pytest.StashKey[tuple]()
+
+
 def _item_fields(item, s: P.Session) -> tuple[dict, str]:
     """Merged (unexpanded) policy fields for ``item`` and a description of where they came from."""
+    hit = item.stash.get(_FIELDS_KEY, None)
+    if hit is not None:
+        return dict(hit[0]), hit[1]
+    fields, where = _item_fields_uncached(item, s)
+    item.stash[_FIELDS_KEY] = (fields, where)
+    return dict(fields), where
+
+
+def _item_fields_uncached(item, s: P.Session) -> tuple[dict, str]:
     mfields, mprofile, sources = P.marker_fields(item)
     P.check_field_names(mfields, f"@pytest.mark.sandbox on {item.nodeid}")
     fields = dict(s.ini_fields)
@@ -377,12 +389,14 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
     req = request if request is not None else getattr(item, "_request", None)
     restricts_fs = bool(fields.get("fs_readable") or fields.get("fs_writable"))
     tmp_path = None
-    if req and (P.needs_placeholder(fields, "tmp_path") or (restricts_fs and s.defaults)):
+    funcargs = getattr(item, "funcargs", None) or {}
+    if "tmp_path" in funcargs or "tmpdir" in funcargs:   # the test asked for it: already made
+        tmp_path = str(funcargs.get("tmp_path") or funcargs.get("tmpdir"))
+    elif req and P.needs_placeholder(fields, "tmp_path"):
         try:
             tmp_path = str(req.getfixturevalue("tmp_path"))
         except Exception as exc:
-            if P.needs_placeholder(fields, "tmp_path"):
-                raise P.MarkerError(f"{where}: {{tmp_path}} could not be created: {exc}")
+            raise P.MarkerError(f"{where}: {{tmp_path}} could not be created: {exc}")
     mapping["tmp_path"] = tmp_path
     path = getattr(item, "path", None)
     mapping["testdir"] = str(path.parent) if path is not None else None
@@ -392,9 +406,14 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
         readable, writable = P.default_paths(mapping["rootdir"], mapping["cache_dir"], _coverage_dir())
         if mapping["testdir"]:
             readable = readable + [mapping["testdir"]]
+        scratch = _scratch_dir(config)
         if tmp_path:
             writable = writable + [tmp_path]
-            env["TMPDIR"] = tmp_path
+        if scratch:
+            writable = writable + [scratch]
+        tmpdir = tmp_path or scratch
+        if tmpdir:
+            env["TMPDIR"] = tmpdir
         fields["fs_readable"] = P.merge_paths(fields.get("fs_readable"), readable)
         fields["fs_writable"] = P.merge_paths(fields.get("fs_writable"), writable)
     if s.best_effort:
@@ -426,6 +445,23 @@ def _child_environ(policy) -> dict | None:
         return env
 
 
+_SCRATCH_KEY = pytest.StashKey[str]()
+
+
+def _scratch_dir(config) -> str | None:
+    """One writable scratch directory per session (per xdist worker), the TMPDIR of confined tests that do
+    not use tmp_path: making a tmp_path for every test would cost ~2 ms each."""
+    d = config.stash.get(_SCRATCH_KEY, None)
+    if d is None:
+        factory = getattr(config, "_tmp_path_factory", None)
+        try:
+            d = str(factory.mktemp("sandlock-tmp", numbered=True)) if factory is not None else ""
+        except Exception:
+            d = ""
+        config.stash[_SCRATCH_KEY] = d
+    return d or None
+
+
 def _kernel_feature_error(exc) -> bool:
     """True for errors that say the kernel lacks something (skip), False for policy mistakes (fail)."""
     try:
@@ -435,6 +471,32 @@ def _kernel_feature_error(exc) -> bool:
     kinds = tuple(getattr(E, n) for n in ("LandlockUnavailableError", "ConfinementError", "SeccompError",
                                           "NotifError", "FeatureUnavailableError") if hasattr(E, n))
     return isinstance(exc, kinds)
+
+
+_SANDBOXES_KEY = pytest.StashKey[dict]()
+_MAX_CACHED = 16
+
+
+def _cached_sandbox(item, s: P.Session, state: ItemState):
+    """Sandboxes are reusable (the plan is compiled once): tests with the same effective policy share one."""
+    cache = item.config.stash.setdefault(_SANDBOXES_KEY, {})
+    key = (repr(state.policy), s.record_denials)
+    sb = cache.get(key)
+    if sb is None:
+        sb = _make_sandbox(item, s, state, record_denials=s.record_denials)
+        if len(cache) >= _MAX_CACHED:
+            old = cache.pop(next(iter(cache)))
+            old.close()
+        cache[key] = sb
+    return sb
+
+
+def pytest_unconfigure(config) -> None:
+    for sb in config.stash.get(_SANDBOXES_KEY, {}).values():
+        try:
+            sb.close()
+        except Exception:
+            pass
 
 
 def _make_sandbox(item, s: P.Session, state: ItemState, *, record_denials: bool):
@@ -487,7 +549,7 @@ class _LateSetup:
         except P.MarkerError as exc:
             pytest.fail(f"sandlock: {exc}", pytrace=False)
         if state.sandbox is None:
-            state.sandbox = _make_sandbox(item, s, state, record_denials=s.record_denials)
+            state.sandbox = _cached_sandbox(item, s, state)
             state.missing = list(getattr(state.sandbox, "missing", []) or [])
 
 
@@ -532,12 +594,8 @@ def pytest_runtest_protocol(item, nextitem):
         call_and_report(item, "teardown", True, nextitem=nextitem)
     finally:
         state = item.stash.get(_STATE_KEY, None)
-        if state is not None and state.sandbox is not None:
-            try:
-                state.sandbox.close()
-            except Exception:
-                pass
-            state.sandbox = None
+        if state is not None:
+            state.sandbox = None  # cached per session (_cached_sandbox), closed at unconfigure
         if hasrequest:
             item._request = False
             item.funcargs = None
