@@ -37,7 +37,7 @@ import errno
 import functools
 import sys
 from dataclasses import dataclass
-from typing import Iterable
+from collections.abc import Iterable
 
 from . import bpf, syscalls
 

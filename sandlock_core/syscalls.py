@@ -6,10 +6,9 @@ uses the running machine's architecture when it is ``None``.
 """
 from __future__ import annotations
 
-import difflib
 import functools
-import platform
-from typing import Iterable
+import os
+from collections.abc import Iterable
 
 from ._syscall_table import TABLES
 
@@ -41,8 +40,8 @@ _MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "arm
 
 @functools.lru_cache(maxsize=None)
 def native_arch() -> str:
-    """``"x86_64"`` or ``"aarch64"`` (from ``platform.machine()``); other machines are returned as named."""
-    m = platform.machine().lower()
+    """``"x86_64"`` or ``"aarch64"`` (from ``uname -m``); other machines are returned as named."""
+    m = os.uname().machine.lower()
     return _MACHINE_ALIASES.get(m, m)
 
 
@@ -102,6 +101,7 @@ def resolve_names(names: Iterable[str], field: str, arch: str | None = None) -> 
         if known_anywhere(name):
             continue
         everything = sorted(set().union(*TABLES.values()))
+        import difflib  # only on the error path: CLI start-up pays for every import
         near = difflib.get_close_matches(name, everything, n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]!r}?" if near else ""
         raise PolicyError(f"{field}: unknown syscall {name!r}{hint}")
