@@ -84,6 +84,8 @@ AF_INET6 = 10
 SOCK_DGRAM = 2
 SOCK_RAW = 3
 SOCK_TYPE_MASK = 0xF
+IPPROTO_ICMP = 1
+IPPROTO_ICMPV6 = 58
 PR_SET_DUMPABLE = 4
 
 # What sandlock's own C child does between seccomp() and execve() (csrc/native.c, sl_confine + exec):
@@ -265,10 +267,18 @@ def build_filter(spec: FilterSpec) -> bytes:
             p.label(inet)
             p.ld_abs(arg_lo(1))
             p.alu_and(SOCK_TYPE_MASK)   # strip SOCK_NONBLOCK / SOCK_CLOEXEC
-            bad = ([SOCK_RAW] if spec.no_raw_sockets else []) + ([SOCK_DGRAM] if spec.no_udp else [])
-            for t in bad[:-1]:
-                p.jeq(t, jt=deny)
-            p.jeq(bad[-1], jf=ok)
+            if spec.no_raw_sockets:
+                p.jeq(SOCK_RAW, jt=deny)
+            if spec.no_udp:
+                p.jeq(SOCK_DGRAM, jt=deny)
+            if spec.no_raw_sockets:
+                # ICMP echo through unprivileged ping sockets (SOCK_DGRAM + IPPROTO_ICMP/ICMPV6) is raw
+                # network access too: allowed only when raw sockets are (--net-allow icmp).
+                p.jeq(SOCK_DGRAM, jf=ok)
+                p.ld_abs(arg_lo(2))
+                p.jeq(IPPROTO_ICMP, jt=deny)
+                p.jeq(IPPROTO_ICMPV6, jt=deny)
+            p.ja(ok)
             p.label(deny)
             p.ret(eperm)
             p.label(ok)

@@ -445,3 +445,18 @@ def test_filters_hold_for_an_unprivileged_user():
     assert st == 0 and allow[0] > 0 and allow[1:] == [EPERM, EPERM]
     st, sock = out["socket"]
     assert st == 0 and sock[0] == EPERM and sock[1] >= 0
+
+
+def test_ping_sockets_follow_no_raw_sockets():
+    """socket(AF_INET, SOCK_DGRAM, IPPROTO_ICMP) is raw network access: refused unless raw sockets are allowed."""
+    from sandlock_core import Policy, Sandbox
+    code = ("import socket, errno\n"
+            "for fam, proto in ((socket.AF_INET, 1), (socket.AF_INET6, 58), (socket.AF_INET, 0)):\n"
+            "    try:\n"
+            "        socket.socket(fam, socket.SOCK_DGRAM, proto).close(); print('ok')\n"
+            "    except OSError as e:\n"
+            "        print(errno.errorcode[e.errno])\n")
+    refused = Sandbox(Policy()).run(["/usr/bin/python3", "-I", "-S", "-c", code]).stdout.split()
+    assert refused == [b"EPERM", b"EPERM", b"ok"]
+    allowed = Sandbox(Policy(no_raw_sockets=False)).run(["/usr/bin/python3", "-I", "-S", "-c", code]).stdout.split()
+    assert b"EPERM" not in allowed  # the kernel's ping_group_range may still say EACCES: that is not us
