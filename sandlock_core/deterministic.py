@@ -33,13 +33,15 @@ Time (``time_start``, ``time_freeze``)
 
 Randomness (``random_seed``)
     Every process gets its own streams, derived from the seed and the process's *lineage*: the root is
-    ``r``; the k-th child of a process (k counted from 0, in the order the supervisor first meets children
-    of that parent) is ``<parent>.k``. Stream bytes: ``BLAKE2b-512(key=seed as 8 bytes little-endian,
-    data=lineage + b"\\0" + purpose + b"\\0" + counter as 8 bytes little-endian)`` for counter 0, 1, 2, ...
-    concatenated; purpose is ``getrandom`` for ``getrandom(2)`` and ``urandom:<i>`` for the i-th open of
-    ``/dev/urandom``/``/dev/random`` in that process. What is deterministic: everything a process reads, as
-    long as its siblings do not race to their first random read (sequential build steps, a shell running
-    commands one after the other, a single process) and its threads do not race each other. The vDSO
+    ``r``; the k-th child of a process (k counted from 0, in fork order: when the supervisor meets the first
+    unnamed child of a parent it names all of that parent's living children in pid order) is
+    ``<parent>.k``. A child that exits before any of its siblings is met is not counted. Stream bytes: ``SHAKE256(seed as 8 bytes little-endian + lineage
+    + b"\\0" + purpose + b"\\0" + counter as 8 bytes little-endian)`` truncated to 4096 bytes, for counter
+    0, 1, 2, ... concatenated; purpose is ``getrandom`` for ``getrandom(2)`` and ``urandom:<i>`` for the i-th open of
+    ``/dev/urandom``/``/dev/random`` in that process. What is deterministic: everything a process reads,  as
+    long as pids are handed out in fork order (no pid wrap-around during the run), no sibling forked
+    before it exits unnoticed while others race (a shell pipeline, parallel make jobs are fine), and its
+    own threads do not race each other for bytes. The vDSO
     ``getrandom`` (glibc 2.41+) is made to report ENOSYS so libc uses the syscall. ``/dev/urandom`` opens
     get a pipe fed from the stream by one feeder thread (endless, unlike a file; ``fstat`` shows a FIFO).
     ``/proc/sys/kernel/random/uuid`` gives a UUID4 from the stream.
@@ -84,6 +86,13 @@ def _raw(name: str, *args) -> int:
     return lib.sl_raw_syscall6(syscalls.number(name), *a)
 
 
+def _vm_writev(pid: int, data: bytes, size: int, addr: int) -> int:
+    from ._native import lib
+    global _vm_writev
+    _vm_writev = lib.sl_process_vm_writev
+    return _vm_writev(pid, data, size, addr)
+
+
 def _tgid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
@@ -93,6 +102,17 @@ def _tgid(pid: int) -> int:
     except OSError:
         pass
     return pid
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                out.extend(int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 def _ppid(pid: int) -> int:
@@ -132,28 +152,39 @@ class Clock:
 
 # ---------------------------------------------------------------- seeded streams
 class Stream:
-    __slots__ = ("_key", "_prefix", "_counter", "_buf")
+    """Block i = SHAKE256(seed as 8 bytes LE + lineage + NUL + purpose + NUL + i as 8 bytes LE), 4096 bytes;
+    the stream is blocks 0, 1, 2, ... concatenated."""
+
+    BLOCK = 4096
+    __slots__ = ("_prefix", "_counter", "_buf", "_pos")
 
     def __init__(self, seed: int, lineage: str, purpose: str):
-        self._key = seed.to_bytes(8, "little")
-        self._prefix = lineage.encode() + b"\0" + purpose.encode() + b"\0"
+        self._prefix = seed.to_bytes(8, "little") + lineage.encode() + b"\0" + purpose.encode() + b"\0"
         self._counter = 0
         self._buf = b""
+        self._pos = 0
+
+    def _block(self) -> bytes:
+        c = self._counter
+        self._counter = c + 1
+        return hashlib.shake_256(self._prefix + c.to_bytes(8, "little")).digest(self.BLOCK)
 
     def read(self, n: int) -> bytes:
-        if len(self._buf) < n:
-            parts = [self._buf]
-            have = len(self._buf)
-            key, prefix, c = self._key, self._prefix, self._counter
-            while have < n:
-                block = hashlib.blake2b(prefix + c.to_bytes(8, "little"), key=key, digest_size=64).digest()
-                parts.append(block)
-                have += 64
-                c += 1
-            self._counter = c
-            self._buf = b"".join(parts)
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
+        pos, buf = self._pos, self._buf
+        if pos + n <= len(buf):
+            self._pos = pos + n
+            return buf[pos:pos + n]
+        parts = [buf[pos:]]
+        have = len(buf) - pos
+        while have < n:
+            block = self._block()
+            parts.append(block)
+            have += len(block)
+        data = b"".join(parts)
+        self._buf, self._pos = data, n
+        if len(data) > 2 * self.BLOCK:  # keep only the unread tail
+            self._buf, self._pos = data[n:], 0
+        return data[:n]
 
 
 class Lineage:
@@ -184,9 +215,14 @@ class Lineage:
                 base = "?"
             else:
                 base = self._name(parent, depth + 1)
-            k = self.children.get(base, 0)
-            self.children[base] = k + 1
-            name = f"{base}.{k}"
+            # name every living unnamed child of that parent in pid (= fork) order, so siblings that race to
+            # their first request still get the names their fork order gives them
+            for kid in sorted(set(_children(parent)) | {tgid}):
+                if kid not in self.names:
+                    k = self.children.get(base, 0)
+                    self.children[base] = k + 1
+                    self.names[kid] = f"{base}.{k}"
+            return self.names[tgid]
         self.names[tgid] = name
         return name
 
@@ -284,6 +320,7 @@ class Deterministic:
     def _reset(self):
         self.lineage = Lineage()
         self.streams: dict[tuple[int, str], Stream] = {}
+        self.by_tid: dict[tuple[int, str], Stream] = {}  # (thread id, purpose); a reused pid keeps its stream
         self.opens: dict[int, int] = {}
         self.feeder: Feeder | None = None
         self.listings: dict[tuple[int, int], tuple[tuple[int, int], list[bytes]]] = {}
@@ -616,20 +653,29 @@ class Deterministic:
 
     # ---- randomness ----
     def _stream(self, pid: int, purpose: str) -> Stream:
+        fast = self.by_tid.get((pid, purpose))  # hot path: no /proc read per call
+        if fast is not None:
+            return fast
         tgid = _tgid(pid)
         key = (tgid, purpose)
         s = self.streams.get(key)
         if s is None:
             s = self.streams[key] = Stream(self.seed, self.lineage.name(tgid), purpose)
+        self.by_tid[(pid, purpose)] = s
         return s
 
-    def h_getrandom(self, sup, n):
+    def h_getrandom(self, sup, n):  # hot: os.urandom, uuid4, hash seeds
         a = n.data.args
-        count = min(a[1], GETRANDOM_MAX)
+        count = a[1]
+        if count > GETRANDOM_MAX:
+            count = GETRANDOM_MAX
         if count == 0:
             return Value(0)
-        data = self._stream(n.pid, "getrandom").read(count)
-        return self._put(sup, n, a[0], data) or Value(count)
+        pid = n.pid
+        s = self.by_tid.get((pid, "getrandom")) or self._stream(pid, "getrandom")
+        if _vm_writev(pid, s.read(count), count, a[0]) != count:
+            return Errno(errno.EFAULT)
+        return Value(count)
 
     # ---- opens of virtual files ----
     _TAILS = (b"random", b"hostname", b"uuid")
