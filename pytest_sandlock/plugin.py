@@ -249,7 +249,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     abi, mech = _mechanisms()
     if s.record_denials:
         mech.append("denials mirrored by the supervisor")
-    parts = [f"sandlock {__version__}", f"Landlock ABI {abi}" if abi else "Landlock unavailable",
+    parts = [f"pytest-sandlock {__version__}", f"Landlock ABI {abi}" if abi else "Landlock unavailable",
              "mechanisms: " + ", ".join(mech)]
     if s.profile:
         parts.append(f"profile={s.profile}")

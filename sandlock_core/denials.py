@@ -175,9 +175,12 @@ def _child_path(sup, n, dirfd: int, index: int, *, empty_ok: bool = False) -> st
 def _display(path: str) -> tuple[str, str]:
     """(what the report shows, what the hint suggests). A process's own /proc entries cannot get a rule of
     their own (a rule on /proc/self would name the pytest process's directory): only "/proc" helps."""
-    parts = path.split("/", 3)
+    parts = path.split("/")
     if len(parts) >= 3 and parts[1] == "proc" and parts[2].isdigit():
-        return "/proc/<pid>" + ("/" + parts[3] if len(parts) > 3 else ""), "/proc"
+        parts[2] = "<pid>"
+        if len(parts) >= 5 and parts[3] == "task" and parts[4].isdigit():
+            parts[4] = "<tid>"
+        return "/".join(parts), "/proc"
     return path, path
 
 

@@ -223,7 +223,7 @@ def test_option_profile_confines_every_test(pytester):
         del os.environ["SECRET"]
     result.assert_outcomes(passed=3)
     out = result.stdout.str()
-    assert re.search(r"sandlock: sandlock \S+; Landlock ABI \d+; mechanisms: .*; profile=.*ci\.toml; seed=\d+ "
+    assert re.search(r"sandlock: pytest-sandlock \S+; Landlock ABI \d+; mechanisms: .*; profile=.*ci\.toml; seed=\d+ "
                      r"\(replay: --sandlock-seed \d+\)", out), out
     result.stdout.fnmatch_lines(["*2 tests ran confined*", "*1 test opted out and ran unconfined*test_c*"])
 
