@@ -19,7 +19,7 @@ _STR_LIST = ("fs_writable", "fs_readable", "fs_denied", "deny_syscalls", "allow_
 _PORTS = ("net_bind", "net_connect")
 _BOOLS = ("no_raw_sockets", "no_udp", "isolate_ipc", "isolate_signals", "isolate_pids", "port_remap", "time_freeze",
           "no_randomize_memory", "no_huge_pages", "no_coredump", "deterministic_dirs", "clean_env", "close_fds",
-          "privileged", "best_effort")
+          "privileged", "best_effort", "normalize_mtime")
 _INTS = ("max_processes", "max_cpu", "max_open_files", "num_cpus", "random_seed")
 _SIZES = ("max_memory", "max_disk")
 _STRS = ("hostname", "cwd", "workdir", "fs_storage", "chroot", "fs_isolation", "on_exit", "on_error")
