@@ -583,6 +583,25 @@ def test_xdist_two_workers(pytester):
     assert one == {i: s for i, s, _ in lines}   # the same seeds with and without xdist
 
 
+def test_xdist_parallel_tests_bind_the_same_fixed_port_with_port_remap(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(textwrap.dedent("""
+        import socket, time, pytest
+
+        pytestmark = pytest.mark.sandbox(port_remap=True)
+
+        @pytest.mark.parametrize("i", range(4))
+        def test_fixed_port(i):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind(("127.0.0.1", 18765))
+                s.listen()
+                time.sleep(0.5)      # overlap with the other worker's test
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result.assert_outcomes(passed=4)
+
+
 def test_coverage_from_confined_test_and_its_python_subprocess(pytester):
     pytest.importorskip("pytest_cov")
     pytester.makepyfile(mod=textwrap.dedent("""
@@ -613,3 +632,79 @@ def test_coverage_from_confined_test_and_its_python_subprocess(pytester):
     result.assert_outcomes(passed=1)
     # line 3-4 (in_child) and 9-10 (__main__ block, run only in the subprocess) are covered; never() is not
     result.stdout.fnmatch_lines(["mod.py * 7 * 1 * 86%* 7"])
+
+
+# ---- unprivileged ---------------------------------------------------------------------------------------
+
+def _nobody_site() -> str:
+    """A world-readable copy of pytest, its dependencies and our packages (the venv may sit under root's
+    0700 home, where uid 65534 cannot read it). The plugin is loaded with ``-p`` (no dist-info here)."""
+    import importlib
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="sandlock-nobody-site-")
+    for name in ("pytest", "_pytest", "pluggy", "iniconfig", "packaging", "py", "sandlock_core", "pytest_sandlock"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        src = mod.__file__
+        if os.path.basename(src) == "__init__.py":
+            shutil.copytree(os.path.dirname(src), os.path.join(base, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, base)
+    from importlib import metadata
+    for dist in ("pytest", "pluggy", "iniconfig", "packaging"):  # they read their own versions
+        try:
+            path = metadata.distribution(dist)._path
+        except Exception:
+            continue
+        shutil.copytree(path, os.path.join(base, os.path.basename(path)))
+    for root, dirs, files in os.walk(base):
+        os.chmod(root, 0o755)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o644)
+    return base
+
+
+def test_plugin_as_an_unprivileged_user(tmp_path_factory):
+    import shutil
+    import subprocess
+    import tempfile
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None or not os.path.exists("/usr/bin/python3"):
+            pytest.skip("needs setpriv and /usr/bin/python3 to drop to uid 65534")
+        site = _nobody_site()
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/env",
+                f"PYTHONPATH={site}", "HOME=/tmp", "/usr/bin/python3", "-B"]
+    else:
+        argv = [sys.executable]
+    proj = tempfile.mkdtemp(prefix="sandlock-nobody-proj-")
+    os.chmod(proj, 0o777)
+    with open(os.path.join(proj, "test_np.py"), "w") as f:
+        f.write(PROBE + textwrap.dedent(f"""
+            import os, subprocess, pytest
+
+            @pytest.mark.sandbox(fs_readable={SYS_ARG}, fs_writable=["{{tmp_path}}"])
+            def test_confined_as_nobody(tmp_path):
+                assert os.geteuid() != 0 or {os.geteuid() != 0}
+                assert _confined()
+                (tmp_path / "x").write_text("ok")
+                r = subprocess.run(["cat", "/etc/hostname"], capture_output=True, text=True)
+                assert r.returncode != 0
+                assert 0, "show the denials"
+        """))
+    os.chmod(os.path.join(proj, "test_np.py"), 0o644)
+    try:
+        r = subprocess.run([*argv, "-m", "pytest", "-p", "pytest_sandlock.plugin", "-p", "no:cacheprovider",
+                            "-rA", f"--basetemp={proj}/bt", proj], capture_output=True, text=True, cwd=proj,
+                           timeout=120)
+    finally:
+        shutil.rmtree(proj, ignore_errors=True)
+        if os.geteuid() == 0:
+            shutil.rmtree(site, ignore_errors=True)
+    out = r.stdout + r.stderr
+    assert "1 failed" in out, out
+    assert "AssertionError: show the denials" in out, out
+    assert re.search(r"openat \[read\]\s+/etc/hostname\s+EACCES\s+pid \d+ \(cat\)", out), out
