@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -395,6 +396,18 @@ def _serve_in_sandbox(tag: str):
     return sb, t, box
 
 
+def _get_when_listening(url: str) -> str:
+    """GET url, retrying while the server has bound (ports() shows it) but not yet called listen()."""
+    for _ in range(200):
+        try:
+            return urllib.request.urlopen(url, timeout=10).read().decode()
+        except urllib.error.URLError as exc:
+            if not isinstance(exc.reason, ConnectionRefusedError):
+                raise
+            time.sleep(0.05)
+    raise AssertionError(f"{url} never accepted a connection")
+
+
 def _hold(port: int):
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -415,7 +428,7 @@ def test_two_sandboxes_both_bind_8080_and_the_host_reaches_each():
         for (sb, t, box), tag in zip(boxes, ("A", "B")):
             real = sb.ports()[8080]
             reals.append(real)
-            body = urllib.request.urlopen(f"http://127.0.0.1:{real}/", timeout=10).read().decode()
+            body = _get_when_listening(f"http://127.0.0.1:{real}/")
             assert body == f"served by {tag}, sockname 8080"
             t.join(30)
             assert box["res"].stdout.decode().split() == ["sockname", "8080"], box["res"]
@@ -484,7 +497,12 @@ def _one(tag):
     t.start()
     while 8080 not in sb.ports():
         time.sleep(0.02)
-    body = urllib.request.urlopen("http://127.0.0.1:%d/" % sb.ports()[8080], timeout=10).read().decode()
+    for attempt in range(200):  # ports() shows the port at bind(); listen() follows a moment later
+        try:
+            body = urllib.request.urlopen("http://127.0.0.1:%d/" % sb.ports()[8080], timeout=10).read().decode()
+            break
+        except OSError:
+            time.sleep(0.05)
     t.join()
     assert body == "served by %s, sockname 8080" % tag
     assert box["r"].stdout.split() == [b"sockname", b"8080"]
