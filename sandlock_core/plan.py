@@ -7,6 +7,7 @@ only syscalls that some handler registered are notified.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 from collections.abc import Callable
@@ -47,6 +48,14 @@ PATH_SYSCALLS = ("open", "openat", "openat2", "execve", "execveat", "creat", "tr
                  "symlinkat", "stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2",
                  "readlink", "readlinkat", "chdir", "mknod", "mknodat", "chmod", "fchmodat", "chown", "lchown",
                  "fchownat", "utimensat", "getdents64")
+
+
+def _refuse_and_record(sup, n):
+    from .notif import Errno
+    name = sup.names.get(n.data.nr, str(n.data.nr))
+    sup.record(name, n.pid, errno.EPERM, f"{name}() is in the syscall blocklist",
+               f"deny_syscalls without {name!r} (or allow it explicitly) if the test needs it")
+    return Errno(errno.EPERM)
 
 
 def check_supported(policy: Policy) -> None:
@@ -121,6 +130,13 @@ class Plan:
         for nr in list(builder.handlers):
             if nr in deny:  # denied outright: the supervisor never sees it
                 del builder.handlers[nr]
+        if record_denials and policy.allow_syscalls is None:
+            # Refused either way, but through the supervisor so the refusal reaches the denial report (a
+            # dead supervisor still refuses: notified syscalls then fail with ENOSYS).
+            for nr in deny:
+                builder.handlers[nr] = [_refuse_and_record]
+                builder.names.setdefault(nr, syscalls.name_of(nr, self.arch) or str(nr))
+            deny = frozenset()
         self.handlers = {nr: tuple(chain) for nr, chain in builder.handlers.items()}
         self.path_syscalls = frozenset(n for n in (syscalls.number(s, self.arch) for s in PATH_SYSCALLS)
                                        if n is not None)

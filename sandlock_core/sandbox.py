@@ -217,6 +217,9 @@ class Sandbox:
         pid, child = _spawn.fork_confined(self._plan)
         if child is None:  # confined child
             code = 1
+            if self.policy.clean_env or self.policy.env:
+                os.environ.clear()  # the policy's environment holds for the function too, not only for execs
+                os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self._plan.environ().items()})
             try:
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0

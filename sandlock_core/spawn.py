@@ -23,7 +23,12 @@ class ChildSetupError(ChildError):
 
     def __init__(self, step: str, err: int):
         self.step, self.errno = step, err
-        super().__init__(f"sandlock: {step}: {os.strerror(err)}")
+        msg = f"sandlock: {step}: {os.strerror(err)}"
+        if step == "seccomp" and err == _errno.EBUSY:
+            msg += (" (this process already runs under a sandlock supervisor: the kernel allows one seccomp "
+                    "listener per process tree, so a nested sandbox must use a policy that needs no "
+                    "supervisor, e.g. no fs_denied/limits/network allowlist)")
+        super().__init__(msg)
 
 
 def exec_candidates(argv0: str, env: dict[bytes, bytes] | None) -> list[bytes]:

@@ -562,3 +562,31 @@ def test_listener_handoff_works_where_pidfd_getfd_is_blocked(tmp_path):
                          timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == ["False", "fine 1 True"]
+
+
+def test_record_denials_reports_blocklisted_syscalls():
+    res = Sandbox(Policy(), record_denials=True).run(["unshare", "-U", "true"])
+    assert res.exit_code != 0
+    assert any(d.syscall == "unshare" and d.errno == errno.EPERM for d in res.denials)
+
+
+def test_nested_supervised_sandbox_fails_with_a_clear_error(tmp_path):
+    inner = (f"import sys; sys.path[:0] = {[os.path.dirname(os.path.dirname(__import__('sandlock_core').__file__))]!r}\n"
+             "from sandlock_core import Policy, Sandbox\n"
+             f"r = Sandbox(Policy(fs_denied=[{str(tmp_path / 'x')!r}])).run(['true'])\n"
+             "print(r.exit_code, r.error)\n")
+    res = Sandbox(Policy(fs_denied=[str(tmp_path / "y")])).run([sys.executable, "-c", inner])
+    code, _, msg = res.stdout.decode().partition(" ")
+    assert code == "127" and "already runs under a sandlock supervisor" in msg
+
+
+def test_run_function_applies_the_policy_environment(tmp_path):
+    out = tmp_path / "env"
+    def body():
+        out.write_text(os.environ.get("FOO", "-") + " " + os.environ.get("SECRET_TOKEN", "-"))
+    os.environ["SECRET_TOKEN"] = "x"
+    try:
+        res = Sandbox(Policy(clean_env=True, env={"FOO": "bar"})).run_function(body)
+    finally:
+        del os.environ["SECRET_TOKEN"]
+    assert res.exit_code == 0 and out.read_text() == "bar -"
