@@ -560,3 +560,107 @@ long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status)
     do { w = waitpid(pid, status, 0); } while (w < 0 && errno == EINTR);
     return w < 0 ? -errno : 1;
 }
+
+/*
+ * COW fork (forking.py): called in the single-threaded template. Makes n clones with the raw fork syscall (no
+ * glibc or Python fork handlers: nothing to run for a single-threaded process; fork(2) itself is never a
+ * notified syscall). The work is spread over `nworkers` forkers (the template and nworkers-1 helpers forked
+ * from it) so the page-table copies use every CPU; forker w makes clones w, w+nworkers, ... and reaps them.
+ *
+ * Clone i gets out_fds[i] as its stdout, closes close_fds[0..nclose-1] and returns i (it goes on in Python).
+ * The template returns n once every clone is reaped, with pids[i] and statuses[i] (raw wait status; -1 if
+ * clone i could not be made) filled, or -errno if the bookkeeping could not be set up. Helpers never return.
+ */
+static pid_t raw_fork(void)
+{
+#ifdef SYS_fork
+    return (pid_t)syscall(SYS_fork);
+#else
+    return (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
+#endif
+}
+
+struct sl_batch_msg { char kind; char pad[3]; uint32_t start; uint32_t count; uint32_t stride; };
+
+static long send_fds(int sock, const void *data, size_t len, const int *fds, int nfds)
+{
+    struct iovec iov = { (void *)data, len };
+    union { struct cmsghdr h; char buf[CMSG_SPACE(sizeof(int) * 64)]; } u;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                          .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds) };
+    memset(u.buf, 0, sizeof(u.buf));
+    struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET; c->cmsg_type = SCM_RIGHTS; c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)nfds);
+    long r;
+    do { r = sendmsg(sock, &msg, MSG_NOSIGNAL); } while (r < 0 && errno == EINTR);
+    return r < 0 ? -errno : 0;
+}
+
+/*
+ * Clones `first`..`first+n-1`. Forker w makes clones w, w+nworkers, ... in batches of at most `batch` (<= 64):
+ * a pipe per clone, the batch's read ends sent to the caller on `sock` (one 'B' message: start, count,
+ * stride), then the forks; so a clone inherits only its own batch's descriptors. Clone first+i returns i.
+ */
+long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses)
+{
+    if (n <= 0) return 0;
+    if (nworkers < 1) nworkers = 1;
+    if (nworkers > n) nworkers = n;
+    if (nworkers > 64) nworkers = 64;
+    if (batch < 1 || batch > 64) batch = 64;
+    size_t len = (size_t)n * 2 * sizeof(int);
+    int *shm = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (shm == MAP_FAILED) return -errno;
+    int *spids = shm, *sstat = shm + n;
+    for (int i = 0; i < n; i++) { spids[i] = 0; sstat[i] = -1; }
+    pid_t helpers[64];
+    int me = 0;
+    for (int w = 1; w < nworkers; w++) {
+        pid_t h = raw_fork();
+        if (h == 0) { me = w; break; }
+        helpers[w] = h;   /* h < 0: that share is made by nobody; those clones stay "not made" */
+    }
+    int stop = 0;
+    for (int i = me; i < n && !stop; ) {
+        int rd[64], wr[64], idx[64], cnt = 0;
+        for (int k = i; k < n && cnt < batch; k += nworkers) {
+            int p[2];
+            if (pipe2(p, O_CLOEXEC) < 0) { stop = 1; break; }
+            rd[cnt] = p[0]; wr[cnt] = p[1]; idx[cnt] = k; cnt++;
+        }
+        if (cnt == 0) break;
+        struct sl_batch_msg m = { 'B', { 0, 0, 0 }, (uint32_t)(first + i), (uint32_t)cnt, (uint32_t)nworkers };
+        if (send_fds(sock, &m, sizeof(m), rd, cnt) < 0) stop = 1;
+        for (int k = 0; k < cnt; k++) close(rd[k]);
+        for (int k = 0; k < cnt && !stop; k++) {
+            pid_t pid = raw_fork();
+            if (pid == 0) {
+                if (dup2(wr[k], 1) < 0) _exit(126);
+                for (int j = 0; j < cnt; j++) close(wr[j]);
+                close(sock);
+                munmap(shm, len);
+                return idx[k];
+            }
+            if (pid < 0) { stop = 1; break; }
+            spids[idx[k]] = (int)pid;
+        }
+        for (int k = 0; k < cnt; k++) close(wr[k]);
+        i = idx[cnt - 1] + nworkers;
+    }
+    for (int i = me; i < n; i += nworkers) {
+        if (spids[i] <= 0) continue;
+        int st;
+        while (waitpid(spids[i], &st, 0) < 0) { if (errno != EINTR) { st = -1; break; } }
+        sstat[i] = st;
+    }
+    if (me != 0) _exit(0);
+    for (int w = 1; w < nworkers; w++) {
+        if (helpers[w] <= 0) continue;
+        int st;
+        while (waitpid(helpers[w], &st, 0) < 0 && errno == EINTR) {}
+    }
+    for (int i = 0; i < n; i++) { pids[i] = spids[i]; statuses[i] = sstat[i]; }
+    munmap(shm, len);
+    return n;
+}

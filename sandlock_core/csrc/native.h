@@ -85,5 +85,6 @@ int sl_confine(const struct sl_cfg *cfg);
 long sl_spawn(const struct sl_cfg *cfg);
 long sl_fork_with_reaper(const struct sl_cfg *cfg);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
+long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
 
 #endif
