@@ -253,7 +253,7 @@ def _as_paths(value) -> list[str]:
 
 def build_ruleset(*, readable: Iterable = (), writable: Iterable = (), bind_ports: Iterable[int] = (),
                   connect_ports: Iterable[int] = (), isolate_ipc: bool = False, isolate_signals: bool = False,
-                  best_effort: bool = False, abi: int | None = None) -> RulesetInfo:
+                  best_effort: bool = False, abi: int | None = None, carve: Iterable = ()) -> RulesetInfo:
     """Build the Landlock ruleset for these protections (see the module docstring for the semantics).
 
     ``abi`` overrides the probed ABI (to simulate an older kernel; the running kernel accepts the smaller
@@ -293,6 +293,8 @@ def build_ruleset(*, readable: Iterable = (), writable: Iterable = (), bind_port
             old = rules.get(p, (0, field))
             rules[p] = (old[0] | rights, field if rights == -1 else old[1])
 
+    if carve and rules:
+        rules = _carve_rules(rules, [os.path.realpath(d) for d in _as_paths(carve)])
     fs = handled_fs(abi) if rules else 0
     net = 0
     if "net_bind" not in skip and bind_ports:
@@ -325,6 +327,61 @@ def build_ruleset(*, readable: Iterable = (), writable: Iterable = (), bind_port
         rs.close()
         raise
     return rs.finish(missing)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _carve_rules(rules: dict, denied: list[str]) -> dict:
+    """Cut ``fs_denied`` holes out of read-only rules, so the kernel itself refuses them (read and exec,
+    no check-then-use window). Landlock rights only add up, so a read-only tree that contains a denied
+    path is granted entry by entry around it: every sibling along the way gets the rule, the directories
+    on the way get READ_DIR only (listing stays possible; opening a denied directory is refused by the
+    supervisor). Symlinked entries that lead into a denied path are left out. Writable trees are not
+    carved (a carved directory could not get new entries): the supervisor alone guards holes in those."""
+    out: dict = {}
+    inodes = set()
+    for d in denied:  # Landlock rules attach to inodes: a hard link of a hole must not get a rule either
+        try:
+            st = os.stat(d)
+            inodes.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    for path, (rights, field) in rules.items():
+        real = os.path.realpath(path)
+        if any(_under(real, d) for d in denied):
+            continue  # the whole rule is inside a hole: denial wins
+        inside = [d for d in denied if d != real and _under(d, real)]
+        if not inside or rights != READ_RIGHTS:
+            out[path] = (rights, field)
+            continue
+        _carve_into(real, rights, field, inside, inodes, out)
+    return out
+
+
+def _carve_into(root: str, rights: int, field: str, inside: list[str], inodes: set, out: dict) -> None:
+    out[root] = (READ_DIR, field)
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for e in entries:
+        full = e.path
+        if any(_under(full, d) for d in inside):
+            continue
+        target = os.path.realpath(full)
+        if any(_under(target, d) or _under(d, target) for d in inside):
+            if e.is_dir(follow_symlinks=False):
+                _carve_into(full, rights, field, [d for d in inside if _under(d, full)], inodes, out)
+            continue  # a symlink leading into (or above) a hole: left out
+        try:
+            st = os.stat(full)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in inodes:
+            continue  # another name of a denied file
+        out[full] = (rights, field)
 
 
 def confine_self(info: RulesetInfo, flags: int = 0) -> None:

@@ -174,7 +174,7 @@ class Plan:
             readable=policy.fs_readable, writable=policy.fs_writable,
             bind_ports=policy.net_bind, connect_ports=policy.net_connect,
             isolate_ipc=policy.isolate_ipc, isolate_signals=policy.isolate_signals,
-            best_effort=self.best_effort)
+            best_effort=self.best_effort, carve=policy.fs_denied)
         self.missing.extend(info.missing)
         return info
 

@@ -590,3 +590,43 @@ def test_run_function_applies_the_policy_environment(tmp_path):
     finally:
         del os.environ["SECRET_TOKEN"]
     assert res.exit_code == 0 and out.read_text() == "bar -"
+
+
+def test_fs_denied_holes_in_read_only_trees_are_enforced_by_the_kernel(deny_tree):
+    """Without any supervisor, the carved Landlock ruleset alone refuses the hole (read and exec)."""
+    from sandlock_core import landlock
+    t = deny_tree
+    tool = t / "tool"
+    tool.write_text("#!/bin/sh\necho ran\n")
+    tool.chmod(0o755)
+    info = landlock.build_ruleset(readable=[*SYSTEM_RO, str(t)], carve=[str(t / "secret"), str(t / "private"),
+                                                                       str(tool)])
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            landlock.confine_self(info)
+            out = []
+            for name in ("ok", "secret", "link-to-secret", "hardlink-to-secret", "private/key",
+                         "link-to-private/key"):
+                try:
+                    open(t / name).read()
+                    out.append("OK")
+                except OSError as e:
+                    out.append(errno.errorcode[e.errno])
+            try:
+                subprocess.run([str(tool)], capture_output=True)
+                out.append("exec-OK")
+            except PermissionError:
+                out.append("exec-EACCES")
+            out.append(str(len(os.listdir(t)) > 0))
+            os.write(w, " ".join(out).encode())
+        except BaseException as exc:
+            os.write(w, repr(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    info.close()
+    assert os.read(r, 200).decode().split() == ["OK", "EACCES", "EACCES", "EACCES", "EACCES", "EACCES", "exec-EACCES",
+                                                    "True"]
