@@ -10,9 +10,11 @@ an *opener thread* that carries the sandbox's own Landlock domain, so an on-beha
 the child itself could not. A FIFO open (which blocks until a peer comes) is finished on a worker thread
 while the supervisor goes on: the supervisor loop never blocks.
 
-Residual risk (documented in SECURITY.md): exec, unlink, rename, link and truncate are checked on the
-resolved path and then CONTINUE; a concurrent symlink swap in a parent directory could race that check.
-Landlock still bounds what the child can reach.
+Two layers. Inside read-only trees the holes are also carved out of the Landlock ruleset itself
+(``landlock._carve_rules``): the kernel refuses reads and execs there, with no check-then-use window.
+Residual risk, writable trees only (a carved directory could get no new entries, so those are not carved):
+exec, unlink, rename, link and truncate are checked on the resolved path and then CONTINUE; a concurrent
+symlink swap in a parent directory could race that check. Landlock still bounds what the child can reach.
 """
 from __future__ import annotations
 
