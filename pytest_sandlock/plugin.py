@@ -357,6 +357,10 @@ def _item_fields(item, s: P.Session) -> tuple[dict, str]:
 
 def _item_fields_uncached(item, s: P.Session) -> tuple[dict, str]:
     mfields, mprofile, sources = P.marker_fields(item)
+    pfn = mfields.pop("policy_fn", None)  # a callable, not a Policy field: Sandbox(policy, policy_fn=...)
+    if pfn is not None and not callable(pfn):
+        raise P.MarkerError(f"@pytest.mark.sandbox(policy_fn=...) on {item.nodeid} must be callable, got {pfn!r}")
+    item.stash[_PFN_KEY] = pfn
     P.check_field_names(mfields, f"@pytest.mark.sandbox on {item.nodeid}")
     fields = dict(s.ini_fields)
     profile = mprofile or s.profile
@@ -474,13 +478,14 @@ def _kernel_feature_error(exc) -> bool:
 
 
 _SANDBOXES_KEY = pytest.StashKey[dict]()
+_PFN_KEY = pytest.StashKey[object]()
 _MAX_CACHED = 16
 
 
 def _cached_sandbox(item, s: P.Session, state: ItemState):
     """Sandboxes are reusable (the plan is compiled once): tests with the same effective policy share one."""
     cache = item.config.stash.setdefault(_SANDBOXES_KEY, {})
-    key = (repr(state.policy), s.record_denials)
+    key = (repr(state.policy), s.record_denials, id(item.stash.get(_PFN_KEY, None)))
     sb = cache.get(key)
     if sb is None:
         sb = _make_sandbox(item, s, state, record_denials=s.record_denials)
@@ -503,7 +508,7 @@ def _make_sandbox(item, s: P.Session, state: ItemState, *, record_denials: bool)
     from sandlock_core import Sandbox
     from sandlock_core.errors import SandlockError
     try:
-        return Sandbox(state.policy, record_denials=record_denials)
+        return Sandbox(state.policy, record_denials=record_denials, policy_fn=item.stash.get(_PFN_KEY, None))
     except SandlockError as exc:
         if _kernel_feature_error(exc):
             if s.strict:
@@ -641,6 +646,12 @@ def _confined_call(item) -> None:
     if denials:
         st.denied[item.nodeid] = R.total(denials)
         item.user_properties.append(("sandlock_denials", R.junit_value(denials)))
+    audits = getattr(result, "audit", None) or []
+    if audits:  # policy_fn "audit" verdicts: allowed, but flagged in the report
+        lines = [f"{getattr(e, 'syscall', '?')} {getattr(e, 'path', None) or getattr(e, 'host', None) or ''}"
+                 f" pid {getattr(e, 'pid', '?')}".rstrip() for e in audits[:s.max_shown]]
+        report.sections.append(("sandlock audit", "\n".join(lines)))
+        item.user_properties.append(("sandlock_audit", "; ".join(lines)))
     item.user_properties.append(("sandlock_seed", state.seed))
     item.ihook.pytest_runtest_logreport(report=report)
 

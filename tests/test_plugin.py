@@ -708,3 +708,35 @@ def test_plugin_as_an_unprivileged_user(tmp_path_factory):
     assert "1 failed" in out, out
     assert "AssertionError: show the denials" in out, out
     assert re.search(r"openat \[read\]\s+/etc/hostname\s+EACCES\s+pid \d+ \(cat\)", out), out
+
+
+# ---- policy_fn through the marker ------------------------------------------------------------------------
+
+def test_policy_fn_marker_denies_and_audits(pytester):
+    pytester.makepyfile(textwrap.dedent(f"""
+        import subprocess, pytest
+
+        def on_event(event, ctx):
+            if event.syscall == "execve" and event.argv_contains("false"):
+                return True                 # deny
+            if event.syscall == "execve":
+                return "audit"              # allow, flag in the report
+            return 0
+
+        @pytest.mark.sandbox(fs_readable={SYS_ARG}, policy_fn=on_event)
+        def test_gated():
+            assert subprocess.run(["true"]).returncode == 0
+            with pytest.raises(PermissionError):
+                subprocess.run(["false"])
+            assert False, "show the report"
+
+        @pytest.mark.sandbox(policy_fn="not callable")
+        def test_bad():
+            pass
+    """))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
+    result.assert_outcomes(failed=1, errors=1)
+    out = result.stdout.str()
+    assert "show the report" in out
+    assert "sandlock audit" in out and "execve" in out
+    assert "must be callable" in out
