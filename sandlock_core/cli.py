@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="report on stderr (with --port-remap: which host port serves each virtual port)")
     misc.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
+    from .learn import add_parser as _learn_parser
+    _learn_parser(sub)
     sub.add_parser("check", help="show what this kernel supports")
     pr = sub.add_parser("profile", help="manage saved profiles")
     psub = pr.add_subparsers(dest="profile_command", metavar="ACTION", parser_class=_Parser)
@@ -313,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "check":
             return cmd_check(args)
+        if args.command == "learn":
+            from .learn import main as cmd_learn
+            return cmd_learn(args)
         if args.command == "profile":
             return cmd_profile(args)
         parser.print_help(sys.stderr)
