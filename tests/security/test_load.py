@@ -1,0 +1,147 @@
+"""Load and faults: many sandboxes from one process, and the supervisor killed under them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from sandlock_core import Policy, Sandbox
+
+from .helpers import SYSTEM_RO, py
+
+
+def census() -> dict:
+    """What a run could leak into the caller: fds, threads, zombie (or any) children, temp entries."""
+    children = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+                if int(fields[1]) == os.getpid():
+                    children.append((int(pid), fields[0]))
+            except OSError:
+                pass
+    tmp = tempfile.gettempdir()
+    return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
+            "os_threads": len(os.listdir("/proc/self/task")), "children": children,
+            "tmp": {e for e in os.listdir(tmp) if "sandlock" in e.lower()}}
+
+
+def settle(before: dict, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        after = census()
+        ok = (after["fds"] <= before["fds"] and after["threads"] <= before["threads"]
+              and after["os_threads"] <= before["os_threads"] and not after["children"]
+              and after["tmp"] <= before["tmp"])
+        if ok or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
+def assert_no_leaks(before: dict, after: dict):
+    assert after["fds"] <= before["fds"], (before, after)
+    assert after["threads"] <= before["threads"] and after["os_threads"] <= before["os_threads"], (before, after)
+    assert not after["children"], after["children"]
+    assert after["tmp"] <= before["tmp"], after["tmp"] - before["tmp"]
+
+
+@pytest.fixture
+def policies(tmp_path):
+    os.chmod(tmp_path, 0o755)
+    return [Policy(), Policy(fs_readable=SYSTEM_RO, fs_denied=[str(tmp_path / "x")]),
+            Policy(net_allow_hosts=["127.0.0.1"]), Policy(fs_readable=SYSTEM_RO, isolate_signals=True,
+                                                          isolate_ipc=True)]
+
+
+def test_1000_sequential_sandboxes_leak_nothing(policies):
+    sbs = [Sandbox(p) for p in policies]
+    for sb in sbs:
+        sb.run(["true"])
+    before = census()
+    for i in range(1000):
+        res = sbs[i % len(sbs)].run(["true"])
+        assert res.exit_code == 0, res
+    for sb in sbs:
+        sb.close()
+    assert_no_leaks(before, settle(before))
+
+
+def test_50_concurrent_sandboxes_leak_nothing(policies):
+    Sandbox(policies[1]).run(["true"])
+    before = census()
+    results, errors = [], []
+
+    def one(i):
+        try:
+            with Sandbox(policies[i % len(policies)]) as sb:
+                res = sb.run(["sh", "-c", f"sleep 0.2; echo {i}"], timeout=60)
+                results.append((i, res.exit_code, res.stdout))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, f"Sandbox use from {len(errors)} threads raised: {errors[:3]}"
+    assert sorted(results) == [(i, 0, f"{i}\n".encode()) for i in range(50)]
+    assert_no_leaks(before, settle(before))
+
+
+SUPERVISOR = """
+import sys
+sys.path[:0] = [{root!r}]
+from sandlock_core import Policy, Sandbox
+policy = {policy}
+# a child, a grandchild, a setsid'd double-forked daemon, and one that ignores SIGHUP/SIGTERM
+Sandbox(policy).run(["sh", "-c",
+    "sleep 60 & echo $! >> {pids}; "
+    "(setsid sh -c 'sleep 60 & echo $! >> {pids}; wait') & "
+    "(trap '' HUP TERM; sleep 60 & echo $! >> {pids}; wait) & "
+    "echo $$ >> {pids}; wait"])
+"""
+
+
+@pytest.mark.parametrize("policy", ["Policy()", "Policy(fs_denied=['/nonexistent-x'])",
+                                    "Policy(net_allow_hosts=['127.0.0.1'])", "Policy(isolate_signals=True)"])
+def test_sigkill_of_the_supervisor_kills_every_sandboxed_process_within_1s(tmp_path, policy):
+    pidfile = tmp_path / "pids"
+    root = os.path.dirname(os.path.dirname(__import__("sandlock_core").__file__))
+    proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR.format(root=root, policy=policy, pids=str(pidfile))])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(pidfile.read_text().split() if pidfile.exists() else []) < 4:
+        time.sleep(0.05)
+    pids = [int(p) for p in pidfile.read_text().split()]
+    assert len(pids) == 4, pids
+    time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 1.0
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if running(p)]
+        time.sleep(0.02)
+    try:
+        assert not alive, f"still running 1 s after the supervisor died: {alive}"
+    finally:
+        for p in alive:
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
