@@ -18,19 +18,19 @@ from .policy import FsIsolation, Policy
 
 # (predicate, module) for every supervisor mechanism; the module's install(builder) registers handlers.
 MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
+    # First: refusals of sensitive and foreign /proc names come before anything serves or opens them.
+    (lambda p: p.isolate_pids or p.num_cpus is not None or p.max_memory is not None, "procfs"),
     (lambda p: p.net_allow_hosts is not None or p.port_remap, "network"),
     (lambda p: (p.time_start is not None or p.random_seed is not None or p.deterministic_dirs
                 or p.hostname is not None), "deterministic"),
+    # max_processes only when set to a non-default value or with other limits (resources.processes_enforced)
+    (lambda p: (p.max_memory is not None or p.max_cpu is not None or p.max_processes != 64), "resources"),
     (lambda p: bool(p.fs_denied), "fsdeny"),
 ]
 
 # Fields this build cannot enforce yet: refused with a clear error, never silently ignored. Each feature
 # removes its entry when it lands.
 UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
-    ("max_memory", lambda p: p.max_memory is not None),
-    ("max_cpu", lambda p: p.max_cpu is not None),
-    ("num_cpus", lambda p: p.num_cpus is not None),
-    ("isolate_pids", lambda p: p.isolate_pids),
     ("workdir", lambda p: p.workdir is not None),
     ("fs_isolation", lambda p: p.fs_isolation is not FsIsolation.NONE),
     ("max_disk", lambda p: p.max_disk is not None),

@@ -21,6 +21,7 @@ class ExitReason(enum.Enum):
     KILLED = "killed"
     TIMEOUT = "timeout"
     SETUP_FAILED = "setup_failed"
+    MEMORY = "memory"  # max_memory: a process was killed, or an allocation refused and the run failed
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Result:
     wall_time: float = 0.0
     denials: list = field(default_factory=list)
     notifications: int = 0
+    cpu_time: float | None = None     # CPU seconds of every process of the sandbox (kernel accounting)
+    peak_memory: int | None = None    # bytes, the peak of what max_memory limits (None without max_memory)
+    processes: int | None = None      # processes started (root + forks), when the resource mechanism ran
 
 
 class Sandbox:
@@ -274,6 +278,8 @@ class Sandbox:
             child.kill()
             while not child.read_report():
                 pass
+        if child.reaper:
+            child.cpu_time = _cpu_time(child.reaper)  # final once the reaper reported, gone once reaped
         child.reap()
         if child in self._running:
             self._running.remove(child)
@@ -282,6 +288,7 @@ class Sandbox:
         """The Result of a finished child; runs the plan's finish hooks and stops the supervisor."""
         try:
             result = self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
+            result.cpu_time = getattr(child, "cpu_time", None)
             for fn in self._plan.finish:
                 fn(sup, result)
         finally:
@@ -410,6 +417,16 @@ class Sandbox:
             code, sig, reason = -signal.SIGKILL, signal.SIGKILL, ExitReason.KILLED
             error = "the sandbox was killed"
         return Result(code == 0, code, out, err, error, sig, reason, wall, denials, notifs)
+
+
+def _cpu_time(reaper: int) -> float | None:
+    """The CPU time of every process the reaper reaped (its cutime + cstime): the whole sandbox's."""
+    try:
+        with open(f"/proc/{reaper}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def confine(policy: Policy) -> None:

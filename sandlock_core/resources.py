@@ -1,0 +1,634 @@
+"""Resource limits enforced by the supervisor: ``max_memory``, ``max_processes``, ``max_cpu``.
+
+No cgroups and no privilege: the supervisor decides on the registers of the syscalls that create memory or
+processes, and one watcher thread per run measures the sandbox through /proc (every process of a sandbox is a
+descendant of its reaper, a child subreaper, so detached processes are included).
+
+Memory (``max_memory``): what is limited is the sandbox's *private writable memory*, the kernel's own measure of
+it: ``/proc/PID/statm`` field 6 (data + stack, i.e. ``VmData + VmStk``), summed over every address space of the
+sandbox, plus anonymous shared mappings and SysV segments, which that field leaves out.
+
+* Requests are judged on registers (no child memory is read): ``mmap`` of anonymous or private writable memory,
+  ``mprotect``/``pkey_mprotect`` adding ``PROT_WRITE``, ``brk`` growth, ``mremap`` growth, ``shmget`` with
+  ``IPC_CREAT``, and ``fork``/``clone`` without ``CLONE_VM`` (the child's copy of the address space). Before each
+  decision the requester's usage is measured afresh, so unmapping tricks cannot launder usage and ``munmap``,
+  ``exec`` and exit credit it without being notified. A request that would cross the limit fails with
+  ``ENOMEM``, which programs handle (``malloc`` returns NULL, Python raises ``MemoryError``).
+* A process that gets over the limit without a request that could fail (stack growth, memory the kernel gives
+  at exec) is SIGKILLed, that process only, by the watcher (every 100 ms) or at its next request.
+* Not counted: files in tmpfs or memfds (disk, not memory), page cache, kernel memory. Anonymous *shared*
+  memory is credited only when its process exits; SysV segments never (they outlive processes).
+* A forked child is charged a full copy of its parent (strict, like ``vm.overcommit_memory=2``): COW pages that
+  are never written are counted twice.
+
+Processes (``max_processes``): the number of *concurrent* processes of the sandbox (threads are not counted),
+the root included. ``clone``/``fork``/``vfork`` over the limit fail with ``EAGAIN``; a process frees its slot
+when it has exited and been reaped (a zombie still holds one, as for ``RLIMIT_NPROC``). ``clone3`` never
+reaches the supervisor (the filter answers ``ENOSYS``; libc falls back to ``clone``), so every process creation
+is seen. The count is exact: an upper bound (processes seen at the last walk + forks allowed since) is kept,
+and only when it reaches the limit is the tree walked again.
+
+CPU (``max_cpu``): the whole sandbox gets at most PCT % of one core, measured with the kernel's accounting
+(utime + stime of every process, and of the reaped ones through their parents' and the reaper's cumulative
+times). A token bucket: when the sandbox has used more than its share, every process of it is SIGSTOPped until
+the share is paid back, then SIGCONTed. Idle processes are never stopped. Granularity: 20 ms ticks and the
+kernel's 10 ms accounting; a busy loop at 25 % measures 24-26 % over 3 s on the 2-vCPU test machine.
+A process stopped by someone else (``Sandbox.pause()``) is resumed by the throttle at its next cycle.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+
+from .notif import Errno, Kill, Value
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+DEFAULT_MAX_PROCESSES = 64
+
+CLONE_VM = 0x00000100
+CLONE_VFORK = 0x00004000
+CLONE_THREAD = 0x00010000
+PROT_WRITE = 0x2
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+IPC_CREAT = 0o1000
+KCMP_VM = 1
+
+TICK = 0.02           # watcher period (CPU throttle)
+MEM_EVERY = 5         # memory is measured every 5 ticks (100 ms)
+PENDING_TTL = 2.0     # a fork copy not seen by a walk after this long is forgotten
+
+
+# ---- /proc readers (os.open/os.read: no buffered file objects on hot paths) ----
+def _read(path: str) -> bytes | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from field 3 on (index 0 is the state, field N is at index N - 3)."""
+    data = _read(f"/proc/{pid}/stat")
+    if not data:
+        return None
+    return data.rsplit(b")", 1)[1].split()
+
+
+def ppid_of(pid: int) -> int:
+    f = stat_fields(pid)
+    return int(f[1]) if f else 0
+
+
+def data_bytes(pid: int) -> int | None:
+    """The kernel's measure of private writable memory (statm field 6: data + stack), or None if gone."""
+    data = _read(f"/proc/{pid}/statm")
+    if not data:
+        return None
+    parts = data.split()
+    if len(parts) < 6:
+        return None
+    return int(parts[5]) * PAGE
+
+
+def tree(reaper: int) -> dict[int, int]:
+    """Every process of the sandbox: {pid: parent pid}, walking the reaper's descendants."""
+    out: dict[int, int] = {}
+    todo = [reaper]
+    while todo:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            data = _read(f"/proc/{parent}/task/{tid}/children")
+            if not data:
+                continue
+            for x in data.split():
+                pid = int(x)
+                if pid not in out:
+                    out[pid] = parent
+                    todo.append(pid)
+    return out
+
+
+def sandbox_pids(sup) -> set[int]:
+    """The live processes of the sandbox served by ``sup`` (used by procfs too)."""
+    reaper = sup.state.get("reaper_pid")
+    if not reaper:
+        reaper = sup.state["reaper_pid"] = ppid_of(sup.root_pid)
+    return set(tree(reaper))
+
+
+def _tgid(pid: int) -> int:
+    data = _read(f"/proc/{pid}/status")
+    if data:
+        i = data.find(b"\nTgid:")
+        if i >= 0:
+            return int(data[i + 6:data.index(b"\n", i + 6)])
+    return pid
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+class Run:
+    """Per-run state (a Sandbox's plan serves many runs, possibly at once): lives in ``sup.state["resources"]``."""
+
+    def __init__(self, mech: "Resources", sup):
+        self.mech = mech
+        self.sup = sup
+        self.lock = threading.Lock()
+        self.reaper = ppid_of(sup.root_pid)
+        sup.state["reaper_pid"] = self.reaper
+        # processes
+        self.known: set[int] = {sup.root_pid}  # tgids at the last walk
+        self.since = 0                          # forks allowed since the last walk
+        self.tokens: dict[int, float] = {}      # tid -> time of an allowed fork maybe still in progress
+        self.started = 1
+        self.peak_procs = 1
+        self.proc_refused = 0
+        # memory
+        self.floor: dict[int, int] = {}         # tgid -> measured bytes
+        self.approved: dict[int, int] = {}      # tgid -> bytes approved since it was last measured
+        self.inflight: dict[int, tuple[int, int]] = {}  # tid -> (tgid, bytes) approved, maybe not yet mapped
+        self.shanon: dict[int, int] = {}        # tgid -> anonymous shared bytes (not in statm data)
+        self.brk: dict[int, tuple[int, int]] = {}  # tgid -> (start_brk, approved heap size)
+        self.pending: list[tuple[int, int, float]] = []  # (parent tgid, copy bytes, time) of allowed forks
+        self.tid2tgid: dict[int, int] = {}
+        self.shm = 0
+        self.peak_mem = 0
+        self.mem_refused = 0
+        self.mem_killed: list[tuple[int, int]] = []  # (pid, bytes)
+        # watcher
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.cpu_stops = 0
+
+    # ---- limits (policy_fn may lower them at run time) ----
+    def mem_limit(self) -> int | None:
+        a, b = self.mech.mem_limit, self.sup.state.get("max_memory")
+        return b if a is None else (a if b is None else min(a, b))
+
+    def proc_limit(self) -> int | None:
+        a, b = self.mech.proc_limit, self.sup.state.get("max_processes")
+        return b if a is None else (a if b is None else min(a, b))
+
+    # ---- processes ----
+    def allow_fork(self, tid: int) -> bool:
+        limit = self.proc_limit()
+        self.tokens.pop(tid, None)  # this thread makes a new syscall: its previous fork is done
+        if limit is None:
+            return True
+        if len(self.known) + self.since + 1 > limit:
+            self._walk_procs()
+            if len(self.known) + self.since + 1 > limit:
+                return False
+        self.since += 1
+        self.tokens[tid] = time.monotonic()
+        self.peak_procs = max(self.peak_procs, len(self.known) + self.since)
+        return True
+
+    def _walk_procs(self) -> dict[int, int]:
+        links = tree(self.reaper)
+        self.known = set(links)
+        # An allowed fork is in flight until its thread returned from clone: the thread made another
+        # notified syscall (popped above), is blocked in another syscall, or is gone.
+        for tid in list(self.tokens):
+            data = _read(f"/proc/{tid}/syscall")
+            if data is None:
+                del self.tokens[tid]
+                continue
+            first = data.split(b" ", 1)[0].strip()
+            if first != b"running" and first.lstrip(b"-").isdigit() and int(first) not in self.mech.fork_nrs:
+                del self.tokens[tid]
+        self.since = len(self.tokens)
+        return links
+
+    # ---- memory ----
+    def tgid(self, tid: int) -> int:
+        if tid in self.known:
+            return tid
+        t = self.tid2tgid.get(tid)
+        if t is None:
+            t = self.tid2tgid[tid] = _tgid(tid)
+        return t
+
+    def _measure(self, tgid: int, via: int) -> int:
+        v = data_bytes(via)
+        if v is None:
+            v = self.floor.get(tgid, 0)
+        self.floor[tgid] = v
+        self.approved[tgid] = 0
+        return v
+
+    def total(self) -> int:
+        t = sum(self.floor.values()) + sum(self.shanon.values()) + self.shm
+        t += sum(b for _p, b, _t in self.pending)
+        t += sum(b for _g, b in self.inflight.values())
+        return t
+
+    def refresh(self) -> dict[int, int]:
+        """Walk the sandbox, measure every address space, forget the dead; returns the walk."""
+        links = self._walk_procs()
+        now = time.monotonic()
+        old = self.floor
+        grew: dict[int, int] = {}
+        new: dict[int, int] = {}
+        for pid, parent in links.items():
+            v = data_bytes(pid)
+            if v is None:
+                continue
+            if v and parent in links and v == new.get(parent, -1) and self._same_vm(pid, parent):
+                continue  # a vfork child shares its parent's address space until it execs
+            new[pid] = v
+            grew[pid] = v - old.get(pid, 0) - self.approved.get(pid, 0)
+        # forks seen by this walk retire their pending copies
+        fresh = [p for p in new if p not in old]
+        for pid in fresh:
+            parent = links.get(pid)
+            for i, (pp, _b, _t) in enumerate(self.pending):
+                if pp == parent:
+                    del self.pending[i]
+                    break
+        self.pending = [e for e in self.pending if now - e[2] < PENDING_TTL]
+        self.floor = new
+        self.approved = {}
+        self.inflight.clear()
+        self.shanon = {k: v for k, v in self.shanon.items() if k in links}
+        self.brk = {k: v for k, v in self.brk.items() if k in links}
+        self.tid2tgid = {k: v for k, v in self.tid2tgid.items() if v in links}
+        self._grew = grew
+        self.peak_procs = max(self.peak_procs, len(links))
+        return links
+
+    def _same_vm(self, a: int, b: int) -> bool:
+        nr = self.mech.kcmp_nr
+        if nr is None:
+            return False
+        from ._native import lib
+        return lib.sl_raw_syscall6(nr, a, b, KCMP_VM, 0, 0, 0) == 0
+
+    def enforce(self, limit: int) -> list[int]:
+        """The sandbox is over the limit without a request we approved: SIGKILL the process that grew behind
+        our back the most (or the largest), until it fits. Returns the pids killed."""
+        killed = []
+        grew = getattr(self, "_grew", {})
+        while self.total() > limit and self.floor:
+            pid = max(self.floor, key=lambda p: (grew.get(p, 0), self.floor[p]))
+            size = self.floor.pop(pid)
+            self.shanon.pop(pid, None)
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+            self.mem_killed.append((pid, size))
+            self.sup.record("memory", pid, errno.ENOMEM, f"killed: the sandbox is over max_memory "
+                            f"({_mib(limit)}); this process holds {_mib(size)}",
+                            "raise max_memory (-m)")
+            killed.append(pid)
+        return killed
+
+    def request(self, n, nbytes: int, what: str, shared: bool = False):
+        """Judge a request of ``nbytes`` more memory by thread ``n.pid``: None (allow), Errno or Kill."""
+        limit = self.mem_limit()
+        if limit is None:
+            return None
+        tid = n.pid
+        with self.lock:
+            self.inflight.pop(tid, None)
+            tgid = self.tgid(tid)
+            prev = self.floor.get(tgid, 0) + self.approved.get(tgid, 0)
+            own = self._measure(tgid, tid)
+            self._grew = {tgid: own - prev}
+            total = self.total()
+            if total + nbytes > limit:
+                self.refresh()
+                if tgid not in self.floor:
+                    self._measure(tgid, tid)
+                total = self.total()
+                if total > limit:
+                    if tgid in self.enforce(limit):
+                        return Kill(errno.ENOMEM)
+                    total = self.total()
+                if total + nbytes > limit:
+                    self.mem_refused += 1
+                    self.sup.record(what, tid, errno.ENOMEM,
+                                    f"{what} of {_mib(nbytes)} refused: the sandbox uses {_mib(total)} "
+                                    f"of max_memory {_mib(limit)}", "raise max_memory (-m)")
+                    return Errno(errno.ENOMEM)
+            if shared:
+                self.shanon[tgid] = self.shanon.get(tgid, 0) + nbytes
+            else:
+                self.inflight[tid] = (tgid, nbytes)
+                self.approved[tgid] = self.approved.get(tgid, 0) + nbytes
+            self.peak_mem = max(self.peak_mem, total + nbytes)
+            return None
+
+    def fork_copy(self, n):
+        """A fork without CLONE_VM: the child's address space is a copy of the parent's."""
+        limit = self.mem_limit()
+        if limit is None:
+            return None
+        tid = n.pid
+        with self.lock:
+            tgid = self.tgid(tid)
+            size = self._measure(tgid, tid)
+            total = self.total()
+            if total + size > limit:
+                self.refresh()
+                total = self.total()
+                if total + size > limit:
+                    self.mem_refused += 1
+                    self.sup.record("fork", tid, errno.ENOMEM,
+                                    f"fork refused: the copy ({_mib(size)}) does not fit in max_memory "
+                                    f"{_mib(limit)} (the sandbox uses {_mib(total)})", "raise max_memory (-m)")
+                    return Errno(errno.ENOMEM)
+            self.pending.append((tgid, size, time.monotonic()))
+            self.peak_mem = max(self.peak_mem, total + size)
+            return None
+
+    # ---- the watcher thread: memory measurement, CPU throttle ----
+    def start_watcher(self) -> None:
+        self.thread = threading.Thread(target=self._watch, name="sandlock-resources", daemon=True)
+        self.thread.start()
+
+    def stop_watcher(self) -> None:
+        self.stop.set()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(2)
+        self.thread = None
+
+    def _cpu_seconds(self, pids) -> float:
+        ticks = 0
+        for pid in (self.reaper, *pids):
+            f = stat_fields(pid)
+            if f is None:
+                continue
+            if pid == self.reaper:
+                ticks += int(f[13]) + int(f[14])
+            else:
+                ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+        return ticks / CLK_TCK
+
+    def _signal(self, pids, sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+
+    def _watch(self) -> None:
+        pct = self.mech.cpu_pct
+        rate = pct / 100.0 if pct else 0.0
+        burst = rate * 0.05
+        budget = burst
+        stopped: set[int] = set()
+        last = time.monotonic()
+        cpu_prev = None
+        i = 0
+        try:
+            while not self.stop.wait(TICK if pct else TICK * MEM_EVERY):
+                i += 1
+                if self.mem_limit() is not None and (not pct or i % MEM_EVERY == 0):
+                    with self.lock:
+                        self.refresh()
+                        limit = self.mem_limit()
+                        self.peak_mem = max(self.peak_mem, self.total())
+                        if limit is not None and self.total() > limit:
+                            self.enforce(limit)
+                if not pct:
+                    continue
+                pids = tree(self.reaper)
+                if not pids:
+                    continue
+                now = time.monotonic()
+                cpu = self._cpu_seconds(pids)
+                if cpu_prev is None:
+                    cpu_prev, last = cpu, now
+                    continue
+                used, dt = max(0.0, cpu - cpu_prev), now - last
+                cpu_prev, last = cpu, now
+                budget = min(budget + rate * dt, burst) - used
+                if budget < 0:
+                    # stop everything, again until no new process shows up
+                    for _ in range(8):
+                        new = [p for p in tree(self.reaper) if p not in stopped]
+                        if not new:
+                            break
+                        self._signal(new, 19)
+                        stopped.update(new)
+                    if stopped:
+                        self.cpu_stops += 1
+                elif stopped:
+                    self._signal(stopped, 18)
+                    stopped.clear()
+        finally:
+            if stopped:
+                self._signal(stopped, 18)
+
+    # ---- the end ----
+    def finish(self, result) -> None:
+        self.stop_watcher()
+        from .sandbox import ExitReason
+        result.processes = self.started
+        if self.mem_limit() is not None:
+            result.peak_memory = self.peak_mem
+        if self.mem_killed or (self.mem_refused and not result.success and result.reason in (
+                ExitReason.EXITED, ExitReason.SIGNALED)):
+            result.reason = ExitReason.MEMORY
+            limit = self.mem_limit()
+            what = (f"killed {len(self.mem_killed)} process(es)" if self.mem_killed
+                    else f"refused {self.mem_refused} allocation(s)")
+            result.error = f"memory limit: max_memory {_mib(limit)} reached ({what})"
+
+
+class Resources:
+    """The mechanism: compiled once per plan; per-run state is a ``Run``."""
+
+    def __init__(self, policy, arch: str):
+        from . import syscalls
+        self.arch = arch
+        self.mem_limit = policy.max_memory
+        self.proc_limit = policy.max_processes if processes_enforced(policy) else None
+        self.cpu_pct = policy.max_cpu if policy.max_cpu and policy.max_cpu < 100 else None
+        self.fork_nrs = frozenset(n for n in (syscalls.number(s, arch) for s in ("clone", "fork", "vfork", "clone3"))
+                                  if n is not None)
+        self.kcmp_nr = syscalls.number("kcmp", arch)
+
+    @staticmethod
+    def run(sup) -> Run:
+        return sup.state["resources"]
+
+    # ---- handlers ----
+    def h_clone(self, sup, n):
+        flags = n.data.args[0]
+        if flags & CLONE_THREAD:
+            return None
+        return self._fork(sup, n, flags)
+
+    def h_fork(self, sup, n):
+        return self._fork(sup, n, 0)
+
+    def h_vfork(self, sup, n):
+        return self._fork(sup, n, CLONE_VM | CLONE_VFORK)
+
+    def _fork(self, sup, n, flags: int):
+        r = sup.state["resources"]
+        with r.lock:
+            if not r.allow_fork(n.pid):
+                r.proc_refused += 1
+                sup.record("fork", n.pid, errno.EAGAIN, f"max_processes ({r.proc_limit()}) reached",
+                           "raise max_processes (-P)")
+                return Errno(errno.EAGAIN)
+        if not flags & CLONE_VM:
+            act = r.fork_copy(n)
+            if act is not None:
+                with r.lock:  # give the slot back
+                    if r.tokens.pop(n.pid, None) is not None:
+                        r.since = max(0, r.since - 1)
+                return act
+        with r.lock:
+            r.started += 1
+        return None
+
+    def h_mmap(self, sup, n):
+        a = n.data.args
+        length, prot, flags = a[1], a[2] & 0xFFFFFFFF, a[3] & 0xFFFFFFFF
+        if not prot & PROT_WRITE:
+            return None  # a reservation: charged if it becomes writable (mprotect)
+        if flags & MAP_ANONYMOUS and flags & MAP_SHARED:
+            return sup.state["resources"].request(n, _pages(length), "mmap", shared=True)
+        if flags & MAP_ANONYMOUS or flags & MAP_PRIVATE:
+            return sup.state["resources"].request(n, _pages(length), "mmap")
+        return None
+
+    def h_mprotect(self, sup, n):
+        a = n.data.args
+        if not a[2] & PROT_WRITE:
+            return None
+        return sup.state["resources"].request(n, _pages(a[1]), "mprotect")
+
+    def h_mremap(self, sup, n):
+        a = n.data.args
+        grow = _pages(a[2]) - _pages(a[1])
+        if grow <= 0:
+            return None
+        return sup.state["resources"].request(n, grow, "mremap")
+
+    def h_brk(self, sup, n):
+        new = n.data.args[0]
+        if new == 0:
+            return None
+        r = sup.state["resources"]
+        f = stat_fields(n.pid)
+        if f is None or len(f) < 45:
+            return None
+        start = int(f[44])
+        with r.lock:
+            tgid = r.tgid(n.pid)
+            base, size = r.brk.get(tgid, (start, 0))
+            if base != start:  # a new program image (exec): a new heap
+                size = 0
+        want = max(0, new - start)
+        if want <= size:
+            with r.lock:
+                r.brk[tgid] = (start, want)
+            return None
+        act = r.request(n, _pages(want - size), "brk")
+        if act is None:
+            with r.lock:
+                r.brk[tgid] = (start, want)
+        elif type(act) is Errno:
+            # brk(2) fails by returning the current break (glibc stores what it returns): never -ENOMEM
+            return Value(_current_brk(n.pid, start))
+        return act
+
+    def h_shmget(self, sup, n):
+        a = n.data.args
+        if not a[2] & IPC_CREAT:
+            return None
+        r = sup.state["resources"]
+        act = r.request(n, _pages(a[1]), "shmget", shared=True)
+        if act is None:
+            with r.lock:  # a SysV segment outlives its creator: charged to the sandbox, never credited
+                tgid = r.tgid(n.pid)
+                b = _pages(a[1])
+                r.shanon[tgid] = r.shanon.get(tgid, 0) - b
+                r.shm += b
+        return act
+
+    # ---- lifecycle ----
+    def setup(self, sup) -> None:
+        r = Run(self, sup)
+        sup.state["resources"] = r
+        if self.mem_limit is not None:
+            v = data_bytes(sup.root_pid)
+            r.floor[sup.root_pid] = v or 0
+        if self.mem_limit is not None or self.cpu_pct:
+            r.start_watcher()
+        sup.on_close(r.stop_watcher)
+
+    def finish(self, sup, result) -> None:
+        if sup is None:
+            return
+        r = sup.state.get("resources")
+        if r is not None:
+            r.finish(result)
+
+
+def _current_brk(pid: int, start: int) -> int:
+    """The end of the heap mapping (page-aligned break), or its start when there is no heap yet."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as f:
+            for line in f:
+                if line.rstrip().endswith(b"[heap]"):
+                    return int(line.split(b"-", 1)[1].split(b" ", 1)[0], 16)
+    except (OSError, ValueError):
+        pass
+    return start
+
+
+def _pages(n: int) -> int:
+    return (n + PAGE - 1) // PAGE * PAGE
+
+
+def processes_enforced(policy) -> bool:
+    """``max_processes`` costs a notification per fork: enforced when set to something other than the default,
+    or when the sandbox has resource limits anyway (then the default of 64 applies too)."""
+    return (policy.max_processes != DEFAULT_MAX_PROCESSES or policy.max_memory is not None
+            or policy.max_cpu is not None)
+
+
+def wanted(policy) -> bool:
+    return processes_enforced(policy) or policy.max_memory is not None or policy.max_cpu is not None
+
+
+def install(builder) -> None:
+    policy = builder.policy
+    mech = Resources(policy, builder.arch)
+    if mech.proc_limit is not None or mech.mem_limit is not None:
+        builder.notify("clone", mech.h_clone)
+        builder.notify("fork", mech.h_fork)
+        builder.notify("vfork", mech.h_vfork)
+    if mech.mem_limit is not None:
+        builder.notify("mmap", mech.h_mmap)
+        builder.notify("mprotect", mech.h_mprotect)
+        builder.notify("pkey_mprotect", mech.h_mprotect)
+        builder.notify("mremap", mech.h_mremap)
+        builder.notify("brk", mech.h_brk)
+        builder.notify("shmget", mech.h_shmget)
+    builder.on_supervisor(mech.setup)
+    builder.on_finish(mech.finish)
