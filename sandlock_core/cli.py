@@ -247,6 +247,11 @@ def cmd_run(a) -> int:
         code = 128 + res.signal
     else:
         code = res.exit_code
+    if res.reason is ExitReason.MEMORY:
+        sys.stderr.write(f"sandlock: {res.error}\n")
+    elif res.reason in (ExitReason.SIGNALED, ExitReason.KILLED) and res.signal:
+        name = _signal.Signals(res.signal).name if res.signal in _signal.valid_signals() else str(res.signal)
+        sys.stderr.write(f"sandlock: ended by signal {res.signal} ({name})\n")
     if a.status_fd is not None:
         import json
         status = {"exit_code": res.exit_code if not res.signal else -1}

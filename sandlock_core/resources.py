@@ -446,8 +446,8 @@ class Run:
         result.processes = self.started
         if self.mem_limit() is not None:
             result.peak_memory = self.peak_mem
-        if self.mem_killed or (self.mem_refused and not result.success and result.reason in (
-                ExitReason.EXITED, ExitReason.SIGNALED)):
+        if (self.mem_killed or self.mem_refused) and not result.success and result.reason in (
+                ExitReason.EXITED, ExitReason.SIGNALED):
             result.reason = ExitReason.MEMORY
             limit = self.mem_limit()
             what = (f"killed {len(self.mem_killed)} process(es)" if self.mem_killed
