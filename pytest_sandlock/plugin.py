@@ -23,6 +23,7 @@ from . import _runner
 PLUGIN_NAME = "sandlock"
 
 _SESSION_KEY = pytest.StashKey["P.Session"]()
+_LEARN_KEY = pytest.StashKey[Any]()
 _STATE_KEY = pytest.StashKey["ItemState"]()
 _MODE_KEY = pytest.StashKey[str]()
 _STATS_KEY = pytest.StashKey["Stats"]()
@@ -72,6 +73,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="do not record denials (saves one supervisor round trip per open/exec)")
     group.addoption("--sandlock-timeout", metavar="SECS", type=float, dest="sandlock_timeout", default=None,
                     help="kill a confined test (and everything it started) after SECS; ini sandlock_timeout")
+    group.addoption("--sandlock-learn", metavar="FILE", nargs="?", const="sandlock-learned.toml", default=None,
+                    dest="sandlock_learn", help="run every test permissively, record what it does and write the "
+                    "least-privilege profile to FILE (default sandlock-learned.toml)")
+    group.addoption("--sandlock-learn-per-test", action="store_true", dest="sandlock_learn_per_test",
+                    default=False, help="with --sandlock-learn: what one test alone needs becomes a marker "
+                    "suggestion for it instead of a suite rule")
+    group.addoption("--sandlock-learn-merge", action="store_true", dest="sandlock_learn_merge", default=False,
+                    help="with --sandlock-learn: widen FILE instead of replacing it")
 
     parser.addini("sandlock_profile", "profile (name or TOML path) under which every test runs confined")
     parser.addini("sandlock_all", "confine every test (like --sandlock)", type="bool", default=False)
@@ -186,6 +195,15 @@ def pytest_configure(config: pytest.Config) -> None:
         "sandbox(False) opts the test out of session-wide confinement.")
     config.addinivalue_line("markers", "no_sandbox: run this test unconfined even under --sandlock-profile")
     config.stash[_SESSION_KEY] = s = _configure_session(config)
+    if config.getoption("sandlock_learn", None) and not s.off:
+        if config.getoption("numprocesses", None):
+            raise pytest.UsageError("sandlock: --sandlock-learn does not support pytest-xdist (-n) yet")
+        from sandlock_core.learn import PytestLearner
+        s.confine_all, s.record_denials = True, False
+        config.stash[_LEARN_KEY] = lrn = PytestLearner(
+            config.getoption("sandlock_learn"), per_test=config.getoption("sandlock_learn_per_test"),
+            merge=config.getoption("sandlock_learn_merge"))
+        config.pluginmanager.register(lrn, "sandlock-learn")
     config.stash[_STATS_KEY] = Stats()
     if not config.pluginmanager.has_plugin("sandlock-late-setup"):
         config.pluginmanager.register(_LateSetup(), "sandlock-late-setup")
@@ -382,6 +400,9 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
     from sandlock_core import Policy
     from sandlock_core.errors import PolicyError
     fields, where = _item_fields(item, s)
+    lrn = item.config.stash.get(_LEARN_KEY, None)
+    if lrn is not None:
+        fields = lrn.permissive(fields)
     seed = P.test_seed(s.seed, item.nodeid)
     rs = fields.get("random_seed")
     if rs is True or rs == "auto":
@@ -488,7 +509,9 @@ def _cached_sandbox(item, s: P.Session, state: ItemState):
     key = (repr(state.policy), s.record_denials, id(item.stash.get(_PFN_KEY, None)))
     sb = cache.get(key)
     if sb is None:
-        sb = _make_sandbox(item, s, state, record_denials=s.record_denials)
+        lrn = item.config.stash.get(_LEARN_KEY, None)
+        sb = _make_sandbox(item, s, state, record_denials=s.record_denials,
+                           handlers=lrn.handlers if lrn is not None else None)
         if len(cache) >= _MAX_CACHED:
             old = cache.pop(next(iter(cache)))
             old.close()
@@ -504,11 +527,11 @@ def pytest_unconfigure(config) -> None:
             pass
 
 
-def _make_sandbox(item, s: P.Session, state: ItemState, *, record_denials: bool):
+def _make_sandbox(item, s: P.Session, state: ItemState, *, record_denials: bool, handlers=None):
     from sandlock_core import Sandbox
     from sandlock_core.errors import SandlockError
     try:
-        return Sandbox(state.policy, record_denials=record_denials, policy_fn=item.stash.get(_PFN_KEY, None))
+        return Sandbox(state.policy, record_denials=record_denials, handlers=handlers, policy_fn=item.stash.get(_PFN_KEY, None))
     except SandlockError as exc:
         if _kernel_feature_error(exc):
             if s.strict:
@@ -616,12 +639,17 @@ def _confined_call(item) -> None:
     st.missing.update(state.missing)
     timeout, tsrc = _timeout_for(item, s)
     fd = os.memfd_create("sandlock-report", os.MFD_CLOEXEC)
+    lrn = item.config.stash.get(_LEARN_KEY, None)
+    if lrn is not None:
+        lrn.begin(item, state)
     try:
         result = state.sandbox.run_function(_runner.child_main, item, fd, state.env, state.clean_env,
                                             timeout=timeout)
         messages = _runner.read_messages(fd)
     finally:
         os.close(fd)
+        if lrn is not None:
+            lrn.end(item, state)
     denials = R.denial_dicts(getattr(result, "denials", []) or [])
     report = None
     config = item.config

@@ -730,6 +730,9 @@ def render(learned: Learned, *, command: list[str] | None = None, extra: list[st
         lines.append("# secret-looking paths the run touched, NOT granted (the run under this profile is refused "
                      "them; grant them yourself only if that is intended):")
         lines += [f"#   {p}  ({why}; {acc})" for p, why, acc in learned.secrets]
+    order = ("fs_readable", "fs_writable", "fs_denied", "net_connect", "net_bind", "net_allow_hosts",
+             "max_memory", "max_processes", "max_open_files")
+    data = {**{k: data[k] for k in order if k in data}, **{k: v for k, v in data.items() if k not in order}}
     off = _unsupported_fields(data)
     for name in off:
         lines.append(f"# {name} = {data.pop(name)!r}  (observed; this build cannot enforce {name} yet)")
@@ -845,3 +848,144 @@ def add_parser(sub) -> None:
                    help=f"grant reads on directories N path components deep (default {DEFAULT_COLLAPSE})")
     p.add_argument("-t", "--timeout", type=float, metavar="SECS", help="kill the run after SECS")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+
+
+# ---- the pytest plugin's learn mode (pytest --sandlock-learn) ---------------------------------------------
+
+#: Fields a learning run leaves out of the test's policy (they are what is being learned).
+LEARNED_FIELDS = ("fs_readable", "fs_writable", "fs_denied", "net_bind", "net_connect", "net_allow_hosts",
+                  "max_memory", "max_processes", "max_open_files")
+
+
+def _covered(entry, suite_list, key) -> bool:
+    if key in _PATH_KEYS:
+        return _beneath(entry, suite_list)
+    if key in _PORT_KEYS:
+        from .policy import parse_ports
+        return set(parse_ports(entry, key)) <= set(parse_ports(suite_list, key)) if suite_list else False
+    return entry in suite_list
+
+
+class PytestLearner:
+    """Registered by pytest_sandlock.plugin under ``--sandlock-learn``: every test body runs confined by a
+    permissive policy (``fs_writable = ["/"]``, so the plugin's defaults and TMPDIR apply exactly as they will
+    under the learned profile) while :class:`Recorder` attributes what it does to that test. At the end it
+    writes one profile for the suite; with ``per_test``, rules only one test needs stay out of it and that
+    test gets a marker suggestion instead."""
+
+    def __init__(self, path: str, *, per_test: bool = False, merge: bool = False,
+                 collapse: int = DEFAULT_COLLAPSE):
+        self.path, self.per_test, self.merge, self.collapse = path, per_test, merge, collapse
+        self.recorder = Recorder()
+        self.handlers = self.recorder.handlers()
+        self.tests: dict[str, Learned] = {}
+        self._sb = None
+        self.sampler = Sampler(lambda: sandbox_reapers(self._sb)() if self._sb is not None else [], self.recorder)
+        self.sampler.start()
+        self.summary: list[str] = []
+
+    @staticmethod
+    def permissive(fields: dict) -> dict:
+        out = {k: v for k, v in fields.items() if k not in LEARNED_FIELDS}
+        out["fs_writable"] = ["/"]
+        return out
+
+    def begin(self, item, state) -> None:
+        self.recorder.current = Observations()
+        self._sb = state.sandbox
+
+    def end(self, item, state) -> None:
+        try:
+            self.sampler.sample()
+        except Exception:
+            pass
+        self._sb = None
+        obs, self.recorder.current = self.recorder.current, Observations()
+        pol = state.policy
+        learned = build_profile(obs, collapse=self.collapse, covered_read=pol.fs_readable,
+                                covered_write=[p for p in pol.fs_writable if p != "/"])
+        prev = self.tests.get(item.nodeid)
+        if prev is not None:  # reruns (pytest-rerunfailures): widen
+            learned.fields = merge(prev.fields, learned.fields)
+        self.tests[item.nodeid] = learned
+
+    # -- building the suite profile --
+    def suite(self) -> tuple[Learned, dict[str, dict]]:
+        """(suite profile, {nodeid: extra fields}) from every test's learned fields."""
+        union: dict = {}
+        notes: list[str] = []
+        secrets: set = set()
+        for lr in self.tests.values():
+            union = merge(union, lr.fields)
+            notes += [n for n in lr.notes if not n.startswith("observed peaks") and n not in notes]
+            secrets.update(lr.secrets)
+        extras: dict[str, dict] = {}
+        if self.per_test and len(self.tests) > 1:
+            suite: dict = {k: v for k, v in union.items() if k in _LIMIT_KEYS}
+            for key in (*_PATH_KEYS, *_PORT_KEYS, "net_allow_hosts"):
+                counts: dict = {}
+                for lr in self.tests.values():
+                    for e in lr.fields.get(key, ()):
+                        counts[e] = counts.get(e, 0) + 1
+                shared = [e for e, c in counts.items() if c > 1]
+                if shared:
+                    suite = merge(suite, {key: shared})
+            for nodeid, lr in self.tests.items():
+                more = {}
+                for key in (*_PATH_KEYS, *_PORT_KEYS, "net_allow_hosts"):
+                    have = suite.get(key, [])
+                    miss = [e for e in lr.fields.get(key, ()) if not _covered(e, have, key)]
+                    if miss:
+                        more[key] = merge({key: list(have)}, {key: miss})[key] if have else miss
+                if more:
+                    extras[nodeid] = more
+            union = suite
+        if not union.get("fs_readable") and not union.get("fs_writable"):
+            # No list at all would mean "filesystem unrestricted": name a path the plugin grants anyway.
+            union["fs_readable"] = ["{rootdir}"]
+            notes.append("fs_readable {rootdir}: the tests need nothing beyond the plugin's defaults; this entry "
+                         "keeps the filesystem restricted")
+        return Learned(union, notes, sorted(secrets)), extras
+
+    # -- pytest hooks (pluggy matches them by name) --
+    def pytest_sessionfinish(self, session, exitstatus) -> None:
+        self.sampler.stop()
+        if not self.tests:
+            return
+        learned, extras = self.suite()
+        if self.merge:
+            old = load_existing(self.path)
+            if old:
+                learned.fields = merge(old, learned.fields)
+                learned.notes.insert(0, f"merged into the existing {self.path}")
+        if exitstatus not in (0, 5):
+            learned.notes.insert(0, f"the learning run did not pass (exit status {int(exitstatus)}): the profile "
+                                    f"may be incomplete")
+        extra_lines = []
+        if extras:
+            extra_lines.append("# Tests that need more than this profile (a marker field replaces the profile's "
+                               "list, so each suggestion repeats it):")
+            for nodeid, more in sorted(extras.items()):
+                args = ", ".join(f"{k}={v!r}" for k, v in more.items())
+                extra_lines += [f"# {nodeid}", f"#   @pytest.mark.sandbox({args})"]
+        write_profile(self.path, render(learned, command=["pytest", "(suite of", f"{len(self.tests)} tests)"],
+                                        extra=extra_lines))
+        f = learned.fields
+        self.summary = [f"learned a profile from {len(self.tests)} tests: {len(f.get('fs_readable', []))} readable, "
+                        f"{len(f.get('fs_writable', []))} writable, {len(f.get('net_connect', []))} connect, "
+                        f"{len(f.get('net_bind', []))} bind rules -> {self.path}"]
+        if learned.secrets:
+            self.summary.append(f"{len(learned.secrets)} secret-looking paths touched and NOT granted: "
+                                + ", ".join(p for p, _w, _a in learned.secrets[:5]))
+        if extras:
+            self.summary.append(f"{len(extras)} tests need more than the suite profile: marker suggestions in "
+                                f"{self.path}")
+            for nodeid, more in sorted(extras.items())[:10]:
+                self.summary.append(f"  {nodeid}: " + ", ".join(f"{k} += {[e for e in v if not _covered(e, f.get(k, []), k)]}"
+                                                                for k, v in more.items()))
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.summary:
+            terminalreporter.write_sep("-", "sandlock learn")
+            for line in self.summary:
+                terminalreporter.write_line(line)
