@@ -30,11 +30,17 @@ class BranchAction(enum.Enum):
     KEEP = "keep"
 
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+# A number, then an optional unit: K/M/G/T with an optional "B" or "iB", or a bare "B" (bytes).
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE | re.ASCII)
+_UINT_RE = re.compile(r"^\s*(\d+)\s*$", re.ASCII)
+_RANGE_RE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$", re.ASCII)
+_FRACTION_RE = re.compile(r"(?<=:\d\d)\.(\d+)", re.ASCII)
+MAX_CPU_NUMBER = 8191  # the kernel's largest NR_CPUS; also bounds the expansion of ranges such as '0-99999999'
+_SIZE_HELP = "is not a size (expected a number with an optional K, M, G or T suffix, e.g. '512M')"
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_HOST_RE = re.compile(r"^[A-Za-z0-9.:_\-\[\]%]+$")
-_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,62})$")
-_SYSCALL_RE = re.compile(r"^[a-z0-9_]+$")
+_HOST_RE = re.compile(r"^[A-Za-z0-9.:_\-\[\]%]+$", re.ASCII)
+_HOSTNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]{0,63}$", re.ASCII)  # HOST_NAME_MAX is 64
+_SYSCALL_RE = re.compile(r"^[a-z0-9_]+$", re.ASCII)
 
 
 def _fail(field_name: str, value: Any, why: str) -> PolicyError:
@@ -42,51 +48,76 @@ def _fail(field_name: str, value: Any, why: str) -> PolicyError:
 
 
 def parse_size(value, field: str = "size") -> int:
-    """Bytes from an int or a string like '512M', '1.5G', '64k', '2GiB' (binary multiples)."""
+    """Bytes from an int or a string like '512M', '1.5G', '64k', '2GiB', '10MB' (binary multiples)."""
     if isinstance(value, bool):
-        raise _fail(field, value, "is not a size (expected a number of bytes or a string such as '512M')")
+        raise _fail(field, value, _SIZE_HELP)
     if isinstance(value, int):
         if value < 0:
-            raise _fail(field, value, "is negative")
+            raise _fail(field, value, "is negative (expected a number of bytes >= 0)")
         return value
-    if isinstance(value, float) and value >= 0:
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _fail(field, value, _SIZE_HELP)
+        if value < 0:
+            raise _fail(field, value, "is negative (expected a number of bytes >= 0)")
         return int(value)
     if isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise _fail(field, value, "is not a size (expected a number with an optional K, M, G or T suffix, e.g. '512M')")
+            number, unit = m.group(1), _UNITS[(m.group(2) or "").lower()]
+            if "." not in number:
+                return int(number) * unit  # exact, however large
+            return int(float(number) * unit)
+        if value.strip().startswith("-"):
+            raise _fail(field, value, "is negative (expected a number of bytes >= 0)")
+    raise _fail(field, value, _SIZE_HELP)
 
 
 def parse_ports(value, field: str = "ports") -> tuple[int, ...]:
-    """Ports from 80, '80', '8000-9000', '80,443' or a list of those: sorted, deduplicated, 0..65535."""
+    """Ports from 80, '80', '8000-9000', '80,443,9000-9002' or a list of those: sorted, deduplicated, 0..65535.
+
+    Ranges are merged as intervals before expansion, so the result has at most 65536 entries whatever the
+    input repeats, and the work is bounded by the input's length.
+    """
     if value is None:
         return ()
     items = value if isinstance(value, (list, tuple, set, frozenset)) else [value]
-    ports: set[int] = set()
+    spans: list[tuple[int, int]] = []
     for item in items:
         if isinstance(item, bool):
-            raise _fail(field, item, "is not a port")
-        if isinstance(item, int):
-            parts = [str(item)]
-        elif isinstance(item, str):
-            parts = [p.strip() for p in item.split(",") if p.strip()]
-            if not parts:
-                raise _fail(field, item, "is not a port or range")
-        else:
             raise _fail(field, item, "is not a port (expected an int or a string such as '8000-9000')")
+        if isinstance(item, int):
+            if not 0 <= item <= 65535:
+                raise _fail(field, str(item), "is outside 0..65535")  # same spelling as in '80,70000'
+            spans.append((item, item))
+            continue
+        if not isinstance(item, str):
+            raise _fail(field, item, "is not a port (expected an int or a string such as '8000-9000')")
+        parts = [p for p in item.split(",") if p.strip()]
+        if not parts:
+            raise _fail(field, item, "is not a port or range (e.g. 8080 or '8000-9000')")
         for part in parts:
-            lo, sep, hi = part.partition("-")
-            try:
-                a, b = int(lo), int(hi) if sep else int(lo)
-            except ValueError:
-                raise _fail(field, part, "is not a port or range (e.g. 8080 or '8000-9000')") from None
-            if not (0 <= a <= 65535 and 0 <= b <= 65535):
-                raise _fail(field, part, "is outside 0..65535")
+            m = _RANGE_RE.match(part)
+            if not m:
+                raise _fail(field, part.strip(), "is not a port or range (e.g. 8080 or '8000-9000')")
+            a = int(m.group(1))
+            b = int(m.group(2)) if m.group(2) is not None else a
+            if a > 65535 or b > 65535:
+                raise _fail(field, part.strip(), "is outside 0..65535")
             if a > b:
-                raise _fail(field, part, "is a range whose start is above its end")
-            ports.update(range(a, b + 1))
-    return tuple(sorted(ports))
+                raise _fail(field, part.strip(), "is a range whose start is above its end")
+            spans.append((a, b))
+    spans.sort()
+    merged: list[list[int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    out: list[int] = []
+    for a, b in merged:
+        out.extend(range(a, b + 1))
+    return tuple(out)
 
 
 def parse_time(value, field: str = "time_start") -> float:
@@ -94,7 +125,7 @@ def parse_time(value, field: str = "time_start") -> float:
     if isinstance(value, bool):
         raise _fail(field, value, "is not a time")
     if isinstance(value, (int, float)):
-        return float(value)
+        return _finite(field, value)
     if isinstance(value, _dt.datetime):
         dt = value
     elif isinstance(value, _dt.date):
@@ -102,11 +133,17 @@ def parse_time(value, field: str = "time_start") -> float:
     elif isinstance(value, str):
         s = value.strip()
         try:
-            return float(s)
+            number = float(s)
         except ValueError:
             pass
+        else:
+            return _finite(field, value, number)
+        if s.endswith(("Z", "z")):
+            s = s[:-1] + "+00:00"
+        # Python 3.10's fromisoformat takes only 3 or 6 fractional digits: pad or cut to 6.
+        s = _FRACTION_RE.sub(lambda m: "." + (m.group(1) + "00000")[:6], s)
         try:
-            dt = _dt.datetime.fromisoformat(s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s)
+            dt = _dt.datetime.fromisoformat(s)
         except ValueError:
             raise _fail(field, value, "is not a time (expected ISO 8601 such as '2000-01-01T00:00:00Z' "
                                       "or epoch seconds)") from None
@@ -117,10 +154,21 @@ def parse_time(value, field: str = "time_start") -> float:
     return dt.timestamp()
 
 
+def _finite(field_name: str, value, number=None) -> float:
+    try:
+        number = float(value if number is None else number)
+    except OverflowError:
+        number = float("inf")
+    if number != number or number in (float("inf"), float("-inf")):
+        raise _fail(field_name, value, "is not a finite number of epoch seconds")
+    return number
+
+
 def parse_cpu_list(value, field: str = "cpu_cores") -> tuple[int, ...]:
+    """CPU numbers from '0,2-3', 3 or a list such as [0, '2-3']: sorted, deduplicated, 0..MAX_CPU_NUMBER."""
     if isinstance(value, str):
         items: list = [p for p in value.split(",") if p.strip()]
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple, set, frozenset)):
         items = list(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         items = [value]
@@ -128,16 +176,22 @@ def parse_cpu_list(value, field: str = "cpu_cores") -> tuple[int, ...]:
         raise _fail(field, value, "is not a CPU list (e.g. '0,2-3' or [0, 2])")
     cpus: set[int] = set()
     for item in items:
-        if isinstance(item, int) and not isinstance(item, bool) and item >= 0:
-            cpus.add(item)
-            continue
-        lo, sep, hi = str(item).strip().partition("-")
-        try:
-            a, b = int(lo), int(hi) if sep else int(lo)
-        except ValueError:
-            raise _fail(field, item, "is not a CPU number or range") from None
-        if a < 0 or a > b:
-            raise _fail(field, item, "is not a valid CPU range")
+        if isinstance(item, bool):
+            raise _fail(field, item, "is not a CPU number or range")
+        if isinstance(item, int):
+            a = b = item
+            if a < 0:
+                raise _fail(field, item, "is not a CPU number (expected 0 or more)")
+        elif isinstance(item, str) and _RANGE_RE.match(item):
+            m = _RANGE_RE.match(item)
+            a = int(m.group(1))
+            b = int(m.group(2)) if m.group(2) is not None else a
+            if a > b:
+                raise _fail(field, item.strip(), "is a range whose start is above its end")
+        else:
+            raise _fail(field, item, "is not a CPU number or range (e.g. 3 or '2-5')")
+        if b > MAX_CPU_NUMBER:
+            raise _fail(field, item, f"is beyond CPU {MAX_CPU_NUMBER}")
         cpus.update(range(a, b + 1))
     if not cpus:
         raise _fail(field, value, "names no CPU")
@@ -176,7 +230,7 @@ def _int(field_name: str, value, lo: int, hi: int | None = None, *, optional: bo
     if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, str) and value.strip().isdigit():
+        if isinstance(value, str) and _UINT_RE.match(value):  # CLI flags arrive as strings
             value = int(value)
         else:
             raise _fail(field_name, value, "is not an integer")
@@ -241,6 +295,19 @@ def _hosts(value):
 
 @dataclass(frozen=True, eq=True)
 class Policy:
+    """What a sandbox may do. Construction validates every field and normalises it in place:
+
+    * path lists (``fs_*``) -> tuple of absolute, normalised str (a single str or PathLike is one path);
+      single paths (``cwd``, ``workdir``, ``fs_storage``, ``chroot``) -> str or None
+    * ``net_bind``/``net_connect`` -> sorted tuple of int; ``net_allow_hosts`` -> tuple of str or None
+    * ``max_memory``/``max_disk`` -> int bytes or None; ``time_start`` -> float epoch seconds or None
+    * ``cpu_cores`` -> sorted tuple of int or None; syscall lists -> tuple of str or None
+    * ``env`` -> read-only mapping (``types.MappingProxyType``) of str to str
+    * ``fs_isolation``/``on_exit``/``on_error`` -> enum members
+
+    Policies compare by value (``env`` by content) but are not hashable, because ``env`` is a mapping.
+    """
+
     # Filesystem (Landlock)
     fs_writable: tuple = ()
     fs_readable: tuple = ()
@@ -350,6 +417,9 @@ class Policy:
     def check_names(cls, names, source: str | None = None) -> None:
         known = set(cls.field_names())
         for name in names:
+            if not isinstance(name, str):
+                prefix = f"{source}: " if source else ""
+                raise PolicyError(f"{prefix}policy field names are strings, got {name!r}")
             if name not in known:
                 import difflib
                 near = difflib.get_close_matches(name, sorted(known), n=1)
@@ -359,6 +429,10 @@ class Policy:
 
     @classmethod
     def from_dict(cls, d: Mapping, source: str | None = None) -> "Policy":
+        """A Policy from plain values (a profile, CLI flags); ``source`` prefixes every error message."""
+        if not isinstance(d, Mapping):
+            prefix = f"{source}: " if source else ""
+            raise PolicyError(f"{prefix}a policy must be a mapping of field names to values, got {d!r}")
         cls.check_names(d, source)
         try:
             return cls(**d)
