@@ -1,0 +1,210 @@
+"""The virtual /proc: num_cpus, meminfo, isolate_pids, sensitive files (see sandlock_core/procfs.py)."""
+import errno
+import os
+
+import pytest
+
+from sandlock_core import Policy, Sandbox
+from sandlock_core.plan import Plan
+from support import run_as_nobody
+
+PY = ["/usr/bin/python3", "-I", "-S", "-c"]
+
+
+def run(policy, code, timeout=60):
+    return Sandbox(policy).run([*PY, code], timeout=timeout)
+
+
+# ---- num_cpus ----
+def test_nproc_cpu_count_affinity_and_cpuinfo_show_num_cpus():
+    sb = Sandbox(Policy(num_cpus=3))
+    assert sb.run(["nproc"]).stdout == b"3\n"
+    r = sb.run([*PY, "import os; print(os.cpu_count(), len(os.sched_getaffinity(0)), sorted(os.sched_getaffinity(0)))"])
+    assert r.stdout == b"3 3 [0, 1, 2]\n"
+    r = sb.run(["sh", "-c", "grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online"])
+    assert r.stdout == b"3\n0-2\n"
+
+
+def test_sched_getaffinity_with_a_too_small_buffer_is_einval():
+    code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(128)
+print(libc.syscall(204, 0, 8, buf), ctypes.get_errno())
+print(libc.syscall(204, 0, 128, buf), buf.raw[:24].hex())
+"""
+    r = Sandbox(Policy(num_cpus=70)).run(["/usr/bin/python3", "-I", "-c", code])
+    assert r.stdout.split(b"\n")[0] == f"-1 {errno.EINVAL}".encode()
+    assert r.stdout.split(b"\n")[1] == b"16 ffffffffffffffff3f" + b"0" * 30
+
+
+# ---- meminfo ----
+def test_meminfo_reflects_max_memory():
+    r = Sandbox(Policy(max_memory="256M")).run(["sh", "-c", "head -3 /proc/meminfo; free -k | head -2"])
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split() == ["MemTotal:", "262144", "kB"]
+    free = int(lines[1].split()[1])
+    assert 200000 < free < 262144 and lines[2].split()[1] == str(free)
+
+
+def test_virtual_files_are_sealed_memfds_and_read_only():
+    code = """
+import errno, fcntl, os
+fd = os.open("/proc/meminfo", os.O_RDONLY)
+print(os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:"), fcntl.fcntl(fd, 1034) & 8 == 8)
+try:
+    os.open("/proc/meminfo", os.O_RDWR)
+except OSError as e:
+    print(e.errno)
+"""
+    r = run(Policy(max_memory="256M"), code)
+    assert r.stdout == f"True True\n{errno.EACCES}\n".encode(), r.stderr
+
+
+# ---- sensitive files ----
+SENSITIVE = ["/proc/kcore", "/proc/kallsyms", "/proc/keys", "/proc/sysrq-trigger", "/proc/kmsg", "/sys/firmware",
+             "/sys/kernel/security"]
+
+
+def _sensitive_code(tmp):
+    return f"""
+import os
+link = {tmp!r} + "/lnk"
+os.symlink("/proc/kallsyms", link)
+os.chdir("/proc")
+for p in {SENSITIVE!r} + [link, "kcore", "./self/../kallsyms", "/proc//keys"]:
+    try:
+        os.close(os.open(p, os.O_RDONLY))
+        print(p, "opened")
+    except OSError as e:
+        print(p, e.errno)
+"""
+
+
+def test_sensitive_files_are_eacces(tmp_path):
+    r = run(Policy(isolate_pids=True), _sensitive_code(str(tmp_path)))
+    lines = r.stdout.decode().splitlines()
+    assert len(lines) == len(SENSITIVE) + 4, r.stderr
+    for line in lines:
+        assert line.endswith(f" {errno.EACCES}"), line
+
+
+# ---- isolate_pids ----
+def test_ps_aux_shows_only_the_sandbox():
+    r = Sandbox(Policy(isolate_pids=True)).run(["sh", "-c", "sleep 5 & ps -eo pid,ppid,comm; kill %1"])
+    rows = [line.split() for line in r.stdout.decode().splitlines()[1:]]
+    assert sorted(row[2] for row in rows) == ["ps", "sh", "sleep"], r.stdout
+    pids = {int(row[0]) for row in rows}
+    assert os.getpid() not in pids and 1 not in pids
+    r = Sandbox(Policy(isolate_pids=True)).run(["ps", "aux"])
+    assert len(r.stdout.splitlines()) == 2 and r.stdout.splitlines()[1].endswith(b"ps aux")
+
+
+FOREIGN = """
+import ctypes, os, sys
+host = int(sys.argv[1])
+me = os.getpid()
+out = []
+def attempt(what, fn):
+    try:
+        fn()
+        out.append(f"{what} ok")
+    except OSError as e:
+        out.append(f"{what} {e.errno}")
+attempt("open", lambda: open(f"/proc/{host}/status").read())
+attempt("open1", lambda: open("/proc/1/cmdline").read())
+attempt("readlink", lambda: os.readlink(f"/proc/{host}/exe"))
+attempt("dir", lambda: os.listdir(f"/proc/{host}"))
+attempt("self", lambda: open("/proc/self/status").read())
+attempt("mypid", lambda: open(f"/proc/{me}/status").read())
+attempt("thread-self", lambda: open("/proc/thread-self/stat").read())
+attempt("mtab", lambda: open("/etc/mtab").read())
+attempt("dotdot", lambda: open(f"/proc/self/../{host}/status").read())
+os.symlink(f"/proc/{host}/environ", sys.argv[2] + "/l")
+attempt("symlink", lambda: open(sys.argv[2] + "/l").read())
+os.chdir("/proc")
+attempt("relative", lambda: open(f"{host}/status").read())
+d = os.open("/proc", os.O_RDONLY)
+attempt("dirfd", lambda: os.close(os.open(f"{host}/stat", os.O_RDONLY, dir_fd=d)))
+attempt("affinity", lambda: os.sched_getaffinity(host))
+listed = {int(x) for x in os.listdir("/proc") if x.isdigit()}
+out.append(f"listed {sorted(listed) == [me]}")
+# the legacy getdents and getdents64, with a buffer that holds a few entries only
+libc = ctypes.CDLL(None, use_errno=True)
+for nr, off in ((217, 19), (78, 18)):
+    fd = os.open("/proc", os.O_RDONLY | os.O_DIRECTORY)
+    buf = ctypes.create_string_buffer(200)
+    names = []
+    while True:
+        n = libc.syscall(nr, fd, buf, 200)
+        if n <= 0:
+            break
+        raw, i = buf.raw[:n], 0
+        while i < n:
+            reclen = int.from_bytes(raw[i + 16:i + 18], "little")
+            names.append(raw[i + off:i + reclen].split(b"\\0")[0])
+            i += reclen
+    os.close(fd)
+    pids = sorted(int(x) for x in names if x.isdigit())
+    out.append(f"getdents{nr} {pids == [me]} {b'meminfo' in names}")
+print("\\n".join(out))
+"""
+FOREIGN_EXPECT = [f"open {errno.ENOENT}", f"open1 {errno.ENOENT}", f"readlink {errno.ENOENT}", f"dir {errno.ENOENT}",
+                  "self ok", "mypid ok", "thread-self ok", "mtab ok", f"dotdot {errno.ENOENT}",
+                  f"symlink {errno.ENOENT}", f"relative {errno.ENOENT}", f"dirfd {errno.ENOENT}",
+                  f"affinity {errno.ESRCH}", "listed True", "getdents217 True True", "getdents78 True True"]
+
+
+def test_foreign_processes_are_hidden_and_refused(tmp_path):
+    r = Sandbox(Policy(isolate_pids=True)).run([*PY, FOREIGN, str(os.getpid()), str(tmp_path)], timeout=60)
+    assert r.stdout.decode().splitlines() == FOREIGN_EXPECT, r.stderr
+
+
+@pytest.fixture
+def shared_tmp():
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="sandlock-procfs-")
+    os.chmod(d, 0o777)
+    yield __import__("pathlib").Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_isolation_and_sensitive_files_as_an_unprivileged_user(shared_tmp):
+    tmp_path = shared_tmp
+    code = f"""
+import os, sys
+from sandlock_core import Policy, Sandbox
+sb = Sandbox(Policy(isolate_pids=True))
+r = sb.run(["/usr/bin/python3", "-I", "-S", "-c", {FOREIGN!r}, str(os.getppid()), {str(tmp_path)!r}])
+print(r.stdout.decode(), end="")
+r = sb.run(["/usr/bin/python3", "-I", "-S", "-c", {_sensitive_code(str(tmp_path / "s"))!r}])
+print(r.stdout.decode(), end="")
+"""
+    (tmp_path / "s").mkdir(mode=0o777)
+    os.chmod(tmp_path / "s", 0o777)
+    p = run_as_nobody(code)
+    lines = p.stdout.splitlines()
+    assert lines[:len(FOREIGN_EXPECT)] == FOREIGN_EXPECT, p.stderr
+    assert len(lines) == len(FOREIGN_EXPECT) + len(SENSITIVE) + 4
+    assert all(line.endswith(f" {errno.EACCES}") for line in lines[len(FOREIGN_EXPECT):]), lines
+
+
+def test_isolate_pids_with_deterministic_dirs_is_sorted_and_filtered(tmp_path):
+    for name in ("b", "c", "a"):
+        (tmp_path / name).write_text("")
+    code = f"""
+import os
+print(os.listdir({str(tmp_path)!r}))
+print([x for x in os.listdir("/proc") if x.isdigit()] == [str(os.getpid())], os.listdir("/proc") == sorted(os.listdir("/proc")))
+"""
+    r = run(Policy(isolate_pids=True, deterministic_dirs=True), code)
+    assert r.stdout == b"['a', 'b', 'c']\nTrue True\n", r.stderr
+
+
+def test_nothing_is_notified_without_these_fields():
+    assert not Plan(Policy()).want_listener
+    names = set(Plan(Policy(num_cpus=2)).names.values())
+    assert {"openat", "sched_getaffinity"} <= names and "getdents64" not in names
+    names = set(Plan(Policy(isolate_pids=True)).names.values())
+    assert {"openat", "getdents64", "getdents", "readlink", "readlinkat"} <= names
