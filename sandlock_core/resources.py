@@ -16,8 +16,10 @@ sandbox, plus anonymous shared mappings and SysV segments, which that field leav
   ``ENOMEM``, which programs handle (``malloc`` returns NULL, Python raises ``MemoryError``).
 * A process that gets over the limit without a request that could fail (stack growth, memory the kernel gives
   at exec) is SIGKILLed, that process only, by the watcher (every 100 ms) or at its next request.
-* Not counted: files in tmpfs or memfds (disk, not memory), page cache, kernel memory. Anonymous *shared*
-  memory is credited only when its process exits; SysV segments never (they outlive processes).
+* Anonymous *shared* memory (``MAP_SHARED|MAP_ANONYMOUS``) is not in that field: it is measured from
+  /proc/PID/maps of the processes that mapped it, each object once (a fork shares it), when the sandbox is near
+  its limit and every 100 ms. SysV segments are charged at ``shmget`` and never credited (they outlive
+  processes). Not counted: files in tmpfs or memfds (disk, not memory), page cache, kernel memory.
 * A forked child is charged a full copy of its parent (strict, like ``vm.overcommit_memory=2``): COW pages that
   are never written are counted twice.
 
@@ -164,7 +166,9 @@ class Run:
         self.floor: dict[int, int] = {}         # tgid -> measured bytes
         self.approved: dict[int, int] = {}      # tgid -> bytes approved since it was last measured
         self.inflight: dict[int, tuple[int, int]] = {}  # tid -> (tgid, bytes) approved, maybe not yet mapped
-        self.shanon: dict[int, int] = {}        # tgid -> anonymous shared bytes (not in statm data)
+        self.shanon: dict[int, int] = {}        # tgid -> anonymous shared bytes approved since the last scan
+        self.shared_users: set[int] = set()     # tgids that mapped anonymous shared memory (and their children)
+        self.shared_scan = 0                    # measured: anonymous shared memory, each object counted once
         self.brk: dict[int, tuple[int, int]] = {}  # tgid -> (start_brk, approved heap size)
         self.pending: list[tuple[int, int, float]] = []  # (parent tgid, copy bytes, time) of allowed forks
         self.tid2tgid: dict[int, int] = {}
@@ -235,7 +239,7 @@ class Run:
         return v
 
     def total(self) -> int:
-        t = sum(self.floor.values()) + sum(self.shanon.values()) + self.shm
+        t = sum(self.floor.values()) + sum(self.shanon.values()) + self.shared_scan + self.shm
         t += sum(b for _p, b, _t in self.pending)
         t += sum(b for _g, b in self.inflight.values())
         return t
@@ -267,7 +271,9 @@ class Run:
         self.floor = new
         self.approved = {}
         self.inflight.clear()
-        self.shanon = {k: v for k, v in self.shanon.items() if k in links}
+        self.shared_users = {p for p in links if p in self.shared_users or links[p] in self.shared_users}
+        self.shared_scan = _shared_anon(self.shared_users)
+        self.shanon = {}
         self.brk = {k: v for k, v in self.brk.items() if k in links}
         self.tid2tgid = {k: v for k, v in self.tid2tgid.items() if v in links}
         self._grew = grew
@@ -289,7 +295,6 @@ class Run:
         while self.total() > limit and self.floor:
             pid = max(self.floor, key=lambda p: (grew.get(p, 0), self.floor[p]))
             size = self.floor.pop(pid)
-            self.shanon.pop(pid, None)
             try:
                 os.kill(pid, 9)
             except OSError:
@@ -331,6 +336,7 @@ class Run:
                     return Errno(errno.ENOMEM)
             if shared:
                 self.shanon[tgid] = self.shanon.get(tgid, 0) + nbytes
+                self.shared_users.add(tgid)
             else:
                 self.inflight[tid] = (tgid, nbytes)
                 self.approved[tgid] = self.approved.get(tgid, 0) + nbytes
@@ -561,13 +567,11 @@ class Resources:
         if not a[2] & IPC_CREAT:
             return None
         r = sup.state["resources"]
-        act = r.request(n, _pages(a[1]), "shmget", shared=True)
+        act = r.request(n, _pages(a[1]), "shmget")
         if act is None:
             with r.lock:  # a SysV segment outlives its creator: charged to the sandbox, never credited
-                tgid = r.tgid(n.pid)
-                b = _pages(a[1])
-                r.shanon[tgid] = r.shanon.get(tgid, 0) - b
-                r.shm += b
+                r.inflight.pop(n.pid, None)
+                r.shm += _pages(a[1])
         return act
 
     # ---- lifecycle ----
@@ -587,6 +591,30 @@ class Resources:
         r = sup.state.get("resources")
         if r is not None:
             r.finish(result)
+
+
+def _shared_anon(pids) -> int:
+    """Anonymous shared memory mapped by ``pids`` (MAP_SHARED|MAP_ANONYMOUS, shown as /dev/zero), each shmem
+    object counted once however many processes map it (a fork shares it, it is not a copy)."""
+    objects: dict[bytes, int] = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        mine: dict[bytes, int] = {}
+        for line in data.split(b"\n"):
+            if b"/dev/zero" not in line:
+                continue
+            parts = line.split(None, 5)
+            if len(parts) < 6 or parts[1][3:4] != b"s":
+                continue
+            lo, hi = parts[0].split(b"-")
+            mine[parts[4]] = mine.get(parts[4], 0) + int(hi, 16) - int(lo, 16)
+        for ino, size in mine.items():
+            objects[ino] = max(objects.get(ino, 0), size)
+    return sum(objects.values())
 
 
 def _current_brk(pid: int, start: int) -> int:
