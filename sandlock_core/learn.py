@@ -27,7 +27,6 @@ import os
 import re
 import stat as _stat
 import struct
-from dataclasses import dataclass, field
 
 SAMPLE_INTERVAL = 0.05
 DEFAULT_COLLAPSE = 3
@@ -71,23 +70,22 @@ def secret_reason(path: str) -> str | None:
 
 # ---- observations -------------------------------------------------------------------------------------
 
-@dataclass
 class Observations:
-    """What one run (or one test) did. Paths are absolute and resolved."""
+    """What one run (or one test) did. Paths are absolute and resolved. (Plain class, not a dataclass:
+    cli.py imports this module to build its parser, and dataclasses costs milliseconds of start-up.)"""
 
-    reads: set = field(default_factory=set)      # files read (or executed)
-    lists: set = field(default_factory=set)      # directories opened for reading
-    writes: set = field(default_factory=set)     # existing files written in place
-    names: set = field(default_factory=set)      # names created or removed (a right on the parent)
-    created: set = field(default_factory=set)    # paths that did not exist before the run made them
-    execs: set = field(default_factory=set)
-    connects: set = field(default_factory=set)   # (host, port, proto)
-    binds: set = field(default_factory=set)      # (host, port, proto)
-    peak_memory: int = 0
-    peak_processes: int = 0
-    peak_threads: int = 0
-    peak_fd: int = 0                              # highest fd number + 1 (what RLIMIT_NOFILE limits)
-    errors: int = 0
+    def __init__(self):
+        self.reads: set = set()       # files read (or executed)
+        self.lists: set = set()       # directories opened for reading
+        self.writes: set = set()      # existing files written in place
+        self.names: set = set()       # names created or removed (a right on the parent)
+        self.created: set = set()     # paths that did not exist before the run made them
+        self.execs: set = set()
+        self.connects: set = set()    # (host, port, proto)
+        self.binds: set = set()       # (host, port, proto)
+        self.peak_memory = self.peak_processes = self.peak_threads = 0
+        self.peak_fd = 0              # highest fd number + 1 (what RLIMIT_NOFILE limits)
+        self.errors = 0
 
     def update(self, other: "Observations") -> None:
         for name in ("reads", "lists", "writes", "names", "created", "execs", "connects", "binds"):
@@ -521,13 +519,13 @@ def _headroom(peak: int, *, factor: float = 2.0, floor: int = 0, step: int = 1) 
     return -(-v // step) * step
 
 
-@dataclass
 class Learned:
     """A learned profile: Policy field values plus the comments that go with them."""
 
-    fields: dict
-    notes: list = field(default_factory=list)     # header comments
-    secrets: list = field(default_factory=list)   # (path, reason, access): touched, not granted
+    def __init__(self, fields: dict, notes: list | None = None, secrets: list | None = None):
+        self.fields = fields
+        self.notes = notes if notes is not None else []        # header comments
+        self.secrets = secrets if secrets is not None else []  # (path, reason, access): touched, not granted
 
 
 def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: str | None = None,
