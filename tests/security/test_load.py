@@ -27,10 +27,10 @@ def census() -> dict:
                     children.append((int(pid), fields[0]))
             except OSError:
                 pass
-    tmp = tempfile.gettempdir()
+    tmp = tempfile.gettempdir()  # a private directory per test (see the private_tmp fixture)
     return {"fds": len(os.listdir("/proc/self/fd")), "threads": threading.active_count(),
             "os_threads": len(os.listdir("/proc/self/task")), "children": children,
-            "tmp": {e for e in os.listdir(tmp) if "sandlock" in e.lower()}}
+            "tmp": set(os.listdir(tmp))}
 
 
 def settle(before: dict, timeout: float = 5.0) -> dict:
@@ -50,6 +50,16 @@ def assert_no_leaks(before: dict, after: dict):
     assert after["threads"] <= before["threads"] and after["os_threads"] <= before["os_threads"], (before, after)
     assert not after["children"], after["children"]
     assert after["tmp"] <= before["tmp"], after["tmp"] - before["tmp"]
+
+
+@pytest.fixture(autouse=True)
+def private_tmp(tmp_path, monkeypatch):
+    """Temp files of this process land in a directory nobody else uses, so they can be counted exactly."""
+    d = tmp_path / "tmpdir"
+    d.mkdir()
+    monkeypatch.setenv("TMPDIR", str(d))
+    monkeypatch.setattr(tempfile, "tempdir", str(d))
+    return d
 
 
 @pytest.fixture
