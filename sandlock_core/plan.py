@@ -25,15 +25,15 @@ MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
                 or p.hostname is not None), "deterministic"),
     # max_processes only when set to a non-default value or with other limits (resources.processes_enforced)
     (lambda p: (p.max_memory is not None or p.max_cpu is not None or p.max_processes != 64), "resources"),
+    # Copy-on-write of the workdir: before fsdeny, which then judges the paths that stay outside the workdir.
+    (lambda p: p.workdir is not None or p.fs_isolation is not FsIsolation.NONE or p.max_disk is not None,
+     "cow"),
     (lambda p: bool(p.fs_denied), "fsdeny"),
 ]
 
 # Fields this build cannot enforce yet: refused with a clear error, never silently ignored. Each feature
 # removes its entry when it lands.
 UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
-    ("workdir", lambda p: p.workdir is not None),
-    ("fs_isolation", lambda p: p.fs_isolation is not FsIsolation.NONE),
-    ("max_disk", lambda p: p.max_disk is not None),
     ("chroot", lambda p: p.chroot is not None),
     ("privileged", lambda p: p.privileged),
 ]
@@ -171,7 +171,8 @@ class Plan:
             return None
         from . import landlock
         info = landlock.build_ruleset(
-            readable=policy.fs_readable, writable=policy.fs_writable,
+            readable=tuple(policy.fs_readable) + ((policy.workdir,) if policy.workdir else ()),  # COW lower
+            writable=policy.fs_writable,
             bind_ports=policy.net_bind, connect_ports=policy.net_connect,
             isolate_ipc=policy.isolate_ipc, isolate_signals=policy.isolate_signals,
             best_effort=self.best_effort, carve=policy.fs_denied)

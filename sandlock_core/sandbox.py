@@ -44,6 +44,23 @@ class Result:
     processes: int | None = None      # processes started (root + forks), when the resource mechanism ran
 
 
+@dataclass(frozen=True)
+class Change:
+    """One filesystem change of a dry run: ``kind`` is ``A`` (added), ``M`` (modified) or ``D`` (deleted);
+    ``path`` is relative to the workdir."""
+    kind: str
+    path: str
+
+
+@dataclass
+class DryRunResult:
+    success: bool
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    changes: list = field(default_factory=list)
+
+
 class Sandbox:
     """A policy bound to the machinery that enforces it. Reusable: the plan is compiled once."""
 
@@ -199,6 +216,15 @@ class Sandbox:
         return self.run(cmd, timeout, stdin=clone_output(clones))
 
     # ---- running ----
+    def dry_run(self, cmd: list[str], timeout: float | None = None, *, stdin: bytes | int | None = None
+                ) -> DryRunResult:
+        """Run ``cmd`` with copy-on-write over ``workdir``, list what it changed (content compared), then
+        discard every change whatever ``on_exit`` says."""
+        from .cow import dry_run
+        res, changes = dry_run(self, cmd, timeout, stdin=stdin)
+        return DryRunResult(res.success, res.exit_code, res.stdout, res.stderr,
+                            [Change(k, p) for k, p in changes])
+
     def run(self, cmd: list[str], timeout: float | None = None, *, stdin: bytes | int | None = None) -> Result:
         """Run ``cmd`` confined; capture stdout and stderr. ``stdin``: None (closed: /dev/null), bytes
         (fed to the command), or a file descriptor to pass through."""
