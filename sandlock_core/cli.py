@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     fs.add_argument("--on-exit", choices=["commit", "abort", "keep"])
     fs.add_argument("--on-error", choices=["commit", "abort", "keep"])
     fs.add_argument("--dry-run", action="store_true", help="show what files would change, then discard")
+    fs.add_argument("--json", action="store_true", help="with --dry-run: print the changes as JSON on stdout")
     fs.add_argument("--chroot", metavar="DIR")
     fs.add_argument("--privileged", action="store_true", help="UID 0 in a user namespace")
     net = r.add_argument_group("network")
@@ -208,6 +209,8 @@ def cmd_run(a) -> int:
             raise UsageError(f"--status-fd: {a.status_fd} is not an open file descriptor") from None
     if a.dry_run and not a.workdir:
         raise UsageError("--dry-run requires --workdir")
+    if a.json and not a.dry_run:
+        raise UsageError("--json requires --dry-run")
     try:
         policy = build_policy(a)
     except PolicyError as exc:
@@ -229,7 +232,12 @@ def cmd_run(a) -> int:
         with sb:
             watch = _watch_ports(sb) if a.verbose and policy.port_remap else None
             try:
-                res = sb.run_foreground(cmd, timeout=a.timeout)
+                if a.dry_run:
+                    from .cow import dry_run_call
+                    res, changes = dry_run_call(lambda: sb.run_foreground(cmd, timeout=a.timeout))
+                    _print_changes(changes, a.json, res.exit_code)
+                else:
+                    res = sb.run_foreground(cmd, timeout=a.timeout)
             finally:
                 if watch is not None:
                     watch()
@@ -259,6 +267,21 @@ def cmd_run(a) -> int:
             status["signal"] = res.signal
         os.write(a.status_fd, (json.dumps(status, separators=(",", ":")) + "\n").encode())
     return code
+
+
+def _print_changes(changes, as_json: bool, exit_code: int) -> None:
+    if as_json:
+        import json
+        sys.stdout.write(json.dumps({"exit_code": exit_code, "changes": [{"kind": k, "path": p}
+                                                                          for k, p in changes]}) + "\n")
+        sys.stdout.flush()
+        return
+    if not changes:
+        sys.stderr.write("sandlock: dry-run: no filesystem changes\n")
+    else:
+        sys.stderr.write("sandlock: dry-run: filesystem changes:\n")
+        for k, p in changes:
+            sys.stderr.write(f"{k}  {p}\n")
 
 
 def _watch_ports(sb):

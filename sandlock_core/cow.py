@@ -1257,10 +1257,15 @@ def dry_run(sandbox, cmd, timeout=None, *, stdin=None):
     """Run with COW, list the changes (content compared), always discard. Returns (Result, changes)."""
     if sandbox.policy.workdir is None:
         raise PolicyError("dry_run() needs a policy with workdir")
+    return dry_run_call(lambda: sandbox.run(cmd, timeout, stdin=stdin))
+
+
+def dry_run_call(fn):
+    """Call ``fn()`` (a run on this thread) in dry-run mode: returns (its result, the changes)."""
     _dry.active = True
     _dry.changes = []
     try:
-        result = sandbox.run(cmd, timeout, stdin=stdin)
+        result = fn()
         changes = list(_dry.changes)
     finally:
         _dry.active = False
