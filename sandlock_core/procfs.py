@@ -35,6 +35,7 @@ import struct
 from .notif import Errno, InjectFd, Value, s32
 
 AT_FDCWD = -100
+RESOLVE_NO_MAGICLINKS = 0x02
 PROC_ROOT_INO = 1
 
 SENSITIVE = (
@@ -67,6 +68,7 @@ class ProcFs:
         self.sort = policy.deterministic_dirs
         self.nr_getdents64 = syscalls.number("getdents64", arch)
         self.nr_getdents = syscalls.number("getdents", arch)
+        self.nr_openat2 = syscalls.number("openat2", arch)
         try:
             self.proc_dev = os.stat("/proc").st_dev
         except OSError:
@@ -200,8 +202,52 @@ class ProcFs:
         return None
 
     # ---- open family ----
+    def _fast(self, n, dirfd: int, path: bytes):
+        """The kernel's own resolution in the supervisor, refusing magic links: exact for the child unless it
+        went through /proc (``self`` means the supervisor here) or a magic link (ELOOP). Returns the name,
+        False when the path does not exist (the child's open fails alike), None when only the exact walk can
+        tell."""
+        from ._native import ffi, lib
+        if self.nr_openat2 is None or not path:
+            return None
+        base = -1
+        try:
+            if not path.startswith(b"/"):
+                try:
+                    base = os.open(f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}",
+                                   os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    return None
+            how = ffi.new("uint64_t[3]", [os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_MAGICLINKS])
+            cpath = ffi.new("char[]", path)
+            fd = lib.sl_raw_syscall6(self.nr_openat2, base if base >= 0 else AT_FDCWD, ffi.cast("long", cpath),
+                                     ffi.cast("long", how), 24, 0, 0)
+            if fd == -errno.ENOENT:
+                return False
+            if fd < 0:
+                return None
+            try:
+                return os.readlink(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        finally:
+            if base >= 0:
+                os.close(base)
+
     def _open(self, sup, n, name_syscall: str, dirfd: int, path_index: int, flags: int):
         path = sup.path_arg(n, path_index)
+        name = self._fast(n, dirfd, path)
+        if name is False:  # does not exist: still refuse a sensitive name (same answer on every kernel)
+            try:
+                lexical = sup.resolve(n, dirfd, path)
+            except OSError:
+                return None
+            if _sensitive(lexical):
+                sup.record(name_syscall, n.pid, errno.EACCES, lexical, "a sensitive kernel file: always refused")
+                return Errno(errno.EACCES)
+            return None
+        if name and not (name.startswith("/proc") or name.startswith("/sys")):
+            return None
         name = self.resolve(n, dirfd, path)
         if name is None or not (name.startswith("/proc") or name.startswith("/sys")):
             return None
@@ -275,7 +321,9 @@ class ProcFs:
             if self.sort:
                 return self._sorted(sup, n, dup, nr, name_off, addr, count, is_proc, st)
             size = min(count, 1 << 16)
-            buf = ffi.new("char[]", size)
+            buf = sup.state.get("procfs_buf")
+            if buf is None:
+                buf = sup.state["procfs_buf"] = ffi.new("char[]", 1 << 16)
             pids = self._pids(sup, fresh=True) if is_proc else None
             while True:
                 r = lib.sl_raw_syscall6(nr, dup, ffi.cast("long", buf), size, 0, 0, 0)

@@ -1,0 +1,61 @@
+"""Cost of resource limits and the virtual /proc.
+
+1. ``python3 -c "import json, sqlite3"`` under ``-m 512M -P 64 --num-cpus 2 --isolate-pids`` vs bare
+   (``Sandbox.run`` vs ``subprocess.run``), interleaved rounds, medians. Target: within 1.3x of bare.
+2. 10,000 ``mmap``/``munmap`` pairs (private anonymous, 64 KiB, one page touched) under ``-m 512M`` vs bare,
+   timed inside the program (the loop only), medians over rounds.
+
+Usage: .venv/bin/python benchmarks/limits.py [ROUNDS]
+"""
+import statistics
+import subprocess
+import sys
+import time
+
+from sandlock_core import Policy, Sandbox
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+PY = "/usr/bin/python3"
+IMPORT = [PY, "-c", "import json, sqlite3"]
+LOOP = [PY, "-I", "-S", "-c", """
+import mmap, time
+t = time.perf_counter()
+for i in range(10000):
+    m = mmap.mmap(-1, 1 << 16, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m[0] = 1
+    m.close()
+print((time.perf_counter() - t) * 1e6 / 10000)
+"""]
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def main():
+    full = Sandbox(Policy(max_memory="512M", max_processes=64, num_cpus=2, isolate_pids=True))
+    mem = Sandbox(Policy(max_memory="512M"))
+    r = full.run(IMPORT)
+    assert r.success, r.stderr
+    notifs = r.notifications
+    bare_t, sand_t = [], []
+    for _ in range(ROUNDS):
+        bare_t.append(timed(lambda: subprocess.run(IMPORT, stdout=subprocess.DEVNULL)))
+        sand_t.append(timed(lambda: full.run(IMPORT)))
+    b, s = statistics.median(bare_t), statistics.median(sand_t)
+    print(f"import json, sqlite3: bare {b:.1f} ms, limits {s:.1f} ms, ratio {s / b:.2f}x "
+          f"({notifs} supervised syscalls)")
+    lb, ls = [], []
+    for _ in range(max(5, ROUNDS // 8)):
+        lb.append(float(subprocess.run(LOOP, capture_output=True, check=True).stdout))
+        r = mem.run(LOOP)
+        assert r.success, r.stderr
+        ls.append(float(r.stdout))
+    b, s = statistics.median(lb), statistics.median(ls)
+    print(f"mmap+munmap pair: bare {b:.2f} us, -m 512M {s:.2f} us, ratio {s / b:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
