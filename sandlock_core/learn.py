@@ -29,6 +29,7 @@ import stat as _stat
 import struct
 
 SAMPLE_INTERVAL = 0.05
+LEARN_MAX_PROCESSES = 4096  # the learning run is not the place to hit a limit: it measures them
 DEFAULT_COLLAPSE = 3
 
 #: Read-only system trees granted whole: a program reading one file there will read others next time.
@@ -372,7 +373,10 @@ class Sampler:
             self._thread.join(2)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        import time
+        start = time.monotonic()
+        # Fast at first (short commands end within tens of milliseconds), then every ``interval``.
+        while not self._stop.wait(0.005 if time.monotonic() - start < 0.2 else self.interval):
             try:
                 self.sample()
             except Exception:
@@ -584,6 +588,8 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
             continue
         if path.startswith("/proc/"):
             path = "/proc"
+        elif path.startswith("/dev/pts/"):
+            path = "/dev/pts"  # the terminal's number changes from run to run
         if not _beneath(path, covered_write) and os.path.exists(path):
             writable.add(path)
     writable_l = minimize(writable)
@@ -605,6 +611,8 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
             readable.add(tree)
         elif path == "/proc" or path.startswith("/proc/"):
             readable.add("/proc")
+        elif path.startswith("/dev/pts/"):
+            readable.add("/dev/pts")
         elif path.startswith("/dev/"):
             readable.add(path)
         elif path in (home, "/"):
@@ -655,6 +663,8 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
         if obs.peak_memory:
             mib = _headroom(obs.peak_memory, floor=64 << 20, step=1 << 20) >> 20
             f["max_memory"] = f"{mib}M"
+        if not (obs.peak_processes or obs.peak_memory):
+            learned.notes.append("no limits: the run ended before its processes could be sampled")
         learned.notes.append(
             f"observed peaks (sampled every {SAMPLE_INTERVAL * 1000:.0f} ms; short-lived processes can be missed): "
             f"memory {obs.peak_memory >> 20} MiB RSS, {obs.peak_processes} processes, {obs.peak_threads} "
@@ -769,7 +779,8 @@ def learn_command(cmd: list[str], *, timeout: float | None = None, policy=None):
     from .policy import Policy
     from .sandbox import Sandbox
     rec = Recorder()
-    sb = Sandbox(policy if policy is not None else Policy(), handlers=rec.handlers())
+    sb = Sandbox(policy if policy is not None else Policy(max_processes=LEARN_MAX_PROCESSES),
+                 handlers=rec.handlers())
     sampler = Sampler(sandbox_reapers(sb), rec)
     try:
         sampler.start()
@@ -784,6 +795,42 @@ def learn_command(cmd: list[str], *, timeout: float | None = None, policy=None):
     return res, rec.current
 
 
+def _exit_code(res) -> int:
+    from .sandbox import ExitReason
+    if res.reason is ExitReason.TIMEOUT:
+        return 124
+    if res.reason is ExitReason.SETUP_FAILED:
+        return 127
+    return 128 + res.signal if res.signal else res.exit_code
+
+
+def format_denials(denials) -> list[str]:
+    """The denial report of a checked run: one line per refused operation, with the rule that would allow it."""
+    lines = []
+    for d in denials:
+        item = d.as_dict()
+        count = item.get("count", 1)
+        what = item["syscall"] + (f" [{item['access']}]" if item.get("access") not in (None, "", item["syscall"])
+                                  else "")
+        line = f"  {what}  {item.get('detail', '')}  {item.get('errno', '')}"
+        if item.get("comm"):
+            line += f"  ({item['comm']})"
+        if count and count > 1:
+            line += f"  x{count}"
+        if item.get("hint"):
+            line += f"  -> {item['hint']}"
+        lines.append(line)
+    return lines
+
+
+def check_command(profile_path, cmd: list[str], *, timeout: float | None = None):
+    """Run ``cmd`` under the profile in ``profile_path`` with denial recording; returns the Result."""
+    from .profile import load_profile_file
+    from .sandbox import Sandbox
+    with Sandbox(load_profile_file(profile_path), record_denials=True) as sb:
+        return sb.run_foreground(cmd, timeout=timeout)
+
+
 def main(a) -> int:
     """``sandlock learn`` (arguments parsed by cli.py)."""
     import signal as _signal
@@ -795,6 +842,20 @@ def main(a) -> int:
     if not cmd:
         sys.stderr.write("sandlock: error: learn: no command given (sandlock learn [-o FILE] -- CMD)\n")
         return 2
+    if a.check:
+        from .errors import PolicyError
+        try:
+            res = check_command(a.check, cmd, timeout=a.timeout)
+        except PolicyError as exc:
+            sys.stderr.write(f"sandlock: error: {exc}\n")
+            return 2
+        if res.denials:
+            n = sum(getattr(d, "count", 1) for d in res.denials)
+            sys.stderr.write(f"sandlock: {n} operation{'s' if n != 1 else ''} refused under {a.check}:\n"
+                             + "\n".join(format_denials(res.denials)) + "\n")
+        else:
+            sys.stderr.write(f"sandlock: nothing refused under {a.check}\n")
+        return _exit_code(res)
     if a.collapse < 1:
         sys.stderr.write(f"sandlock: error: --collapse: {a.collapse} must be at least 1\n")
         return 2
@@ -828,22 +889,21 @@ def main(a) -> int:
         sys.stdout.write(text)
     if obs.errors:
         sys.stderr.write(f"sandlock: learn: {obs.errors} notifications could not be recorded\n")
-    if res.reason is ExitReason.TIMEOUT:
-        return 124
-    if res.reason is ExitReason.SETUP_FAILED:
-        return 127
-    return 128 + res.signal if res.signal else res.exit_code
+    return _exit_code(res)
 
 
 def add_parser(sub) -> None:
     """The ``learn`` subcommand's arguments (cli.py calls this)."""
     import argparse
     p = sub.add_parser("learn", help="run a command permissively and write the least-privilege profile",
-                       usage="sandlock learn [-o FILE] [--merge FILE] [--collapse N] -- CMD [ARG...]")
+                       usage="sandlock learn [-o FILE] [--merge FILE] [--collapse N] -- CMD [ARG...]\n"
+                             "       sandlock learn --check FILE -- CMD [ARG...]")
     p.add_argument("-o", "--output", metavar="FILE", help="write the profile to FILE (default: stdout)")
     p.add_argument("--merge", metavar="FILE", help="widen the profile in FILE (written back unless -o)")
     p.add_argument("--collapse", type=int, default=DEFAULT_COLLAPSE, metavar="N",
                    help=f"grant reads on directories N path components deep (default {DEFAULT_COLLAPSE})")
+    p.add_argument("--check", metavar="FILE", help="learn nothing: run CMD under the profile FILE and report "
+                   "every refused operation with the rule that would allow it")
     p.add_argument("-t", "--timeout", type=float, metavar="SECS", help="kill the run after SECS")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
@@ -886,6 +946,7 @@ class PytestLearner:
     def permissive(fields: dict) -> dict:
         out = {k: v for k, v in fields.items() if k not in LEARNED_FIELDS}
         out["fs_writable"] = ["/"]
+        out["max_processes"] = LEARN_MAX_PROCESSES
         return out
 
     def begin(self, item, state) -> None:

@@ -172,7 +172,7 @@ def test_cli_learn_shell_run_passes_under_its_profile(tmp_path):
     cfg.mkdir(parents=True)
     out = tmp_path / "scratch"
     script = (f"cat {proj}/tests/fixtures/a.json >/dev/null && ls {proj}/pkg >/dev/null && "
-              f"mkdir -p {out}/run/x && echo hi > {out}/run/x/f && git --version >/dev/null")
+              f"mkdir -p {out}/run/x && echo hi > {out}/run/x/f && git --version >/dev/null && sleep 0.2")
     env = _env(HOME=str(home))
     _learn(["-o", str(cfg / "learned.toml"), "--", "/bin/sh", "-c", script], tmp_path, env)
     text = (cfg / "learned.toml").read_text()
@@ -288,13 +288,19 @@ def test_proof_learn_a_pytest_run_then_run_it_under_the_profile(tmp_path):
     r = _run(tmp_path / "cfg", PYTEST, proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "5 passed" in r.stdout
+    # remove one rule: the whole-run check names what is missing
+    broken = tmp_path / "broken.toml"
+    _without(prof, broken, "fs_readable", shared)
+    r = _learn(["--check", str(broken), "--", *PYTEST], proj, env, check=False)
+    assert r.returncode == 1 and "1 failed, 4 passed" in r.stdout
+    assert "1 operation refused" in r.stderr and f"fs_readable += ['{shared}']" in r.stderr
+    r = _learn(["--check", str(prof), "--", *PYTEST], proj, env)
+    assert "nothing refused" in r.stderr
     # ... and test by test (the plugin confines each test body under the profile)
     r = _pytest(["--sandlock-profile", str(prof)], proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "5 tests ran confined" in r.stdout
-    # remove one rule: the test that needed it fails and the denial report names what is missing
-    broken = tmp_path / "broken.toml"
-    _without(prof, broken, "fs_readable", shared)
+    # without that rule, the test that needed it fails and the plugin's denial report names what is missing
     r = _pytest(["--sandlock-profile", str(broken)], proj, env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "1 failed, 4 passed" in r.stdout
