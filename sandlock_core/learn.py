@@ -13,9 +13,11 @@ symlinks followed unless ``O_NOFOLLOW``):
   created or removed (a right on the parent directory), a file written;
 * ``connect``/``bind``: host, port and protocol.
 
-Peaks (memory as summed RSS, processes, threads, the highest file descriptor) come from sampling ``/proc``
-for every descendant of the sandbox's reaper every :data:`SAMPLE_INTERVAL` seconds: a process that lives
-and dies between two samples is missed, so the limits get generous headroom (:func:`_headroom`).
+Peaks (memory, processes, threads, the highest file descriptor) come from sampling ``/proc`` for every
+descendant of the sandbox's reaper every :data:`SAMPLE_INTERVAL` seconds (every 5 ms for the first 0.2 s).
+Memory is measured as ``resources.py`` limits it: ``/proc/PID/statm`` field 6 (private writable data + stack)
+summed over the processes. A process that lives and dies between two samples is missed, so the limits get
+generous headroom (:func:`_headroom`).
 
 :func:`build_profile` turns the observations into Policy fields (see its docstring for the collapsing
 rules), :func:`render` into a commented TOML profile (``profile.dumps_toml`` for the values).
@@ -402,7 +404,7 @@ class Sampler:
             threads += table[pid][1]
             try:
                 with open(f"/proc/{pid}/statm", "rb") as f:
-                    mem += int(f.read().split()[1]) * _PAGE
+                    mem += int(f.read().split()[5]) * _PAGE  # data + stack: what max_memory limits
                 fds = [int(x) for x in os.listdir(f"/proc/{pid}/fd")]
                 if fds:
                     fdmax = max(fdmax, max(fds) + 1)
@@ -551,7 +553,7 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
       repeated.
     * TCP: ports connected and bound; a loopback connect to a port in the ephemeral range (a server the run
       started on port 0) becomes the whole ephemeral range. Hosts beyond loopback: ``net_allow_hosts``.
-    * limits: peaks with headroom (x2; memory +64 MiB, open files +64).
+    * limits: peaks with headroom (x2; memory x2 + 64 MiB, processes +8 at least, open files +64 at least).
     """
     home = _home() if home is None else home
     covered_read = [os.path.realpath(p) for p in covered_read]
@@ -661,13 +663,14 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
         if obs.peak_fd:
             f["max_open_files"] = _headroom(obs.peak_fd, floor=64, step=64)
         if obs.peak_memory:
-            mib = _headroom(obs.peak_memory, floor=64 << 20, step=1 << 20) >> 20
+            # x2 + 64 MiB: max_memory charges a forked child a full copy of its parent (resources.py)
+            mib = -(-(2 * obs.peak_memory + (64 << 20)) // (1 << 20))
             f["max_memory"] = f"{mib}M"
         if not (obs.peak_processes or obs.peak_memory):
             learned.notes.append("no limits: the run ended before its processes could be sampled")
         learned.notes.append(
             f"observed peaks (sampled every {SAMPLE_INTERVAL * 1000:.0f} ms; short-lived processes can be missed): "
-            f"memory {obs.peak_memory >> 20} MiB RSS, {obs.peak_processes} processes, {obs.peak_threads} "
+            f"memory {obs.peak_memory >> 20} MiB (data+stack), {obs.peak_processes} processes, {obs.peak_threads} "
             f"threads, highest fd {max(obs.peak_fd - 1, 0)}")
     learned.secrets = sorted((p, why, acc) for p, (why, acc) in secrets.items())
     return learned

@@ -121,7 +121,7 @@ def test_build_profile_network_and_limits():
     assert f["net_connect"] == [5432, f"{lo}-{hi}"]
     assert f["net_bind"] == [0]
     assert "net_allow_hosts" not in f  # loopback only
-    assert f["max_processes"] >= 6 and f["max_open_files"] >= 64 and f["max_memory"] == "114M"
+    assert f["max_processes"] >= 6 and f["max_open_files"] >= 64 and f["max_memory"] == "164M"
     obs.connects.add(("93.184.216.34", 443, "tcp"))
     assert "93.184.216.34" in L.build_profile(obs).fields["net_allow_hosts"]
 
