@@ -53,6 +53,7 @@ class DenySet:
         self.files: set[str] = set()
         self.dirs: list[str] = []
         self.inodes: set[tuple[int, int]] = set()
+        self.dir_inodes: set[tuple[int, int]] = set()
         for p in paths:
             real = os.path.realpath(p)
             try:
@@ -63,6 +64,7 @@ class DenySet:
             self.inodes.add((st.st_dev, st.st_ino))
             if stat.S_ISDIR(st.st_mode):
                 self.dirs.append(real.rstrip("/") + "/")
+                self.dir_inodes.add((st.st_dev, st.st_ino))
             self.files.add(real)
 
     def path_denied(self, real: str) -> bool:
@@ -71,10 +73,60 @@ class DenySet:
         probe = real + "/"
         return any(probe.startswith(d) for d in self.dirs)
 
-    def denied(self, real: str, st: os.stat_result | None) -> bool:
+    def denied(self, real: str, st: os.stat_result | None, fd: int = -1) -> bool:
+        """By inode, by path, and by the inode of every directory above the object: renaming an ancestor
+        of a denied directory moves the hole, it does not fill it. ``fd`` (O_PATH of the object) walks the
+        real parents; without it the resolved path's ancestors are stat'ed."""
         if st is not None and (st.st_dev, st.st_ino) in self.inodes:
             return True
-        return self.path_denied(real)
+        if self.path_denied(real):
+            return True
+        if not self.dir_inodes:
+            return False
+        return self._ancestor_denied(fd, st) if fd >= 0 else self._ancestor_path_denied(real)
+
+    def _ancestor_denied(self, fd: int, st: os.stat_result | None) -> bool:
+        try:
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                cur = os.dup(fd)
+            else:  # a file has no "..": start from the directory its current name is in
+                name = os.readlink(f"/proc/self/fd/{fd}")
+                cur = os.open(os.path.dirname(name) or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                st0 = os.fstat(cur)
+                if (st0.st_dev, st0.st_ino) in self.dir_inodes:
+                    os.close(cur)
+                    return True
+        except OSError:
+            return False
+        try:
+            prev = os.fstat(cur)
+            for _ in range(256):
+                parent = os.open("..", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=cur)
+                os.close(cur)
+                cur = parent
+                st = os.fstat(cur)
+                if (st.st_dev, st.st_ino) in self.dir_inodes:
+                    return True
+                if (st.st_dev, st.st_ino) == (prev.st_dev, prev.st_ino):
+                    return False  # the root
+                prev = st
+            return True  # deeper than any real tree: refuse
+        except OSError:
+            return False
+        finally:
+            os.close(cur)
+
+    def _ancestor_path_denied(self, real: str) -> bool:
+        p = real
+        while p not in ("/", ""):
+            p = os.path.dirname(p)
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in self.dir_inodes:
+                return True
+        return False
 
 
 class Opener:
@@ -189,7 +241,7 @@ class FsDeny:
         opath, _missing = self.opener.call(locate)
         if opath is None:  # creating: judge the name it will have
             target = self._resolve_created(base_fd, path)
-            if self.deny.path_denied(target):
+            if self.deny.denied(target, None):
                 return self._record(sup, n, name, target)
             umask = self._child_umask(n.pid)
 
@@ -203,7 +255,7 @@ class FsDeny:
         try:
             real = os.readlink(f"/proc/self/fd/{opath}")
             st = os.fstat(opath)
-            if self.deny.denied(real, st):
+            if self.deny.denied(real, st, opath):
                 return self._record(sup, n, name, real)
             if flags & os.O_CREAT and flags & os.O_EXCL:
                 return Errno(errno.EEXIST)

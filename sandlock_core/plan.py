@@ -167,9 +167,17 @@ class Plan:
     def _build_landlock(self, policy: Policy):
         wants = (policy.fs_readable or policy.fs_writable or policy.net_bind or policy.net_connect
                  or policy.isolate_ipc or policy.isolate_signals)
-        if not wants:
-            return None
         from . import landlock
+        if not wants:
+            # Still enter a Landlock domain: it is what keeps the child from ptrace-class access (writing
+            # /proc/<pid>/mem) to processes outside it, the supervisor and the caller included. The ruleset
+            # handles only a right no sandbox needs (making block devices), so nothing else changes.
+            if landlock.abi_version() < 1:
+                self.missing.append("a Landlock domain (this kernel has no Landlock): the child can reach "
+                                    "processes of the same user through /proc/<pid>/mem")
+                return None
+            rs = landlock.Ruleset(landlock.MAKE_BLOCK, 0, 0)
+            return rs.finish([])
         info = landlock.build_ruleset(
             readable=tuple(policy.fs_readable) + ((policy.workdir,) if policy.workdir else ()),  # COW lower
             writable=policy.fs_writable,

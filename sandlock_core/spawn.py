@@ -9,6 +9,7 @@ import errno as _errno
 import os
 import signal
 import struct
+import threading
 
 from . import _sys
 from ._native import ffi, lib
@@ -154,7 +155,8 @@ class Spawned:
             try:
                 pid, _ = os.waitpid(self.reaper, os.WNOHANG)
                 if pid == 0:
-                    _pending.append(self.reaper)
+                    with _pending_lock:
+                        _pending.append(self.reaper)
             except ChildProcessError:
                 pass
             self.reaper = 0
@@ -166,17 +168,25 @@ class Spawned:
 
 
 _pending: list[int] = []
+_pending_lock = threading.Lock()
 
 
 def reap_pending(block: bool = False) -> None:
-    """Collect reapers that were still exiting when their sandbox ended."""
-    for pid in list(_pending):
+    """Collect reapers that were still exiting when their sandbox ended (safe from several threads: each
+    pid is taken off the list by exactly one of them)."""
+    while True:
+        with _pending_lock:
+            if not _pending:
+                return
+            pid = _pending.pop(0)
         try:
             done, _ = os.waitpid(pid, 0 if block else os.WNOHANG)
         except ChildProcessError:
             done = pid
-        if done:
-            _pending.remove(pid)
+        if not done:
+            with _pending_lock:
+                _pending.append(pid)
+            return
 
 
 def _reap_at_exit() -> None:
