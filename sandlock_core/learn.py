@@ -24,7 +24,6 @@ rules), :func:`render` into a commented TOML profile (``profile.dumps_toml`` for
 """
 from __future__ import annotations
 
-import errno as _errno
 import os
 import re
 import stat as _stat
