@@ -88,9 +88,12 @@ int main(int argc, char **argv) {
         report("clone3", r);
         if (r > 0) waitpid(r, NULL, 0);
     } else if (!strcmp(cmd, "x32")) {                   /* a syscall number with __X32_SYSCALL_BIT */
-        report("x32", syscall(num(argv[2]) | 0x40000000UL, 0, 0, 0, 0, 0));
+        report("x32", syscall(num(argv[2]) | 0x40000000UL, -1L, -1L, -1L, -1L, -1L));  /* args harmless */
     } else if (!strcmp(cmd, "int80")) {                 /* the i386 entry from a 64-bit process */
-        __asm__ volatile ("int $0x80" : "=a"(r) : "a"(num(argv[2])), "b"(0), "c"(0), "d"(0) : "memory");
+        /* all-ones arguments: harmless even if the call went through (EINVAL/EFAULT, never e.g. an empty
+         * hostname) */
+        __asm__ volatile ("int $0x80" : "=a"(r) : "a"(num(argv[2])), "b"(-1), "c"(-1), "d"(-1), "S"(-1), "D"(-1)
+                          : "memory");
         printf("int80 %ld\n", r);
     } else {
         fprintf(stderr, "unknown attack %s\n", cmd);
