@@ -978,7 +978,7 @@ class PytestLearner:
         secrets: set = set()
         for lr in self.tests.values():
             union = merge(union, lr.fields)
-            notes += [n for n in lr.notes if not n.startswith("observed peaks") and n not in notes]
+            notes += [n for n in lr.notes if not n.startswith(("observed peaks", "no limits")) and n not in notes]
             secrets.update(lr.secrets)
         extras: dict[str, dict] = {}
         if self.per_test and len(self.tests) > 1:

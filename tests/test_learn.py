@@ -297,11 +297,11 @@ def test_proof_learn_a_pytest_run_then_run_it_under_the_profile(tmp_path):
     r = _learn(["--check", str(prof), "--", *PYTEST], proj, env)
     assert "nothing refused" in r.stderr
     # ... and test by test (the plugin confines each test body under the profile)
-    r = _pytest(["--sandlock-profile", str(prof)], proj, env)
+    r = _pytest(["--sandlock-profile=" + str(prof)], proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "5 tests ran confined" in r.stdout
     # without that rule, the test that needed it fails and the plugin's denial report names what is missing
-    r = _pytest(["--sandlock-profile", str(broken)], proj, env)
+    r = _pytest(["--sandlock-profile=" + str(broken)], proj, env)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "1 failed, 4 passed" in r.stdout
     assert "test_reads_shared_data" in r.stdout and f"fs_readable += ['{shared}']" in r.stdout
@@ -311,20 +311,20 @@ def test_proof_learn_a_pytest_run_then_run_it_under_the_profile(tmp_path):
 def test_proof_pytest_sandlock_learn(tmp_path):
     home, proj, env = _workload(tmp_path)
     prof = tmp_path / "suite.toml"
-    r = _pytest(["--sandlock-learn", str(prof)], proj, env)
+    r = _pytest(["--sandlock-learn=" + str(prof)], proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sandlock learn" in r.stdout and "learned a profile from 5 tests" in r.stdout
     data = _load_toml(prof)
     shared = str(home / "data" / "shared.txt")
     assert shared in data["fs_readable"]
     assert not any(_beneath(p, [str(proj)]) for p in data["fs_readable"])  # the plugin grants the rootdir
-    r = _pytest(["--sandlock-profile", str(prof)], proj, env)
+    r = _pytest(["--sandlock-profile=" + str(prof)], proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     broken = tmp_path / "broken.toml"
     lo, hi = L.ephemeral_range()
     data["net_connect"] = [p for p in data["net_connect"] if p != f"{lo}-{hi}"] or [1]
     broken.write_text(dumps_toml(data))
-    r = _pytest(["--sandlock-profile", str(broken)], proj, env)
+    r = _pytest(["--sandlock-profile=" + str(broken)], proj, env)
     assert "1 failed, 4 passed" in r.stdout and "test_loopback_http" in r.stdout
     assert "connect" in r.stdout and "net_connect += [" in r.stdout
 
@@ -333,7 +333,7 @@ def test_proof_pytest_sandlock_learn(tmp_path):
 def test_pytest_sandlock_learn_per_test_and_merge(tmp_path):
     home, proj, env = _workload(tmp_path)
     prof = tmp_path / "suite.toml"
-    r = _pytest(["--sandlock-learn", str(prof), "--sandlock-learn-per-test"], proj, env)
+    r = _pytest(["--sandlock-learn=" + str(prof), "--sandlock-learn-per-test"], proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     text = prof.read_text()
     shared = str(home / "data" / "shared.txt")
@@ -344,6 +344,6 @@ def test_pytest_sandlock_learn_per_test_and_merge(tmp_path):
     assert shared not in data.get("fs_readable", [])
     assert data["fs_readable"]  # never empty: an empty list would leave the filesystem unrestricted
     # learning again with --sandlock-learn-merge widens instead of replacing
-    r = _pytest(["--sandlock-learn", str(prof), "--sandlock-learn-merge", "-k", "shared"], proj, env)
+    r = _pytest(["--sandlock-learn=" + str(prof), "--sandlock-learn-merge", "-k", "shared"], proj, env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert shared in _load_toml(prof)["fs_readable"]
