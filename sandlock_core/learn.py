@@ -621,6 +621,12 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
         else:
             readable.add(_read_rule(path, collapse, home))
     readable_l = [p for p in minimize(readable) if not _beneath(p, writable_l)]
+    if "/proc" in readable_l:
+        learned.notes.append("/proc: the run read its own /proc entries; Landlock cannot grant /proc/self alone, so "
+                             "this grants all of /proc (other processes' cmdline and status too)")
+    if obs.execs:
+        progs = sorted(obs.execs)
+        learned.notes.append("programs executed: " + ", ".join(progs[:20]) + (" ..." if len(progs) > 20 else ""))
     f = learned.fields
     if readable_l:
         f["fs_readable"] = readable_l

@@ -111,6 +111,18 @@ def test_build_profile_writes_use_the_ancestor_that_existed(tmp_path):
     assert "fs_readable" not in lr.fields  # covered by the writable rule
 
 
+def test_build_profile_pseudo_files_and_execs():
+    obs = L.Observations()
+    obs.reads |= {"/proc/123/status", "/dev/pts/7", "/dev/urandom", "/usr/bin/git"}
+    obs.writes |= {"/dev/pts/7", "/dev/null"}
+    obs.execs.add("/usr/bin/git")
+    lr = L.build_profile(obs, limits=False)
+    assert lr.fields["fs_readable"] == ["/dev/urandom", "/proc", "/usr"]
+    assert lr.fields["fs_writable"] == ["/dev/null", "/dev/pts"]
+    assert any("all of /proc" in n for n in lr.notes)
+    assert any(n == "programs executed: /usr/bin/git" for n in lr.notes)
+
+
 def test_build_profile_network_and_limits():
     obs = L.Observations()
     lo, hi = L.ephemeral_range()
