@@ -265,3 +265,28 @@ def test_memfd_copy_of_a_denied_binary_cannot_be_made(tree):
     assert_refused(probe(sb, code))
     res = sb.run(["sh", "-c", f"cp {t / 'tool'} /dev/shm/x 2>&1; cat {t / 'tool'} >/dev/null"])
     assert res.exit_code != 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
+def test_dotdot_out_of_a_bind_mounted_writable_dir(tmp_path):
+    """A writable directory bind-mounted inside a read-only tree: `..` from the bind's root walks into the
+    tree, where the denied file must stay denied."""
+    import subprocess
+    t = tmp_path / "tree"
+    (t / "bind").mkdir(parents=True)
+    (t / "secret").write_text("s3cret")
+    w = tmp_path / "w"
+    w.mkdir()
+    os.chmod(tmp_path, 0o755)
+    if subprocess.run(["mount", "--bind", str(w), str(t / "bind")], capture_output=True).returncode != 0:
+        pytest.skip("mount --bind is not available here")
+    try:
+        for writable in ([str(w)], [str(t / "bind")]):
+            sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, str(t)], fs_writable=writable, fs_denied=[str(t / "secret")]))
+            assert probe(sb, f"open({str(t / 'bind' / 'x')!r}, 'w').write('1')") == "OK"
+            assert_refused(probe(sb, f"out.append(open({str(t / 'bind')!r} + '/../secret').read())"))
+            assert_refused(probe(sb, f"os.chdir({str(t / 'bind')!r}); out.append(open('../secret').read())"))
+            assert_refused(probe(sb, f"d = os.open({str(t / 'bind')!r}, os.O_RDONLY); "
+                                     f"out.append(os.read(os.open('../secret', os.O_RDONLY, dir_fd=d), 99))"))
+    finally:
+        subprocess.run(["umount", "-l", str(t / "bind")], check=False)
