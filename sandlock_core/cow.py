@@ -447,7 +447,8 @@ class Cow:
             return got
         real, _ = got
         buf = ffi.new("char[]", 256)
-        rc = lib.sl_raw_syscall6(self.nr["newfstatat"], AT_FDCWD, _addr(ffi.new("char[]", os.fsencode(real))),
+        cpath = ffi.new("char[]", os.fsencode(real))  # keep it alive across the call
+        rc = lib.sl_raw_syscall6(self.nr["newfstatat"], AT_FDCWD, _addr(cpath),
                                  _addr(buf), flags & AT_SYMLINK_NOFOLLOW | (AT_SYMLINK_NOFOLLOW if got[1] else 0),
                                  0, 0)
         if rc < 0:
@@ -476,7 +477,8 @@ class Cow:
         real, inside = got
         buf = ffi.new("char[]", 256)
         fl = (flags & ~AT_EMPTY_PATH) | (AT_SYMLINK_NOFOLLOW if inside else 0)
-        rc = lib.sl_raw_syscall6(self.nr["statx"], AT_FDCWD, _addr(ffi.new("char[]", os.fsencode(real))), fl,
+        cpath = ffi.new("char[]", os.fsencode(real))
+        rc = lib.sl_raw_syscall6(self.nr["statx"], AT_FDCWD, _addr(cpath), fl,
                                  a[3] & 0xFFFFFFFF, _addr(buf), 0)
         if rc < 0:
             return Errno(-rc)
@@ -491,7 +493,8 @@ class Cow:
         if got is None or isinstance(got, Errno):
             return got
         real, inside = got
-        rc = lib.sl_raw_syscall6(self.nr["faccessat2"], AT_FDCWD, _addr(ffi.new("char[]", os.fsencode(real))),
+        cpath = ffi.new("char[]", os.fsencode(real))
+        rc = lib.sl_raw_syscall6(self.nr["faccessat2"], AT_FDCWD, _addr(cpath),
                                  mode, flags & AT_EACCESS | (AT_SYMLINK_NOFOLLOW if inside else 0), 0, 0)
         return Errno(-rc) if rc < 0 else Value(0)
 
