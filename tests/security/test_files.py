@@ -290,3 +290,27 @@ def test_dotdot_out_of_a_bind_mounted_writable_dir(tmp_path):
                                      f"out.append(os.read(os.open('../secret', os.O_RDONLY, dir_fd=d), 99))"))
     finally:
         subprocess.run(["umount", "-l", str(t / "bind")], check=False)
+
+
+@pytest.mark.parametrize("spelling", ["/proc/self/fd/{fd}", "/proc/thread-self/fd/{fd}", "/dev/fd/{fd}",
+                                      "{scratch}/me/fd/{fd}", "/proc/self/../self/fd/{fd}",
+                                      "/proc/{sup}/fd/{fd}", "chdir:/proc/self:fd/{fd}"])
+def test_every_spelling_of_proc_self_stays_the_childs(tree, spelling):
+    """Spellings of /proc/self (symlinks to it, /dev/fd, thread-self, `..`, a relative path from a cwd in
+    /proc, and the supervisor's own pid): none may reach the supervisor's pipe."""
+    sb, _, scratch = tree
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        os.write(w, b"SUPERVISOR-PIPE")
+        target = spelling.format(fd=r, scratch=scratch, sup=os.getpid())
+        pre = f"os.symlink('/proc/self', {str(scratch / 'me')!r})\n" if "/me/" in target else ""
+        if target.startswith("chdir:"):
+            _, d, target = target.split(":")
+            pre += f"os.chdir({d!r})\n"
+        outcome = probe(sb, pre + f"fd = os.open({target!r}, os.O_RDONLY | os.O_NONBLOCK)\n"
+                                  "out.append(os.read(fd, 100))")
+    finally:
+        os.close(r)
+        os.close(w)
+    assert "SUPERVISOR-PIPE" not in outcome, f"{spelling} reached the supervisor's fd {r}: {outcome}"
+    assert outcome.split()[0] in ("ENOENT", "EACCES", "EPERM", "ELOOP"), outcome
