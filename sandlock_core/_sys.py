@@ -131,3 +131,19 @@ def recv_msg_fd(sock: int, cap: int = 64) -> tuple[bytes, int]:
     fd = ffi.new("int *")
     n = _check(lib.sl_recv_msg_fd(sock, buf, cap, fd))
     return ffi.buffer(buf, n)[:], fd[0]
+
+
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_IN_ROOT = 0x10
+_SYS_OPENAT2 = 437  # same number on x86_64 and aarch64 (new syscalls share the generic table)
+
+
+def openat2(dirfd: int, path, flags: int, mode: int = 0, resolve: int = 0) -> int:
+    """openat2(2): like os.open(path, flags, mode, dir_fd=dirfd) with RESOLVE_* restrictions."""
+    how = ffi.new("uint64_t[3]", (flags, mode, resolve))
+    p = ffi.new("char[]", os.fsencode(path))
+    return _check(lib.sl_raw_syscall6(_SYS_OPENAT2, dirfd, int(ffi.cast("intptr_t", p)),
+                                      int(ffi.cast("intptr_t", how)), 24, 0, 0))

@@ -226,19 +226,112 @@ class FsDeny:
             if base_fd != AT_FDCWD:
                 os.close(base_fd)
 
-    def _open_on_behalf(self, sup, n, name, base_fd, path, flags, mode, resolve):
-        acc_flags = flags & ~(os.O_CLOEXEC)
-        nofollow = flags & os.O_NOFOLLOW
+    # ---- the child's view of /proc/self ----
+    # An on-behalf open runs in *our* process: "/proc/self" would name the supervisor, and a magic link
+    # such as /dev/stdin -> /proc/self/fd/0 would reach the supervisor's fds. So: literal /proc/self and
+    # /proc/thread-self are rewritten to the child's pid, the lookup refuses magic links, a path that ends
+    # in the child's own /proc/<pid>/fd/N is served from a duplicate of that fd, and nothing may resolve
+    # into the supervisor's own /proc/<pid>.
+    @staticmethod
+    def _tgid(tid: int) -> int:
+        try:
+            with open(f"/proc/{tid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Tgid:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return tid
 
-        def locate():
+    @staticmethod
+    def _rewrite_self(path: bytes, tgid: int, tid: int) -> bytes:
+        for prefix, repl in ((b"/proc/thread-self", b"/proc/%d/task/%d" % (tgid, tid)),
+                             (b"/proc/self", b"/proc/%d" % tgid)):
+            if path == prefix or path.startswith(prefix + b"/"):
+                return repl + path[len(prefix):]
+        return path
+
+    @staticmethod
+    def _child_resolve(path: str, base: str, tgid: int, tid: int):
+        """Resolve symlinks as the child would see them; ('fd', N) for its own /proc/<pid>/fd/N."""
+        import re
+        parts = [c for c in path.split("/")]
+        cur = "/" if path.startswith("/") else base
+        hops = 0
+        while parts:
+            c = parts.pop(0)
+            if c in ("", "."):
+                continue
+            if c == "..":
+                cur = os.path.dirname(cur) or "/"
+                continue
+            nxt = os.path.join(cur, c)
+            if nxt == "/proc/self":
+                nxt = f"/proc/{tgid}"
+            elif nxt == "/proc/thread-self":
+                nxt = f"/proc/{tgid}/task/{tid}"
+            m = re.match(r"^/proc/(\d+)(?:/task/\d+)?/fd/(\d+)$", nxt)
+            if m and int(m.group(1)) in (tgid, tid):
+                if parts:
+                    raise OSError(errno.ENOTDIR, "not a directory")
+                return "fd", int(m.group(2))
             try:
-                return os.open(path, O_PATH | os.O_CLOEXEC | nofollow, dir_fd=base_fd), False
+                target = os.readlink(nxt)
+            except OSError:
+                cur = nxt
+                continue
+            hops += 1
+            if hops > 40:
+                raise OSError(errno.ELOOP, "too many levels of symbolic links")
+            parts[:0] = target.split("/")
+            if target.startswith("/"):
+                cur = "/"
+        return "path", cur
+
+    def _locate(self, sup, n, base_fd, path: bytes, flags: int):
+        """(O_PATH fd or None if missing, dup of a child fd or -1)."""
+        nofollow = flags & os.O_NOFOLLOW
+        tid = n.pid
+        tgid = self._tgid(tid)
+        path = self._rewrite_self(path, tgid, tid)
+
+        def lookup(p, d):
+            try:
+                return _sys.openat2(d, p, O_PATH | os.O_CLOEXEC | nofollow, 0, _sys.RESOLVE_NO_MAGICLINKS)
             except FileNotFoundError:
                 if not flags & os.O_CREAT:
                     raise
-                return None, True
+                return None
 
-        opath, _missing = self.opener.call(locate)
+        own = (b"/proc/%d/" % tgid, b"/proc/%d/" % tid)
+        try:
+            if path.startswith(own):  # the child's own /proc entries: the opener's domain cannot see them
+                raise OSError(errno.ELOOP, "resolve in the child's view")
+            fd = self.opener.call(lambda: lookup(path, base_fd))
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            base = os.readlink(f"/proc/self/fd/{base_fd}") if base_fd != AT_FDCWD else "/"
+            kind, val = self._child_resolve(os.fsdecode(path), base, tgid, tid)
+            if kind == "fd":
+                try:
+                    return None, sup.dup_child_fd(n, val)
+                except OSError as e:  # no such fd: what the kernel says for /proc/<pid>/fd/N
+                    raise OSError(errno.ENOENT if e.errno == errno.EBADF else e.errno, "no such fd") from None
+            fd = self.opener.call(lambda: lookup(val, AT_FDCWD))
+        if fd is not None:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            mine = f"/proc/{os.getpid()}"
+            if real == mine or real.startswith(mine + "/"):
+                os.close(fd)
+                raise OSError(errno.EACCES, "the supervisor's /proc entries are not the child's")
+        return fd, -1
+
+    def _open_on_behalf(self, sup, n, name, base_fd, path, flags, mode, resolve):
+        acc_flags = flags & ~(os.O_CLOEXEC)
+        opath, child_fd = self._locate(sup, n, base_fd, path, flags)
+        if child_fd >= 0:  # the child's own /proc/<pid>/fd/N: reopen a duplicate of that fd
+            opath = child_fd
         if opath is None:  # creating: judge the name it will have
             target = self._resolve_created(base_fd, path)
             if self.deny.denied(target, None):
