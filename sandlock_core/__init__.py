@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Policy": "policy", "FsIsolation": "policy", "BranchAction": "policy", "parse_ports": "policy",
     "parse_size": "policy", "parse_time": "policy",
-    "Sandbox": "sandbox", "Result": "sandbox", "ExitReason": "sandbox", "confine": "sandbox",
+    "Sandbox": "sandbox", "Result": "sandbox", "DryRunResult": "sandbox", "Change": "sandbox", "ExitReason": "sandbox", "confine": "sandbox",
     "landlock_abi_version": "sandbox",
     "Stage": "pipeline", "Pipeline": "pipeline", "PipelineResult": "pipeline", "Process": "process",
     "SyscallEvent": "policy_fn", "PolicyContext": "policy_fn", "ForkResult": "forking", "Clone": "forking",

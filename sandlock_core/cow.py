@@ -1233,7 +1233,7 @@ def install(builder) -> None:
     # Validate now (a bad workdir is a policy error); each run gets its own Cow (branch, virtual cwds).
     Cow(policy, builder.arch, -1)
     for name, meth in HANDLERS.items():
-        builder.notify(name, _trampoline(getattr(Cow, meth)))
+        builder.notify(name, _trampoline(getattr(Cow, meth), name in READ_ONLY))
 
     def on_supervisor(sup):
         cow = Cow(policy, builder.arch, builder.ruleset_fd)
@@ -1249,9 +1249,23 @@ def install(builder) -> None:
     builder.on_finish(on_finish)
 
 
-def _trampoline(fn):
-    def handler(sup, n):
-        return fn(sup.state["cow_mech"], sup, n)
+# Read-only syscalls: while nothing was written (and no virtual cwd), the kernel's answer is the merged one.
+READ_ONLY = frozenset({"stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2", "readlink",
+                       "readlinkat", "getdents64", "getxattr", "lgetxattr", "listxattr", "llistxattr", "getcwd",
+                       "chdir", "execve", "execveat"})
+
+
+def _trampoline(fn, read_only: bool = False):
+    if read_only:
+        def handler(sup, n):
+            cow = sup.state["cow_mech"]
+            b = cow.branch
+            if b is not None and not b.present and not b.deleted and not cow.vcwd:
+                return None
+            return fn(cow, sup, n)
+    else:
+        def handler(sup, n):
+            return fn(sup.state["cow_mech"], sup, n)
     handler.__name__ = fn.__name__
     return handler
 
