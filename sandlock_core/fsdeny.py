@@ -307,7 +307,7 @@ class FsDeny:
         try:
             if path.startswith(own):  # the child's own /proc entries: the opener's domain cannot see them
                 raise OSError(errno.ELOOP, "resolve in the child's view")
-            fd = self.opener.call(lambda: lookup(path, base_fd))
+            fd = sup.state["fsdeny.opener"].call(lambda: lookup(path, base_fd))
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
@@ -318,7 +318,7 @@ class FsDeny:
                     return None, sup.dup_child_fd(n, val)
                 except OSError as e:  # no such fd: what the kernel says for /proc/<pid>/fd/N
                     raise OSError(errno.ENOENT if e.errno == errno.EBADF else e.errno, "no such fd") from None
-            fd = self.opener.call(lambda: lookup(val, AT_FDCWD))
+            fd = sup.state["fsdeny.opener"].call(lambda: lookup(val, AT_FDCWD))
         if fd is not None:
             real = os.readlink(f"/proc/self/fd/{fd}")
             mine = f"/proc/{os.getpid()}"
@@ -342,7 +342,7 @@ class FsDeny:
                 fd = os.open(path, acc_flags | os.O_CLOEXEC, mode & ~umask & 0o7777, dir_fd=base_fd)
                 return fd
 
-            fd = self.opener.call(create)
+            fd = sup.state["fsdeny.opener"].call(create)
             return InjectFd(fd, bool(flags & os.O_CLOEXEC))
         owned = True
         try:
@@ -356,15 +356,20 @@ class FsDeny:
             if stat.S_ISFIFO(st.st_mode) and not flags & os.O_NONBLOCK:
                 owned = False  # the worker closes it
                 return self._open_fifo(sup, n, opath, reopen_flags, flags)
-            fd = self.opener.call(lambda: os.open(f"/proc/self/fd/{opath}", reopen_flags | os.O_CLOEXEC))
+            fd = sup.state["fsdeny.opener"].call(lambda: os.open(f"/proc/self/fd/{opath}", reopen_flags | os.O_CLOEXEC))
             return InjectFd(fd, bool(flags & os.O_CLOEXEC))
         finally:
             if owned:
                 os.close(opath)
 
     def _open_fifo(self, sup, n, opath, reopen_flags, flags):
-        """A blocking FIFO open waits for its peer: finish it on a worker, answer later (DEFERRED)."""
+        """A blocking FIFO open waits for its peer: finish it on a worker, answer later (DEFERRED). The wait
+        is registered so the end of the run can release it (by opening the other end) instead of leaving a
+        blocked thread behind when the child is gone."""
         notif_id, pid = n.id, n.pid
+        pending = sup.state.setdefault("fsdeny.fifos", {})
+        key = object()
+        pending[key] = (opath, reopen_flags)
 
         def work():
             try:
@@ -373,10 +378,21 @@ class FsDeny:
             except OSError as exc:
                 sup.respond(notif_id, Errno(exc.errno or errno.EACCES), pid)
             finally:
+                pending.pop(key, None)
                 os.close(opath)
 
         threading.Thread(target=work, name="sandlock-fifo-open", daemon=True).start()
         return DEFERRED
+
+    @staticmethod
+    def release_fifo_waits(sup) -> None:
+        """Open the other end of every FIFO a worker still waits on, so its open returns and it exits."""
+        for opath, flags in list(sup.state.get("fsdeny.fifos", {}).values()):
+            other = os.O_WRONLY if flags & os.O_ACCMODE == os.O_RDONLY else os.O_RDONLY
+            try:
+                os.close(os.open(f"/proc/self/fd/{opath}", other | os.O_NONBLOCK | os.O_CLOEXEC))
+            except OSError:
+                pass
 
     def _fifo_open(self, opath: int, flags: int) -> int:
         # A dedicated confined thread per FIFO open: it may block for as long as the peer takes.
@@ -509,7 +525,11 @@ def install(builder) -> None:
 
     def on_supervisor(sup):
         fs.ruleset_fd = builder.ruleset_fd
-        fs.opener = Opener(builder.ruleset_fd)
-        sup.on_close(fs.close)
+        opener = sup.state["fsdeny.opener"] = Opener(builder.ruleset_fd)  # per run: runs may overlap
+
+        def close():
+            FsDeny.release_fifo_waits(sup)
+            opener.close()
+        sup.on_close(close)
 
     builder.on_supervisor(on_supervisor)

@@ -212,7 +212,12 @@ class Supervisor:
     def respond(self, notif_id: int, action: Action, pid: int = 0) -> None:
         """Answer a notification. Failing to inject an fd fails closed (EACCES), never CONTINUE."""
         fd = self.listener
-        if fd < 0:
+        if fd < 0:  # the sandbox is over: nobody to answer; do not leak an fd meant for the child
+            if type(action) is InjectFd:
+                try:
+                    os.close(action.fd)
+                except OSError:
+                    pass
             return
         if action is None or action is CONTINUE:
             lib.sl_notif_continue(fd, notif_id)
