@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -87,6 +88,33 @@ int main(int argc, char **argv) {
         if (r == 0) _exit(0);
         report("clone3", r);
         if (r > 0) waitpid(r, NULL, 0);
+    } else if (!strcmp(cmd, "shmexec")) {               /* execve of a path in MAP_SHARED memory a forked
+                                                         * process (own mm) flips: shmexec ALLOWED DENIED N */
+        const char *ok = argv[2], *bad = argv[3];
+        int n = num(argv[4]), ran_ok = 0, refused = 0, other = 0;
+        close(0);  /* no process of ours has an fd 0 left to compare */
+        char *buf = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        strcpy(buf, ok);
+        pid_t flipper = fork();
+        if (flipper == 0) {
+            for (;;) { strcpy(buf, bad); strcpy(buf, ok); }
+        }
+        for (int i = 0; i < n; i++) {
+            pid_t c = fork();
+            if (c == 0) {
+                char *av[] = {"probe", NULL}, *ev[] = {NULL};
+                execve(buf, av, ev);
+                _exit(errno == EPERM || errno == EACCES ? 99 : 98);
+            }
+            int st;
+            waitpid(c, &st, 0);
+            if (WIFEXITED(st) && WEXITSTATUS(st) == 0) ran_ok++;
+            else if (WIFEXITED(st) && WEXITSTATUS(st) == 99) refused++;
+            else other++;
+        }
+        kill(flipper, SIGKILL);
+        waitpid(flipper, NULL, 0);
+        printf("shmexec %d %d %d\n", ran_ok, refused, other);
     } else if (!strcmp(cmd, "x32")) {                   /* a syscall number with __X32_SYSCALL_BIT */
         report("x32", syscall(num(argv[2]) | 0x40000000UL, -1L, -1L, -1L, -1L, -1L));  /* args harmless */
     } else if (!strcmp(cmd, "int80")) {                 /* the i386 entry from a 64-bit process */

@@ -174,3 +174,23 @@ def test_isolate_signals_refuses_kill_of_the_supervisor_and_host_processes(attac
     # inside the sandbox signals still work
     res = sb.run(["sh", "-c", f"sleep 30 & {attacker} kill $! 15; wait"])
     assert results(res)["kill"] == (0, 0), res
+
+
+# ---- policy_fn: the execve freeze ------------------------------------------------------------------------
+
+def test_policy_fn_exec_denial_cannot_be_raced_through_shared_memory(attacker, tmp_path):
+    """policy_fn judges an execve only when the caller's memory is frozen, then CONTINUEs. Here the path lives
+    in a MAP_SHARED page that a forked sibling (its own mm, still running) keeps flipping between an allowed
+    and a denied binary; the attacker closed fd 0 first. The denied binary must never run."""
+    def on_event(event, ctx):
+        if event.syscall in ("execve", "execveat") and event.path_contains("/usr/bin/id"):
+            return True
+        return 0
+
+    if not os.path.exists("/usr/bin/id"):
+        pytest.skip("needs /usr/bin/id")
+    sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, ATTACKER_DIR[0]]), policy_fn=on_event)
+    res = sb.run([attacker, "shmexec", "/bin/true", "/usr/bin/id", "300"], timeout=120)
+    assert b"shmexec" in res.stdout, res
+    ran_denied = res.stdout.count(b"uid=")
+    assert ran_denied == 0, f"/usr/bin/id ran {ran_denied} times despite policy_fn denying it: {res.stdout[-200:]!r}"
