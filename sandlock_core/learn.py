@@ -36,6 +36,9 @@ DEFAULT_COLLAPSE = 3
 #: Read-only system trees granted whole: a program reading one file there will read others next time.
 SYSTEM_TREES = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
 
+#: Shared temporary directories: granted writable when the run creates names directly in them.
+TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
 #: Names that look like credentials: never granted, called out in a comment instead.
 SECRET_DIRS = (".ssh", ".aws", ".gnupg", ".kube", ".docker", ".azure", ".password-store")
 SECRET_FILES = (".netrc", ".pgpass", ".git-credentials", ".pypirc", ".npmrc", ".env")
@@ -475,15 +478,18 @@ def _home() -> str:
     return os.path.realpath(os.path.expanduser("~"))
 
 
-def _read_rule(path: str, collapse: int, home: str) -> str:
+def _read_rule(path: str, collapse: int, home: str, scanned: dict | None = None) -> str:
     """The directory (or file) granting a read of ``path``: ``path`` cut to ``collapse`` components (counted
     from $HOME for paths under it), deeper again while that directory holds a secret."""
     depth = max(collapse, 1)
     if home not in ("", "/") and _beneath(path, [home]):
         depth = _depth(home) + depth  # counted from $HOME: never $HOME itself
+    scanned = {} if scanned is None else scanned
     while depth < _depth(path):
         cand = _truncate(path, depth)
-        if _has_secret(cand) is None:
+        if cand not in scanned:
+            scanned[cand] = _has_secret(cand)
+        if scanned[cand] is None:
             return cand
         depth += 1
     return path
@@ -568,6 +574,8 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
 
     # -- writes
     writable: set[str] = set()
+    refused: dict[str, str] = {}
+    temp_dirs = {os.path.realpath(t) for t in TEMP_DIRS}
     for name in obs.names:
         if secret(name, "create/remove"):
             continue
@@ -575,12 +583,11 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
         child = name
         while d in obs.created and d != "/":
             child, d = d, os.path.dirname(d) or "/"
-        if d in ("/", home) or _depth(d) < 2:
+        if (d in ("/", home) or _depth(d) < 2) and d not in temp_dirs:
             if os.path.lexists(child) and os.path.isdir(child):
                 d = child
             else:
-                learned.notes.append(f"{name}: created or removed directly in {d}; not granted (it would grant "
-                                     f"all of {d}); create its directory beforehand")
+                refused.setdefault(d, name)
                 continue
         if not _beneath(d, covered_write):
             writable.add(d)
@@ -594,6 +601,13 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
         if not _beneath(path, covered_write) and os.path.exists(path):
             writable.add(path)
     writable_l = minimize(writable)
+    for d, name in sorted(refused.items()):
+        if not _beneath(d, writable_l):
+            learned.notes.append(f"{name}: created or removed directly in {d}; not granted (it would grant all of "
+                                 f"{d}); create its directory beforehand")
+    for t in sorted(temp_dirs & set(writable_l)):
+        learned.notes.append(f"{t} writable: the run made files there (tempfile names are unpredictable); point "
+                             f"TMPDIR at a directory of its own to narrow this")
     denied = []
     for d in writable_l:
         if os.path.isdir(d) and d != "/proc":
@@ -602,6 +616,7 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
                 denied.append(s)
     # -- reads
     readable: set[str] = set()
+    scanned: dict = {}
     for path in obs.reads | obs.lists:
         if secret(path, "read"):
             continue
@@ -619,7 +634,7 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
         elif path in (home, "/"):
             learned.notes.append(f"{path} was listed; not granted (a rule on it grants everything beneath)")
         else:
-            readable.add(_read_rule(path, collapse, home))
+            readable.add(_read_rule(path, collapse, home, scanned))
     readable_l = [p for p in minimize(readable) if not _beneath(p, writable_l)]
     if "/proc" in readable_l:
         learned.notes.append("/proc: the run read its own /proc entries; Landlock cannot grant /proc/self alone, so "

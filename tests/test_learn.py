@@ -111,6 +111,18 @@ def test_build_profile_writes_use_the_ancestor_that_existed(tmp_path):
     assert "fs_readable" not in lr.fields  # covered by the writable rule
 
 
+def test_build_profile_names_in_tmp_and_home(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    obs = L.Observations()
+    obs.names |= {"/tmp/tmpab12cd", str(home / "made")}
+    obs.created |= {"/tmp/tmpab12cd", str(home / "made")}
+    lr = L.build_profile(obs, home=str(home), limits=False)
+    assert lr.fields["fs_writable"] == ["/tmp"]  # tempfile names: the temp dir itself
+    assert any("/tmp writable" in n for n in lr.notes)
+    assert any(str(home / "made") in n and "not granted" in n for n in lr.notes)  # never $HOME itself
+
+
 def test_build_profile_pseudo_files_and_execs():
     obs = L.Observations()
     obs.reads |= {"/proc/123/status", "/dev/pts/7", "/dev/urandom", "/usr/bin/git"}
