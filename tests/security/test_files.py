@@ -314,3 +314,69 @@ def test_every_spelling_of_proc_self_stays_the_childs(tree, spelling):
         os.close(w)
     assert "SUPERVISOR-PIPE" not in outcome, f"{spelling} reached the supervisor's fd {r}: {outcome}"
     assert outcome.split()[0] in ("ENOENT", "EACCES", "EPERM", "ELOOP"), outcome
+
+
+FLIP_PATH = """
+import sys
+op, ok_path, bad_path, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+libc = ctypes.CDLL(None, use_errno=True)
+size = max(len(ok_path), len(bad_path)) + 1
+ok = ok_path.encode().ljust(size, b'\\0')
+bad = bad_path.encode().ljust(size, b'\\0')
+buf = ctypes.create_string_buffer(ok, size)
+dst = ctypes.create_string_buffer((ok_path + '.moved').encode())
+argv = (ctypes.c_char_p * 2)(b'x', None)
+envp = (ctypes.c_char_p * 1)(None)
+stop = False
+def flip():
+    while not stop:
+        ctypes.memmove(buf, bad, size)
+        ctypes.memmove(buf, ok, size)
+t = threading.Thread(target=flip, daemon=True)
+t.start()
+for i in range(n):
+    if op == 'unlink':
+        open(ok_path, 'w').close()
+        libc.unlink(buf)
+    elif op == 'rename':
+        open(ok_path, 'w').close()
+        libc.rename(buf, dst)
+    elif op == 'exec':
+        pid = os.fork()
+        if pid == 0:  # the flipper must live in the exec'ing process itself
+            stop = False
+            threading.Thread(target=flip, daemon=True).start()
+            for _ in range(50):
+                libc.execve(buf, argv, envp)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    if not os.path.exists(bad_path) or os.path.exists(os.path.join(os.path.dirname(bad_path), 'ran')):
+        break
+stop = True
+out.append(i + 1)
+"""
+
+
+@pytest.mark.parametrize("op", ["unlink", "rename"])
+def test_flipping_the_path_string_during_unlink_or_rename_in_a_writable_tree(tmp_path, op):
+    """A thread rewrites the path buffer between an allowed name and a denied one while the main thread
+    unlinks/renames through it. A check on the path followed by CONTINUE lets the kernel re-read the
+    flipped name: the denied file must survive anyway."""
+    w = tmp_path / "w"
+    w.mkdir()
+    (w / "secret").write_text("s3cret")
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=[str(w)], fs_denied=[str(w / "secret")]))
+    outcome = probe(sb, FLIP_PATH, op, str(w / "decoy"), str(w / "secret"), "3000")
+    assert (w / "secret").exists() and (w / "secret").read_text() == "s3cret", \
+        f"the denied file was {op}ed through a flipped path ({outcome})"
+
+
+def test_flipping_the_path_string_during_exec_of_a_denied_tool(tmp_path):
+    w = tmp_path / "w"
+    w.mkdir()
+    for name, text in (("ok", "#!/bin/sh\nexit 0\n"), ("tool", f"#!/bin/sh\necho RAN > {w}/ran\n")):
+        (w / name).write_text(text)
+        (w / name).chmod(0o755)
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=[str(w)], fs_denied=[str(w / "tool")]))
+    probe(sb, FLIP_PATH, "exec", str(w / "ok"), str(w / "tool"), "150")
+    assert not (w / "ran").exists(), "the denied tool ran through a flipped execve path"
