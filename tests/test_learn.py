@@ -115,12 +115,16 @@ def test_build_profile_names_in_tmp_and_home(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     obs = L.Observations()
-    obs.names |= {"/tmp/tmpab12cd", str(home / "made")}
-    obs.created |= {"/tmp/tmpab12cd", str(home / "made")}
+    obs.names.add(str(home / "made"))
+    obs.created.add(str(home / "made"))
+    lr = L.build_profile(obs, home=str(home), limits=False)
+    assert "fs_writable" not in lr.fields  # never $HOME itself
+    assert any(str(home / "made") in n and "not granted" in n for n in lr.notes)
+    obs.names.add("/tmp/tmpab12cd")
+    obs.created.add("/tmp/tmpab12cd")
     lr = L.build_profile(obs, home=str(home), limits=False)
     assert lr.fields["fs_writable"] == ["/tmp"]  # tempfile names: the temp dir itself
     assert any("/tmp writable" in n for n in lr.notes)
-    assert any(str(home / "made") in n and "not granted" in n for n in lr.notes)  # never $HOME itself
 
 
 def test_build_profile_pseudo_files_and_execs():
