@@ -380,3 +380,40 @@ def test_flipping_the_path_string_during_exec_of_a_denied_tool(tmp_path):
     sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=[str(w)], fs_denied=[str(w / "tool")]))
     probe(sb, FLIP_PATH, "exec", str(w / "ok"), str(w / "tool"), "150")
     assert not (w / "ran").exists(), "the denied tool ran through a flipped execve path"
+
+
+METADATA_OPS = {
+    "chmod": "os.chmod(p, 0o777)",
+    "chown": "os.chown(p, 1, 1)",
+    "utime": "os.utime(p, (0, 0))",
+    "setxattr": "os.setxattr(p, 'user.sandlock', b'1')",
+    "fchmod-readonly-fd": "os.fchmod(os.open(p, os.O_RDONLY), 0o777)",
+}
+
+
+@pytest.mark.parametrize("where", ["outside", "readonly"])
+@pytest.mark.parametrize("op", list(METADATA_OPS))
+def test_metadata_of_files_outside_the_writable_trees_cannot_change(tmp_path, op, where):
+    """Landlock has no right for chmod, chown, utimes or xattrs: unless something else guards them, a
+    sandbox confined to read-only trees changes the mode, owner, times and xattrs of host files (for root:
+    any file, e.g. chmod 0777 of /etc/shadow). A file outside every tree, and one in a read-only tree."""
+    if where == "outside":
+        f = tmp_path / "host-file"
+        readable = SYSTEM_RO
+    else:
+        (tmp_path / "ro").mkdir()
+        f = tmp_path / "ro" / "file"
+        readable = [*SYSTEM_RO, str(tmp_path / "ro")]
+    f.write_text("x")
+    f.chmod(0o600)
+    os.chmod(tmp_path, 0o755)
+    before = os.stat(f)
+    xattrs = os.listxattr(f)
+    (tmp_path / "scratch").mkdir()
+    sb = Sandbox(Policy(fs_readable=readable, fs_writable=[str(tmp_path / "scratch")]))
+    outcome = probe(sb, f"p = {str(f)!r}\n" + METADATA_OPS[op])
+    after = os.stat(f)
+    changed = ((before.st_mode, before.st_uid, before.st_gid, before.st_mtime_ns)
+               != (after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns)) or os.listxattr(f) != xattrs
+    assert not changed, f"{op} changed a file outside the writable trees ({outcome})"
+    assert outcome.split()[0] in ("EACCES", "EPERM", "EROFS", "ENOTSUP", "EOPNOTSUPP"), outcome
