@@ -417,3 +417,18 @@ def test_metadata_of_files_outside_the_writable_trees_cannot_change(tmp_path, op
                != (after.st_mode, after.st_uid, after.st_gid, after.st_mtime_ns)) or os.listxattr(f) != xattrs
     assert not changed, f"{op} changed a file outside the writable trees ({outcome})"
     assert outcome.split()[0] in ("EACCES", "EPERM", "EROFS", "ENOTSUP", "EOPNOTSUPP"), outcome
+
+
+def test_linking_or_moving_a_file_from_outside_into_a_writable_dir(tmp_path):
+    """A hard link or rename would make an outside file readable under the writable tree: Landlock's REFER
+    right refuses both (EXDEV / EACCES)."""
+    f = tmp_path / "outside"
+    f.write_text("OUTSIDE-SECRET")
+    (tmp_path / "scratch").mkdir()
+    os.chmod(tmp_path, 0o755)
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=[str(tmp_path / "scratch")]))
+    for code in (f"os.link({str(f)!r}, {str(tmp_path / 'scratch' / 'l')!r})",
+                 f"os.rename({str(f)!r}, {str(tmp_path / 'scratch' / 'r')!r})"):
+        outcome = probe(sb, code)
+        assert outcome.split()[0] in ("EXDEV", "EACCES", "EPERM"), (code, outcome)
+    assert f.read_text() == "OUTSIDE-SECRET"
