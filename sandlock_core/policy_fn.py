@@ -168,6 +168,40 @@ class Engine:
         self.timeout = timeout
         self.ruleset_fd = ruleset_fd
         self.freeze_ok = freeze_ok
+        self.writable_roots: tuple | None = None  # None: no fs rules, every file may be writable
+
+    def _private(self, pid: int, ranges) -> bool:
+        """Every (addr, length) lies in memory no other process can change while the caller is frozen: a
+        private anonymous mapping, the caller's own executable (the kernel refuses writes to it, ETXTBSY),
+        or a private file mapping of a file the sandbox cannot write. A MAP_SHARED region (or a file the
+        sandbox can write) could be rewritten by a sibling between the callback and the kernel's read."""
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+            with open(f"/proc/{pid}/maps") as f:
+                maps = []
+                for line in f:
+                    parts = line.split(None, 5)
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    maps.append((lo, hi, parts[1], parts[5].strip() if len(parts) > 5 else ""))
+        except OSError:
+            return False
+        for addr, length in ranges:
+            end = addr + max(length, 1)
+            covered = addr
+            for lo, hi, perms, path in maps:
+                if lo <= covered < hi:
+                    if perms[3] != "p":
+                        return False
+                    if path.startswith("/") and path != exe:
+                        roots = self.writable_roots
+                        if roots is None or any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
+                            return False
+                    covered = hi
+                    if covered >= end:
+                        break
+            if covered < end:
+                return False
+        return True
 
     # ---- per run ----
     def setup(self, sup) -> None:
@@ -406,15 +440,24 @@ class Engine:
             sup.record(name, n.pid, errno.EPERM, "", "policy_fn: execve from a process whose memory another "
                        "thread or process could change cannot be checked; denied")
             return Errno(errno.EPERM)
-        event.path = sup.resolve(n, dirfd, sup.read_cstr(n, addr))
+        raw_path = sup.read_cstr(n, addr)
+        event.path = sup.resolve(n, dirfd, raw_path)
         argv = []
+        ranges = [(addr, len(raw_path) + 1)]
         p = argv_addr
         while p and len(argv) < 4096:
             ptr = struct.unpack("=Q", sup.read_mem(n, p, 8))[0]
+            ranges.append((p, 8))
             if not ptr:
                 break
-            argv.append(os.fsdecode(sup.read_cstr(n, ptr, 1 << 17)))
+            arg = sup.read_cstr(n, ptr, 1 << 17)
+            ranges.append((ptr, len(arg) + 1))
+            argv.append(os.fsdecode(arg))
             p += 8
+        if not self._private(n.pid, ranges):
+            sup.record(name, n.pid, errno.EPERM, event.path, "policy_fn: execve arguments in memory another "
+                       "process could change (shared memory or a writable file) cannot be checked; denied")
+            return Errno(errno.EPERM)
         event.argv = argv
         return self._hold(sup, n, event, action, lambda: action if action is not None else CONTINUE)
 
@@ -454,6 +497,9 @@ def install(builder) -> None:
     deny = builder.policy.deny_syscalls
     freeze_ok = deny is None or all(s in deny for s in ("ptrace", "process_vm_writev"))
     eng = Engine(builder.policy_fn, float(builder.policy_fn_timeout), builder.ruleset_fd, freeze_ok)
+    pol = builder.policy
+    # File-backed memory is only as frozen as its file: safe when Landlock keeps the sandbox from writing it.
+    eng.writable_roots = tuple(pol.fs_writable) if (pol.fs_readable or pol.fs_writable) else None
     for name in HELD:
         nr = syscalls.number(name, builder.arch)
         if nr is None:
