@@ -422,7 +422,7 @@ class Engine:
             if other == pid:
                 continue
             try:
-                same = raw_syscall(kcmp, pid, other, 0) == 0  # KCMP_VM
+                same = raw_syscall(kcmp, pid, other, 1) == 0  # KCMP_VM (type 1; 0 is KCMP_FILE)
             except OSError:
                 continue  # gone
             if same:
