@@ -26,7 +26,7 @@ import struct
 import threading
 
 from . import _sys
-from .notif import CONTINUE, DEFERRED, Errno, InjectFd
+from .notif import CONTINUE, DEFERRED, Errno, InjectFd, Value
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -476,23 +476,145 @@ class FsDeny:
         a = n.data.args
         return self._check_exec(sup, n, "execveat", _s32(a[0]), a[1], _s32(a[4]))
 
-    def _check_names(self, sup, n, name, pairs):
-        for dirfd, addr in pairs:
-            target = self._resolve_nofollow(sup, n, dirfd, sup.read_cstr(n, addr))
-            try:
-                st = os.lstat(target)
-            except OSError:
-                st = None
-            if self.deny.denied(target, st):
-                return self._record(sup, n, name, target)
-        return CONTINUE
+    # ---- names (unlink, rename, link, truncate, mkdir, mknod, symlink): on behalf ----
+    # Checking the path string and then letting the kernel re-read it would let a thread flip the string in
+    # between. So each name is resolved once to (its parent directory as an O_PATH fd, its last component),
+    # judged, and the operation is done on behalf on that parent fd, on the thread carrying the sandbox's
+    # Landlock domain: what is judged is what is changed.
+    def _parent_and_name(self, sup, n, dirfd: int, raw: bytes):
+        tid = n.pid
+        tgid = self._tgid(tid)
+        path = self._rewrite_self(raw, tgid, tid)
+        stripped = path.rstrip(b"/") or b"/"
+        head, _, tail = stripped.rpartition(b"/")
+        if not tail or tail in (b".", b".."):
+            raise OSError(errno.EINVAL if tail == b"." else errno.EBUSY, "invalid last component")
+        if b"/" not in stripped:
+            head = b"."
+        elif not head:
+            head = b"/"
+        base_fd = AT_FDCWD
+        if not head.startswith(b"/"):
+            base_fd, _ = self._base(sup, n, dirfd)
+        try:
+            parent = sup.state["fsdeny.opener"].call(lambda: _sys.openat2(
+                base_fd, head, O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _sys.RESOLVE_NO_MAGICLINKS))
+        finally:
+            if base_fd != AT_FDCWD:
+                os.close(base_fd)
+        real_parent = os.readlink(f"/proc/self/fd/{parent}")
+        mine = f"/proc/{os.getpid()}"
+        if real_parent == mine or real_parent.startswith(mine + "/"):
+            os.close(parent)
+            raise OSError(errno.EACCES, "the supervisor's /proc entries are not the child's")
+        return parent, os.fsdecode(tail), os.path.join(real_parent, os.fsdecode(tail))
+
+    def _name_denied(self, parent: int, name: str, real: str, follow: bool = False) -> bool:
+        try:
+            st = os.stat(name, dir_fd=parent, follow_symlinks=follow)
+        except OSError:
+            st = None
+        pst = os.fstat(parent)
+        if (pst.st_dev, pst.st_ino) in self.deny.dir_inodes or self.deny.denied(real, st):
+            return True
+        return bool(self.deny.dir_inodes) and self.deny._ancestor_denied(parent, pst)
+
+    def _on_behalf_names(self, sup, n, name: str, pairs, act):
+        """Resolve every (dirfd, path address) pair, refuse a denied one, else run act(parents, names)."""
+        parents, names = [], []
+        try:
+            for i, (dirfd, addr) in enumerate(pairs):
+                follow = name in ("link", "linkat") and i == 0 and self._link_follows(n, name)
+                parent, leaf, real = self._parent_and_name(sup, n, dirfd, sup.read_cstr(n, addr))
+                parents.append(parent)
+                names.append(leaf)
+                if self._name_denied(parent, leaf, real, follow):
+                    return self._record(sup, n, name, real)
+            sup.state["fsdeny.opener"].call(lambda: act(parents, names))
+            return Value(0)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EACCES)
+        finally:
+            for fd in parents:
+                os.close(fd)
+
+    @staticmethod
+    def _link_follows(n, name) -> bool:
+        return name == "linkat" and bool(_s32(n.data.args[4]) & AT_SYMLINK_FOLLOW)
 
     def _names(self, name, layout):
         def handler(sup, n):
             a = n.data.args
             pairs = [(AT_FDCWD if d is None else _s32(a[d]), a[p]) for d, p in layout]
-            return self._check_names(sup, n, name, pairs)
+            act = self._action(sup, n, name)
+            return self._on_behalf_names(sup, n, name, pairs, act)
         return handler
+
+    def _action(self, sup, n, name):
+        a = n.data.args
+        umask = None
+
+        def fix_mode(parent, leaf, mode):
+            os.chmod(leaf, mode, dir_fd=parent, follow_symlinks=True)
+
+        if name in ("unlink", "rmdir") or (name == "unlinkat" and not _s32(a[2]) & AT_REMOVEDIR):
+            if name == "rmdir":
+                return lambda ps, ns: os.rmdir(ns[0], dir_fd=ps[0])
+            return lambda ps, ns: os.unlink(ns[0], dir_fd=ps[0])
+        if name == "unlinkat":
+            return lambda ps, ns: os.rmdir(ns[0], dir_fd=ps[0])
+        if name in ("rename", "renameat"):
+            return lambda ps, ns: os.rename(ns[0], ns[1], src_dir_fd=ps[0], dst_dir_fd=ps[1])
+        if name == "renameat2":
+            flags = _s32(a[4]) & 0xFFFFFFFF
+            nr = n.data.nr
+
+            def rename2(ps, ns):
+                b0, b1 = os.fsencode(ns[0]) + b"\0", os.fsencode(ns[1]) + b"\0"
+                from ._native import ffi
+                c0, c1 = ffi.new("char[]", b0), ffi.new("char[]", b1)
+                _sys.raw_syscall(nr, ps[0], int(ffi.cast("intptr_t", c0)), ps[1], int(ffi.cast("intptr_t", c1)),
+                                 flags)
+            return rename2
+        if name in ("link", "linkat"):
+            follow = self._link_follows(n, name)
+            if name == "linkat" and _s32(a[4]) & AT_EMPTY_PATH:
+                raise OSError(errno.EPERM, "linkat(AT_EMPTY_PATH) is not supported under fs_denied")
+            return lambda ps, ns: os.link(ns[0], ns[1], src_dir_fd=ps[0], dst_dir_fd=ps[1],
+                                          follow_symlinks=follow)
+        if name == "truncate":
+            length = a[1]
+
+            def trunc(ps, ns):
+                fd = os.open(ns[0], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=ps[0])
+                try:
+                    st = os.fstat(fd)
+                    if self.deny.denied(os.readlink(f"/proc/self/fd/{fd}"), st, fd):
+                        raise OSError(errno.EACCES, "denied")
+                    os.ftruncate(fd, length)
+                finally:
+                    os.close(fd)
+            return trunc
+        if name in ("mkdir", "mkdirat", "mknod", "mknodat"):
+            umask = self._child_umask(n.pid)
+            mode_arg = {"mkdir": 1, "mkdirat": 2, "mknod": 1, "mknodat": 2}[name]
+            mode = a[mode_arg] & 0o7777
+            if name.startswith("mkdir"):
+                def mk(ps, ns):
+                    os.mkdir(ns[0], mode & ~umask, dir_fd=ps[0])
+                    fix_mode(ps[0], ns[0], mode & ~umask)
+                return mk
+            full_mode = a[mode_arg]
+            dev = a[mode_arg + 1]
+
+            def mkn(ps, ns):
+                os.mknod(ns[0], (full_mode & ~0o7777) | (mode & ~umask), dev, dir_fd=ps[0])
+                fix_mode(ps[0], ns[0], mode & ~umask)
+            return mkn
+        if name in ("symlink", "symlinkat"):
+            target = os.fsdecode(sup.read_cstr(n, a[0]))
+            return lambda ps, ns: os.symlink(target, ns[0], dir_fd=ps[0])
+        raise OSError(errno.ENOSYS, name)
 
     def close(self):
         if self.opener is not None:
