@@ -28,6 +28,8 @@ MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
     # Copy-on-write of the workdir: before fsdeny, which then judges the paths that stay outside the workdir.
     (lambda p: p.workdir is not None or p.fs_isolation is not FsIsolation.NONE or p.max_disk is not None,
      "cow"),
+    # Landlock has no right for chmod/chown/utimes/xattrs: done on behalf, only under fs_writable.
+    (lambda p: bool(p.fs_readable or p.fs_writable), "metadata"),
     (lambda p: bool(p.fs_denied), "fsdeny"),
 ]
 
