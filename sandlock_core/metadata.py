@@ -13,7 +13,8 @@ outside every tree, and of ``fs_denied`` files. So the supervisor does them on b
 
 Permissions: the supervisor runs with the caller's uid, as does the child, so DAC outcomes match (as root,
 CAP_FOWNER/CAP_CHOWN apply to both alike). Limitation: times and xattrs of a symlink itself (no-follow on a
-symlink) are refused with EOPNOTSUPP, as chmod of a symlink is by Linux.
+symlink) are refused with EOPNOTSUPP, as chmod of a symlink is by Linux. Under ``confine()`` there is no
+supervisor: these syscalls are then refused outright (EPERM), in the writable trees too.
 """
 from __future__ import annotations
 
@@ -270,6 +271,14 @@ class Metadata:
 
 def install(builder) -> None:
     md = Metadata(builder.policy)
+    if not builder.supervised:
+        # confine(): no supervisor to do them on behalf, so refuse them outright (fail closed).
+        from . import syscalls
+        for name in md.handlers():
+            nr = syscalls.number(name, builder.arch)
+            if nr is not None:
+                builder.extra_deny[nr] = errno.EPERM
+        return
     for name, handler in md.handlers().items():
         builder.notify(name, handler)  # False: this arch has no such syscall
 

@@ -79,6 +79,7 @@ class PlanBuilder:
         self.setup: list[Callable] = []   # called with the Supervisor before the child is released
         self.finish: list[Callable] = []  # called with (supervisor, result) once the sandbox is over
         self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
+        self.supervised = True            # False under confine(): no supervisor will serve notifications
 
     def notify(self, name: str, handler) -> bool:
         """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall."""
@@ -102,7 +103,8 @@ class PlanBuilder:
 
 class Plan:
     def __init__(self, policy: Policy, *, best_effort: bool | None = None, record_denials: bool = False,
-                 handlers: dict | None = None, policy_fn=None, policy_fn_timeout: float = 5.0):
+                 handlers: dict | None = None, policy_fn=None, policy_fn_timeout: float = 5.0,
+                 supervised: bool = True):
         check_supported(policy)
         self.policy = policy
         self.record_denials = record_denials
@@ -111,6 +113,7 @@ class Plan:
         self.missing: list[str] = []
         self.ruleset = self._build_landlock(policy)
         builder = PlanBuilder(policy, self.arch)
+        builder.supervised = supervised
         builder.ruleset_fd = self.ruleset.fd if self.ruleset is not None else -1
         for applies, module in MECHANISMS:
             if applies(policy):
@@ -128,7 +131,7 @@ class Plan:
         self.setup = builder.setup
         self.finish = builder.finish
         self.names = builder.names
-        deny = self._deny_set(policy)
+        deny = self._deny_set(policy) | frozenset(builder.extra_deny)
         for nr in list(builder.handlers):
             if nr in deny:  # denied outright: the supervisor never sees it
                 del builder.handlers[nr]

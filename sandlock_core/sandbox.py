@@ -460,7 +460,7 @@ def confine(policy: Policy) -> None:
     supervisor. Irreversible. Mechanisms that need a supervisor are refused with PolicyError."""
     from . import _sys
     from .plan import Plan
-    plan = Plan(policy)
+    plan = Plan(policy, supervised=False)
     try:
         if plan.want_listener:
             from .errors import PolicyError
