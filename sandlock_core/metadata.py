@@ -275,8 +275,9 @@ class Metadata:
 
 def install(builder) -> None:
     md = Metadata(builder.policy)
-    if not builder.supervised:
-        # confine(): no supervisor to do them on behalf, so refuse them outright (fail closed).
+    if not builder.supervised or not builder.policy.fs_writable:
+        # No supervisor to do them on behalf (confine()), or nothing is writable so no change is ever
+        # allowed: refuse them in the filter, which keeps a read-only policy free of any supervisor.
         for name in md.handlers():
             nr = syscalls.number(name, builder.arch)
             if nr is not None:

@@ -547,6 +547,11 @@ def test_a_plain_filesystem_policy_notifies_nothing():
     assert set(sb._plan.names[nr] for nr in sb._plan.handlers) <= set(Metadata(sb._plan.policy).handlers())
     res = sb.run(["sh", "-c", "ls /usr >/dev/null; echo done"])
     assert res.stdout == b"done\n" and res.notifications == 0
+    # A read-only policy needs no supervisor at all: metadata changes are refused in the filter.
+    ro = Sandbox(Policy(fs_readable=SYSTEM_RO, net_bind=[8080], isolate_ipc=True, isolate_signals=True))
+    assert not ro._plan.want_listener and ro._plan.handlers == {}
+    res = ro.run(["sh", "-c", "ls /usr >/dev/null; chmod 644 /etc/hostname 2>/dev/null || echo refused"])
+    assert res.stdout == b"refused\n" and res.notifications == 0
 
 
 DOCKER_LIKE = r"""
