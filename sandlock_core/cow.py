@@ -38,7 +38,7 @@ import os
 import stat
 import threading
 
-from . import _sys, syscalls
+from . import syscalls
 from ._native import ffi, lib
 from .cow_branch import Branch, check_storage, storage_base
 from .errors import PolicyError

@@ -26,7 +26,7 @@ import struct
 import threading
 
 from . import _sys
-from .notif import CONTINUE, DEFERRED, Errno, InjectFd, Value
+from .notif import CONTINUE, DEFERRED, Errno, InjectFd, Value, tgid_of
 
 AT_FDCWD = -100
 AT_EMPTY_PATH = 0x1000
@@ -234,14 +234,7 @@ class FsDeny:
     # into the supervisor's own /proc/<pid>.
     @staticmethod
     def _tgid(tid: int) -> int:
-        try:
-            with open(f"/proc/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Tgid:"):
-                        return int(line.split()[1])
-        except OSError:
-            pass
-        return tid
+        return tgid_of(tid)
 
     @staticmethod
     def _rewrite_self(path: bytes, tgid: int, tid: int) -> bytes:

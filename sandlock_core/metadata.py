@@ -275,7 +275,7 @@ class Metadata:
 
 def install(builder) -> None:
     md = Metadata(builder.policy)
-    if not builder.supervised or not builder.policy.fs_writable:
+    if not builder.supervised or not (builder.policy.fs_writable or builder.policy.workdir):
         # No supervisor to do them on behalf (confine()), or nothing is writable so no change is ever
         # allowed: refuse them in the filter, which keeps a read-only policy free of any supervisor.
         for name in md.handlers():

@@ -53,7 +53,7 @@ import threading
 from . import _sys, syscalls
 from ._native import ffi
 from .errors import PolicyError
-from .notif import CONTINUE, DEFERRED, Errno, InjectFd, Value, s32
+from .notif import CONTINUE, DEFERRED, Errno, Value, s32, serve_virtual
 
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6 = 0, 1, 2, 10
 SOL_SOCKET, SO_TYPE, SO_PROTOCOL, SO_DOMAIN = 1, 3, 38, 39
@@ -705,11 +705,7 @@ class Net:
                 data = self._proc_net(sup, m.group(1))
         if data is None:
             return None
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
-            return Errno(errno.EACCES)
-        if flags & os.O_DIRECTORY:
-            return Errno(errno.ENOTDIR)
-        return InjectFd(sup.memfd_with(data, "sandlock-net"), bool(flags & os.O_CLOEXEC))
+        return serve_virtual(sup, data, flags, "sandlock-net")
 
     def h_open(self, sup, n):
         return self._open_common(sup, n, -100, 0, s32(n.data.args[1]))

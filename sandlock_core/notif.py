@@ -348,3 +348,24 @@ def s32(v: int) -> int:
     """A register value as a signed 32-bit int (dirfd, flags)."""
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def tgid_of(tid: int) -> int:
+    """The process (thread group) a notification's task id belongs to; the tid itself if it is gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
+
+
+def serve_virtual(sup, data: bytes, flags: int, label: str) -> Action:
+    """Answer an open of a synthesized file: read-only, not a directory, a sealed memfd."""
+    if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
+        return Errno(_errno.EACCES)
+    if flags & os.O_DIRECTORY:
+        return Errno(_errno.ENOTDIR)
+    return InjectFd(sup.memfd_with(data, label), bool(flags & os.O_CLOEXEC))

@@ -43,7 +43,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .notif import CONTINUE, DEFERRED, Errno, InjectFd, s32
 

@@ -32,7 +32,7 @@ import re
 import stat
 import struct
 
-from .notif import Errno, InjectFd, Value, s32
+from .notif import Errno, Value, s32, serve_virtual, tgid_of
 
 AT_FDCWD = -100
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -98,14 +98,7 @@ class ProcFs:
     # ---- name resolution as the child sees it ----
     @staticmethod
     def _tgid(tid: int) -> int:
-        try:
-            with open(f"/proc/{tid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"Tgid:"):
-                        return int(line.split()[1])
-        except (OSError, ValueError):
-            pass
-        return tid
+        return tgid_of(tid)
 
     def resolve(self, n, dirfd: int, path: bytes) -> str | None:
         """The name the kernel would open for the child, or None if it cannot tell (the kernel answers)."""
@@ -262,11 +255,7 @@ class ProcFs:
         data = self._virtual(sup, name)
         if data is None:
             return None
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC):
-            return Errno(errno.EACCES)
-        if flags & os.O_DIRECTORY:
-            return Errno(errno.ENOTDIR)
-        return InjectFd(sup.memfd_with(data, "sandlock-proc"), bool(flags & os.O_CLOEXEC))
+        return serve_virtual(sup, data, flags, "sandlock-proc")
 
     def h_open(self, sup, n):
         return self._open(sup, n, "open", AT_FDCWD, 0, s32(n.data.args[1]))

@@ -213,12 +213,37 @@ def test_non_utf8_profile(pdir):
         load_profile("p")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads anything")
 def test_unreadable_profile(pdir):
-    path = write(pdir, "p", "no_udp = true\n")
-    path.chmod(0)
-    with pytest.raises(PolicyError, match="cannot read the profile"):
-        load_profile("p")
+    """A profile that cannot be read (for root too: a directory where the file should be) is a PolicyError."""
+    pdir.mkdir(parents=True, exist_ok=True)
+    (pdir / "p.toml").mkdir()
+    with pytest.raises(PolicyError) as exc:
+        load_profile_file(pdir / "p.toml")
+    assert "p.toml" in str(exc.value)
+
+
+def test_unreadable_profile_as_an_unprivileged_user():
+    import shutil
+    import tempfile
+    from pathlib import Path
+    from support import run_as_nobody
+    tmp_path = Path(tempfile.mkdtemp())  # pytest's tmp_path sits under a 0700 directory uid 65534 cannot enter
+    d = tmp_path / "cfg" / "sandlock" / "profiles"
+    d.mkdir(parents=True)
+    for x in (tmp_path, tmp_path / "cfg", tmp_path / "cfg" / "sandlock", d):
+        x.chmod(0o755)
+    (d / "p.toml").write_text("no_udp = true\n")
+    (d / "p.toml").chmod(0)
+    code = ("import os; os.environ['XDG_CONFIG_HOME'] = %r\n"
+            "from sandlock_core.profile import load_profile\n"
+            "from sandlock_core.errors import PolicyError\n"
+            "try:\n    load_profile('p'); print('loaded')\n"
+            "except PolicyError as e:\n    print('PolicyError', e)\n") % str(tmp_path / "cfg")
+    try:
+        res = run_as_nobody(code)
+    finally:
+        shutil.rmtree(tmp_path)
+    assert res.stdout.startswith("PolicyError") and "cannot read the profile" in res.stdout, res
 
 
 # ---------------------------------------------------------------- names
