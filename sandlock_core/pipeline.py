@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import spawn as _spawn
-from .sandbox import ExitReason, Result  # noqa: F401  (ExitReason: for callers inspecting stages)
+from .sandbox import ExitReason, Result, feed_stdin  # noqa: F401  (ExitReason: for callers inspecting stages)
 
 __all__ = ["Stage", "Pipeline", "PipelineResult"]
 
@@ -203,19 +203,7 @@ def _drive(children, feed, out_r, err_fds, timeout):
                         del by_fd[fd]
                         pending.discard(c)
                 elif feed and fd == feed[0]:
-                    w, view = feed
-                    try:
-                        n = os.write(w, view[:65536]) if view else 0
-                    except BlockingIOError:
-                        n = 0
-                    except BrokenPipeError:
-                        n = len(view)
-                    view = view[n:]
-                    feed = (w, view)
-                    if not view:
-                        poller.unregister(w)
-                        os.close(w)
-                        feed = None
+                    feed = feed_stdin(poller, feed)
     finally:
         if feed:
             os.close(feed[0])

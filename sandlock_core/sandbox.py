@@ -61,6 +61,24 @@ class DryRunResult:
     changes: list = field(default_factory=list)
 
 
+def feed_stdin(poller, feed):
+    """Write the next chunk of ``feed = (fd, memoryview)`` to a non-blocking pipe; returns the remaining feed,
+    or None once everything is written (or the reader is gone) and the pipe is closed."""
+    w, view = feed
+    try:
+        n = os.write(w, view[:65536]) if view else 0
+    except BlockingIOError:
+        n = 0
+    except BrokenPipeError:
+        n = len(view)
+    view = view[n:]
+    if view:
+        return (w, view)
+    poller.unregister(w)
+    os.close(w)
+    return None
+
+
 class Sandbox:
     """A policy bound to the machinery that enforces it. Reusable: the plan is compiled once."""
 
@@ -404,17 +422,7 @@ class Sandbox:
                         poller.unregister(fd)
                         sock_open = False
                     elif stdin_data and fd == stdin_data[0]:
-                        w_fd, view = stdin_data
-                        try:
-                            n = os.write(w_fd, view[:65536]) if view else 0
-                        except (BrokenPipeError, BlockingIOError) as exc:
-                            n = 0 if isinstance(exc, BlockingIOError) else len(view)
-                        view = view[n:]
-                        stdin_data = (w_fd, view)
-                        if not view:
-                            poller.unregister(w_fd)
-                            os.close(w_fd)
-                            stdin_data = None
+                        stdin_data = feed_stdin(poller, stdin_data)
         finally:
             if stdin_data:
                 os.close(stdin_data[0])
