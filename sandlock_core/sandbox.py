@@ -341,6 +341,37 @@ class Sandbox:
         return result
 
     def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
+        res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
+        if res.reason is ExitReason.SETUP_FAILED and self._nested_fallback():
+            res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
+        return res
+
+    def _nested_fallback(self) -> bool:
+        """Inside another supervised sandbox the kernel refuses a second seccomp listener. When the only
+        thing this plan supervises is the metadata guard (a writable policy's chmod/chown/utimes/xattrs),
+        the same protection holds without a supervisor by refusing those syscalls in the filter: switch to
+        that plan (once) and say so in ``missing``."""
+        if not self._plan.want_listener or self._plan.record_denials or self.policy_fn is not None:
+            return False
+        from .metadata import Metadata
+        from .plan import Plan
+        if not set(self._plan.names[nr] for nr in self._plan.handlers) <= set(Metadata(self.policy).handlers()):
+            return False
+        from . import _sys
+        try:
+            nested = _sys.prctl(21) == 2  # PR_GET_SECCOMP: 2 = already under a filter (no /proc needed)
+        except OSError:
+            nested = False
+        if not nested:
+            return False
+        old = self._plan
+        self._plan = Plan(self.policy, supervised=False)
+        self._plan.missing.append("chmod/chown/utimes/xattrs inside fs_writable (refused: this sandbox runs "
+                                  "inside another supervised sandbox)")
+        old.close()
+        return True
+
+    def _run_once(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
         if isinstance(cmd, (str, bytes)) or not cmd:
             raise ValueError("cmd must be a non-empty list of arguments")
         start = time.monotonic()

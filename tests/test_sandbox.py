@@ -645,3 +645,19 @@ def test_fs_denied_holes_in_read_only_trees_are_enforced_by_the_kernel(deny_tree
     info.close()
     assert os.read(r, 200).decode().split() == ["OK", "EACCES", "EACCES", "EACCES", "EACCES", "EACCES", "exec-EACCES",
                                                     "True"]
+
+
+def test_nested_writable_sandbox_falls_back_to_refusing_metadata_changes(tmp_path):
+    """Inside a supervised sandbox no second listener is allowed; a policy whose only supervised part is the
+    metadata guard still runs, with chmod/chown/utimes/xattrs refused in the filter instead."""
+    w = tmp_path / "w"
+    w.mkdir()
+    pkg = os.path.dirname(os.path.dirname(__import__("sandlock_core").__file__))
+    inner = (f"import sys; sys.path.insert(0, {pkg!r})\n"
+             "from sandlock_core import Policy, Sandbox\n"
+             f"sb = Sandbox(Policy(fs_readable={SYSTEM_RO!r}, fs_writable=[{str(w)!r}, '/dev/null']))\n"
+             f"r = sb.run(['sh', '-c', 'echo hi > {w}/x; cat {w}/x; chmod 600 {w}/x || echo refused'])\n"
+             "print(r.exit_code, r.stdout, bool(sb.missing))\n")
+    outer = Sandbox(Policy(fs_readable=[*SYSTEM_RO, pkg, str(w)], fs_writable=[str(w), "/dev/null"]))
+    res = outer.run([sys.executable, "-c", inner])
+    assert res.stdout.decode().strip() == "0 b'hi\\nrefused\\n' True", res
