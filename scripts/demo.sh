@@ -8,8 +8,10 @@ ro=(-r /usr -r /lib -r /bin -r /etc); [ -d /lib64 ] && ro+=(-r /lib64)
 work=$(mktemp -d)
 echo "$ sandlock check"; $SL check
 echo
-echo "$ sandlock run ${ro[*]} -w $work -- sh -c 'echo hi > $work/ok; cat $work/ok; ls /root; touch /var/tmp/nope'"
+script="echo hello from the sandbox > $work/ok; cat $work/ok; ls /root; touch /var/tmp/sandlock-demo"
+echo "$ sandlock run ${ro[*]} -w $work -- sh -c '$script'"
+echo "  (writing under $work is allowed; listing /root and writing /var/tmp are refused by Landlock)"
 set +e
-$SL run "${ro[@]}" -w "$work" -- sh -c "echo hello from the sandbox > $work/ok; cat $work/ok; ls /root; touch /var/tmp/sandlock-demo"
+$SL run "${ro[@]}" -w "$work" -- sh -c "$script"
 echo "exit code: $?"
 rm -rf "$work"
