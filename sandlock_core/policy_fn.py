@@ -398,12 +398,20 @@ class Engine:
             with st["pf_lock"]:
                 if st.get("pf_opener") is None:
                     st["pf_opener"] = Opener(self.ruleset_fd)
+        from ._sys import RESOLVE_NO_MAGICLINKS, openat2
+        from .notif import tgid_of
         umask = FsDeny._child_umask(pid) if flags & os.O_CREAT else 0
-        kw = {"dir_fd": base} if base >= 0 else {}
-        fd = st["pf_opener"].call(lambda: os.open(raw, flags | os.O_CLOEXEC, mode & ~umask & 0o7777, **kw))
-        if _MEM_RE.match(os.readlink(f"/proc/self/fd/{fd}")):
+        # The open runs in our process: "/proc/self" must mean the child (same rule as fsdeny), magic links
+        # (/dev/stdin -> /proc/self/fd/0) are refused rather than resolved in our fd table, and nothing may
+        # land in our own /proc entry.
+        path = FsDeny._rewrite_self(raw, tgid_of(pid), pid)
+        fd = st["pf_opener"].call(lambda: openat2(base if base >= 0 else AT_FDCWD, path, flags | os.O_CLOEXEC,
+                                                  mode & ~umask & 0o7777, RESOLVE_NO_MAGICLINKS))
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        mine = f"/proc/{os.getpid()}"
+        if _MEM_RE.match(real) or real == mine or real.startswith(mine + "/"):
             os.close(fd)
-            raise OSError(errno.EACCES, "policy_fn: /proc/<pid>/mem is refused")
+            raise OSError(errno.EACCES, "policy_fn: /proc/<pid>/mem and the supervisor's /proc are refused")
         return InjectFd(fd, bool(flags & os.O_CLOEXEC))
 
     # exec: frozen, then the callback, then CONTINUE

@@ -162,3 +162,14 @@ def test_readme_policy_fn_shape(tmp_path):
 
     r = Sandbox(_policy(tmp_path), policy_fn=on_event).run(["python3", "-c", "print('hi')"], timeout=30)
     assert r.stdout == b"hi\n" and len(r.audit) > 0
+
+
+def test_on_behalf_opens_see_the_childs_proc_self():
+    """Opens under policy_fn are done by the supervisor: /proc/self must still name the child."""
+    import os as _os
+    ro = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc", "/proc") if _os.path.exists(p)]
+    code = ("import os\n"
+            "pid = [l.split()[1] for l in open('/proc/self/status') if l.startswith('Pid:')][0]\n"
+            "print(pid == str(os.getpid()))\n")
+    res = Sandbox(Policy(fs_readable=ro), policy_fn=lambda e, c: 0).run(["/usr/bin/python3", "-I", "-S", "-c", code])
+    assert res.stdout == b"True\n", res
