@@ -1,4 +1,4 @@
-"""Metadata changes (chmod, chown, utimes, xattrs) only under ``fs_writable``.
+"""Metadata changes (chmod, chown, utimes, xattrs, chattr flags) only under ``fs_writable``.
 
 Landlock has no access right for these: a sandbox whose policy lists only read-only trees could otherwise
 change the mode, owner, times and xattrs of any file its uid may change (as root: ``chmod 0777 /etc/shadow``),
@@ -11,6 +11,13 @@ outside every tree, and of ``fs_denied`` files. So the supervisor does them on b
 - the change is made on that fd, on a thread carrying the sandbox's Landlock domain. A flipped path string or
   a swapped symlink changes nothing: what is judged is what is changed.
 
+chattr's ioctls (``FS_IOC_SETFLAGS``, ``FS_IOC_FSSETXATTR``: immutable, append-only, noatime...) ask the kernel
+only for inode ownership, so a read-only tree does not stop them either. They reach the supervisor through an
+argument filter on ioctl (other ioctls are not notified); the argument is copied once and the ioctl runs on a
+duplicate of the child's fd. The newest calls that change the same things by path (``setxattrat``,
+``removexattrat``, ``file_setattr``: Linux 6.13/6.17) are answered ENOSYS, as an older kernel would: programs
+fall back to the calls above.
+
 Permissions: the supervisor runs with the caller's uid, as does the child, so DAC outcomes match (as root,
 CAP_FOWNER/CAP_CHOWN apply to both alike). Limitation: times and xattrs of a symlink itself (no-follow on a
 symlink) are refused with EOPNOTSUPP, as chmod of a symlink is by Linux. Under ``confine()`` there is no
@@ -20,11 +27,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 import struct
 
-from . import _sys, syscalls
+from . import _sys, seccomp, syscalls
 from .fsdeny import DenySet, Opener
 from .notif import AT_FDCWD, Errno, Value, s32
 
@@ -33,6 +41,11 @@ AT_EMPTY_PATH = 0x1000
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 XATTR_MAX = 64 * 1024
+# Bytes the kernel reads behind each chattr ioctl's argument (FS_IOC_SETFLAGS reads an int although its
+# number says long; struct fsxattr is 28 bytes).
+FILEATTR_ARG_SIZE = {seccomp.FS_IOC_SETFLAGS: 4, seccomp.FS_IOC32_SETFLAGS: 4, seccomp.FS_IOC_FSSETXATTR: 28}
+# Newer syscalls that change xattrs / file attributes by path: answered "no such call" (see the docstring).
+NEWER_METADATA_CALLS = ("setxattrat", "removexattrat", "file_setattr")
 HINT = "add its directory to fs_writable"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -159,6 +172,27 @@ class Metadata:
             os.removexattr(fd if child else f"/proc/self/fd/{fd}", attr)
         return removexattr
 
+    @staticmethod
+    def fileattr_op(cmd, arg: bytes):
+        def fileattr(fd, child, st):
+            fcntl.ioctl(fd, cmd, bytearray(arg))  # our copy: the kernel never reads the child's memory
+        return fileattr
+
+    def fileattr_ioctl(self, sup, n):
+        """ioctl(fd, FS_IOC_*SET*, arg): on behalf, on a duplicate of the fd, inside fs_writable only."""
+        a = n.data.args
+        cmd = a[1] & 0xFFFFFFFF
+        size = FILEATTR_ARG_SIZE.get(cmd)
+        if size is None:
+            return None  # another ioctl (when something else notifies them all)
+        try:
+            arg = sup.read_mem(n, a[2], size)
+            if len(arg) != size:
+                return Errno(errno.EFAULT)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EFAULT)
+        return self.run(sup, n, "ioctl", s32(a[0]), None, False, self.fileattr_op(cmd, arg))
+
     # ---- argument decoding ----
     def _times(self, sup, n, addr: int, kind: str) -> bytes | None:
         """The child's times as a timespec[2] (None: now)."""
@@ -275,6 +309,8 @@ class Metadata:
 
 def install(builder) -> None:
     md = Metadata(builder.policy)
+    for name in NEWER_METADATA_CALLS:
+        builder.answer_errno(name, errno.ENOSYS)
     if not builder.supervised or not (builder.policy.fs_writable or builder.policy.workdir):
         # No supervisor to do them on behalf (confine()), or nothing is writable so no change is ever
         # allowed: refuse them in the filter, which keeps a read-only policy free of any supervisor.
@@ -282,9 +318,11 @@ def install(builder) -> None:
             nr = syscalls.number(name, builder.arch)
             if nr is not None:
                 builder.extra_deny[nr] = errno.EPERM
+        builder.fileattr_ioctl = "deny"
         return
     for name, handler in md.handlers().items():
         builder.notify(name, handler)  # False: this arch has no such syscall
+    builder.fileattr_ioctl = md.fileattr_ioctl
 
     def on_supervisor(sup):
         opener = sup.state["metadata.opener"] = Opener(builder.ruleset_fd)

@@ -76,6 +76,8 @@ class PlanBuilder:
         self.handlers: dict[int, list] = {}
         self.names: dict[int, str] = {}
         self.extra_deny: dict[int, int] = {}
+        self.errno_actions: dict[int, int] = {}  # nr -> errno answered by the filter (before notify/deny)
+        self.fileattr_ioctl = None  # chattr's ioctls (seccomp.FILEATTR_SET_IOCTLS): "deny", or a handler
         self.setup: list[Callable] = []   # called with the Supervisor before the child is released
         self.finish: list[Callable] = []  # called with (supervisor, result) once the sandbox is over
         self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
@@ -89,6 +91,13 @@ class PlanBuilder:
         self.handlers.setdefault(nr, []).append(handler)
         self.names[nr] = name
         return True
+
+    def answer_errno(self, name: str, err: int) -> None:
+        """The filter answers syscall ``name`` with ``err`` (ENOSYS: "this kernel has no such call", so
+        programs fall back to an older call that a mechanism supervises)."""
+        nr = syscalls.number(name, self.arch)
+        if nr is not None:
+            self.errno_actions[nr] = err
 
     def on_supervisor(self, fn: Callable) -> None:
         """``fn(sup)`` runs once per run, after the listener arrived and before the child is released
@@ -132,6 +141,7 @@ class Plan:
         self.finish = builder.finish
         self.names = builder.names
         deny = self._deny_set(policy) | frozenset(builder.extra_deny)
+        fileattr_action, fileattr_arg_only = self._fileattr(builder, policy, deny)
         for nr in list(builder.handlers):
             if nr in deny:  # denied outright: the supervisor never sees it
                 del builder.handlers[nr]
@@ -142,19 +152,23 @@ class Plan:
                 builder.handlers[nr] = [_refuse_and_record]
                 builder.names.setdefault(nr, syscalls.name_of(nr, self.arch) or str(nr))
             deny = frozenset()
+        for nr in builder.errno_actions:
+            builder.handlers.pop(nr, None)  # the filter answers these itself
         self.handlers = {nr: tuple(chain) for nr, chain in builder.handlers.items()}
         self.path_syscalls = frozenset(n for n in (syscalls.number(s, self.arch) for s in PATH_SYSCALLS)
                                        if n is not None)
-        notify = frozenset(self.handlers)
+        notify = frozenset(self.handlers) - fileattr_arg_only
         allow_only = None
         if policy.allow_syscalls is not None:
             allow_only = seccomp.allowlist_numbers(policy.allow_syscalls, self.arch)
             deny = frozenset()
         self.spec = seccomp.FilterSpec(
             arch=self.arch, notify=notify, deny=frozenset(deny), allow_only=allow_only,
-            no_raw_sockets=policy.no_raw_sockets, no_udp=policy.no_udp)
+            no_raw_sockets=policy.no_raw_sockets, no_udp=policy.no_udp,
+            errno_actions=tuple(sorted(builder.errno_actions.items())),
+            fileattr_ioctl=fileattr_action)
         self.filter = seccomp.build_filter(self.spec)
-        self.want_listener = bool(notify)
+        self.want_listener = bool(self.handlers)
         sendmsg = syscalls.number("sendmsg", self.arch)
         self.handoff_scm = sendmsg not in notify
         self.cwd = policy.cwd
@@ -163,6 +177,25 @@ class Plan:
         self._cpu_mask = self._build_cpu_mask(policy.cpu_cores)
 
     # ---- compilation steps ----
+    def _fileattr(self, builder: PlanBuilder, policy: Policy, deny) -> tuple[int | None, frozenset[int]]:
+        """The filter's action for chattr's ioctls, and {ioctl} when only they reach the supervisor."""
+        how = builder.fileattr_ioctl
+        nr = syscalls.number("ioctl", self.arch)
+        if how is None or nr is None or nr in deny or nr in builder.errno_actions or (
+                policy.allow_syscalls is not None
+                and nr not in seccomp.allowlist_numbers(policy.allow_syscalls, self.arch)):
+            return None, frozenset()  # no rule asked for, or every ioctl is refused anyway
+        if how == "deny":
+            return seccomp.SECCOMP_RET_ERRNO | errno.EPERM, frozenset()
+        if nr in builder.handlers:  # every ioctl is notified already: the handler sorts them out
+            builder.handlers[nr].insert(0, how)
+            return None, frozenset()
+        # Only these commands are notified, through an argument filter: a notified ioctl would make every
+        # tcgetattr pay a round trip.
+        builder.handlers[nr] = [how]
+        builder.names[nr] = "ioctl"
+        return seccomp.SECCOMP_RET_USER_NOTIF, frozenset({nr})
+
     def _deny_set(self, policy: Policy) -> frozenset[int]:
         names = policy.deny_syscalls if policy.deny_syscalls is not None else syscalls.DEFAULT_BLOCKLIST
         if policy.deny_syscalls is not None:

@@ -10,6 +10,7 @@ Program layout (``build_filter``)::
         clone3                                       -> ERRNO(ENOSYS)  (flags are in memory; libc falls back
                                                                         to clone(2), which the line above checks)
         ioctl   (u32)arg1 in {TIOCSTI, TIOCLINUX}    -> ERRNO(EPERM)
+                (u32)arg1 in FILEATTR_SET_IOCTLS     -> spec.fileattr_ioctl (when set: ERRNO or USER_NOTIF)
         socket  arg0 in {AF_INET, AF_INET6} and (arg1 & 0xf) in {SOCK_RAW[, SOCK_DGRAM]} -> ERRNO(EPERM)
         prctl   arg0 == PR_SET_DUMPABLE              -> ERRNO(EPERM)
     errno_actions: nr == n                           -> ERRNO(e)
@@ -87,6 +88,13 @@ SOCK_TYPE_MASK = 0xF
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
 PR_SET_DUMPABLE = 4
+# chattr's ioctls (linux/fs.h): _IOW('f', 2, long), _IOW('f', 2, int), _IOW('X', 32, struct fsxattr). The
+# kernel asks only for inode ownership, not for write access: Landlock, which has no right for them, lets a
+# process that may read a file set its immutable/append-only flags.
+FS_IOC_SETFLAGS = 0x40086602
+FS_IOC32_SETFLAGS = 0x40046602
+FS_IOC_FSSETXATTR = 0x401C5820
+FILEATTR_SET_IOCTLS = (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR)
 
 # What sandlock's own C child does between seccomp() and execve() (csrc/native.c, sl_confine + exec):
 # read/write on the hand-off socket (and write for the error report), sendmsg for the listener (SCM_RIGHTS),
@@ -114,6 +122,7 @@ class FilterSpec:
     no_udp: bool = False
     deny_set_dumpable: bool = True
     errno_actions: tuple[tuple[int, int], ...] = ()  # (nr, errno), checked before notify/deny
+    fileattr_ioctl: int | None = None                # action for ioctl(FILEATTR_SET_IOCTLS); None: no rule
 
     def __post_init__(self):
         # Accept any iterable of ints for the sets (callers pass sets); keep the object hashable.
@@ -247,16 +256,25 @@ def build_filter(spec: FilterSpec) -> bytes:
         p.ret(_errno(errno.ENOSYS))
         p.label(after)
 
-    if spec.deny_tty_inject:
-        def tty_inject():
+    if spec.deny_tty_inject or spec.fileattr_ioctl is not None:
+        def ioctl_cmds():
             deny, ok = p.new_label("ioctl_deny"), p.new_label("ioctl_ok")
             p.ld_abs(arg_lo(1))  # cmd is an unsigned int: the high half is ignored by the kernel
-            p.jeq(TIOCSTI, jt=deny)
-            p.jeq(TIOCLINUX, jf=ok)
+            if spec.fileattr_ioctl is not None:
+                attr = p.new_label("ioctl_fileattr")
+                for cmd in FILEATTR_SET_IOCTLS:
+                    p.jeq(cmd, jt=attr)
+            if spec.deny_tty_inject:
+                p.jeq(TIOCSTI, jt=deny)
+                p.jeq(TIOCLINUX, jt=deny)
+            p.ja(ok)
+            if spec.fileattr_ioctl is not None:
+                p.label(attr)
+                p.ret(spec.fileattr_ioctl)
             p.label(deny)
             p.ret(eperm)
             p.label(ok)
-        arg_block("ioctl", tty_inject)
+        arg_block("ioctl", ioctl_cmds)
 
     if spec.no_raw_sockets or spec.no_udp:
         def inet_types():

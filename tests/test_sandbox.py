@@ -542,9 +542,14 @@ def test_confine_refuses_policies_that_need_a_supervisor(tmp_path):
 
 def test_a_plain_filesystem_policy_notifies_nothing():
     sb = Sandbox(Policy(fs_readable=SYSTEM_RO, fs_writable=["/tmp"], net_bind=[8080], isolate_ipc=True))
-    # Only the metadata syscalls (chmod, chown, utimes, xattrs: Landlock has no right for them) are notified.
+    # Only the metadata syscalls (chmod, chown, utimes, xattrs: Landlock has no right for them) are notified,
+    # and chattr's ioctls through an argument filter (ioctl itself is not in the notify set).
     from sandlock_core.metadata import Metadata
-    assert set(sb._plan.names[nr] for nr in sb._plan.handlers) <= set(Metadata(sb._plan.policy).handlers())
+    from sandlock_core import seccomp, syscalls
+    guard = set(Metadata(sb._plan.policy).handlers()) | {"ioctl"}
+    assert set(sb._plan.names[nr] for nr in sb._plan.handlers) <= guard
+    assert syscalls.number("ioctl") not in sb._plan.spec.notify
+    assert sb._plan.spec.fileattr_ioctl == seccomp.SECCOMP_RET_USER_NOTIF
     res = sb.run(["sh", "-c", "ls /usr >/dev/null; echo done"])
     assert res.stdout == b"done\n" and res.notifications == 0
     # A read-only policy needs no supervisor at all: metadata changes are refused in the filter.
