@@ -62,7 +62,15 @@ def _fsdecode(b: bytes) -> str:
     return os.fsdecode(b)
 
 
+# What a lower entry is (cached per run: the lower does not change while the sandbox runs, see _lower_entry).
+_MISSING, _DIR, _LINK, _OTHER = "missing", "dir", "link", "other"
+LOWER_CACHE_MAX = 1 << 16
+
+
 class Resolved:
+    """A path resolved in the merged view. ``touched``: the kernel's own resolution of the same string could
+    differ from ours (a component came from the upper and is not a plain copy of the lower directory, a
+    whiteout, a virtual cwd, a /proc link into the upper), so the kernel must not be left to do it."""
     __slots__ = ("vpath", "rel", "touched")
 
     def __init__(self, vpath, rel, touched):
@@ -85,6 +93,7 @@ class Cow:
         self.nr = {name: syscalls.number(name, arch) for name in
                    ("newfstatat", "statx", "faccessat2", "utimensat", "lgetxattr", "llistxattr")}
         self.dir_cache: dict = {}
+        self.lower_cache: dict[str, tuple[str, str | None]] = {}
 
     # ---------------------------------------------------------------- per run
     def start(self, sup):
@@ -94,6 +103,7 @@ class Cow:
         self.vcwd = {}
         self.tgids = {}
         self.dir_cache = {}
+        self.lower_cache = {}
         sup.state["cow"] = self.branch
 
     def _opener(self):
@@ -176,6 +186,34 @@ class Cow:
             return False
         return True
 
+    def _lower_entry(self, rel: str) -> tuple[str, str | None]:
+        """(kind, symlink target) of the lower entry at rel, cached. Only the supervisor writes under the
+        workdir during a run (the child's writes go to the upper), so the lower is fixed until the commit;
+        if the policy also makes the workdir writable to the child, COW is documented as no boundary."""
+        ent = self.lower_cache.get(rel)
+        if ent is not None:
+            return ent
+        path = self.branch.lower_path(rel)
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            ent = (_MISSING, None)
+        else:
+            if stat.S_ISLNK(st.st_mode):
+                ent = (_LINK, os.readlink(path))
+            else:
+                ent = (_DIR if stat.S_ISDIR(st.st_mode) else _OTHER, None)
+        if len(self.lower_cache) >= LOWER_CACHE_MAX:
+            self.lower_cache.clear()
+        self.lower_cache[rel] = ent
+        return ent
+
+    def _transparent(self, rel: str) -> bool:
+        """Is the upper directory at rel a plain copy of a lower directory (made to hold copied-up
+        children), so that the kernel, walking the lower, finds every name not in the upper just as we do?"""
+        b = self.branch
+        return rel not in b.opaque and not b.hidden(rel) and self._lower_entry(rel)[0] is _DIR
+
     def resolve(self, sup, n, dirfd: int, path: bytes, follow: bool) -> Resolved:
         b = self.branch
         p = _fsdecode(path)
@@ -216,28 +254,29 @@ class Cow:
             rel = b.rel_of(vp)
             if rel is not None:
                 if rel in b.present:
-                    touched = True
                     st = os.lstat(b.upper_path(rel))
                     if stat.S_ISLNK(st.st_mode):
+                        touched = True
                         link = os.readlink(b.upper_path(rel))
-                    elif rest and not stat.S_ISDIR(st.st_mode):
-                        raise OSError(errno.ENOTDIR, vp)
+                    elif not stat.S_ISDIR(st.st_mode):
+                        touched = True
+                        if rest:
+                            raise OSError(errno.ENOTDIR, vp)
+                    elif not self._transparent(rel):
+                        touched = True
                 elif b.hidden(rel):
                     touched = True
                     if rest:
                         raise OSError(errno.ENOENT, vp)
                 else:
-                    try:
-                        st = os.lstat(b.lower_path(rel))
-                    except FileNotFoundError:
+                    kind, target = self._lower_entry(rel)
+                    if kind is _MISSING:
                         if rest:
-                            raise OSError(errno.ENOENT, vp) from None
-                        st = None
-                    if st is not None:
-                        if stat.S_ISLNK(st.st_mode):
-                            link = os.readlink(b.lower_path(rel))
-                        elif rest and not stat.S_ISDIR(st.st_mode):
-                            raise OSError(errno.ENOTDIR, vp)
+                            raise OSError(errno.ENOENT, vp)
+                    elif kind is _LINK:
+                        link = target
+                    elif rest and kind is not _DIR:
+                        raise OSError(errno.ENOTDIR, vp)
             elif cur[0] == "proc" and len(cur) >= 2:
                 if len(cur) == 2 and c in ("self", "thread-self"):
                     cur[1] = str(pid)
@@ -298,8 +337,17 @@ class Cow:
 
     @staticmethod
     def _umask(pid: int) -> int:
-        from .fsdeny import FsDeny
-        return FsDeny._child_umask(pid)
+        """The child's umask: the second line of /proc/<pid>/status (one short read, no line loop)."""
+        try:
+            fd = os.open(f"/proc/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                head = os.read(fd, 256)
+            finally:
+                os.close(fd)
+            i = head.index(b"Umask:")
+            return int(head[i + 6:head.index(b"\n", i)], 8)
+        except (OSError, ValueError):
+            return 0o022
 
     def _host(self, fn):
         return self._opener().call(fn)
@@ -333,6 +381,8 @@ class Cow:
             fd = self._host(lambda: os.open(vp, flags | os.O_CLOEXEC, mode & 0o7777))
             return InjectFd(fd, cloexec)
         rel = r.rel
+        if not write and not r.touched and not b.touched(rel):
+            return None  # an untouched lower entry (or none): the kernel's answer is the merged one
         look = b.lookup(rel)
         if not write:
             if look is None:
@@ -432,6 +482,8 @@ class Cow:
         r = self.resolve(sup, n, dirfd, path, follow)
         if r.rel is None:
             return None if not r.touched else (r.vpath, False)
+        if not r.touched and not b.touched(r.rel):
+            return None  # the kernel walks the lower exactly as we did, and the merged entry is the lower one
         look = b.lookup(r.rel)
         if look is None:
             return Errno(errno.ENOENT)
@@ -440,8 +492,8 @@ class Cow:
         return self._real(r.rel, look), True
 
     def _stat(self, sup, n, idx, dirfd, flags, buf_addr):
-        if flags & AT_EMPTY_PATH and n.data.args[idx] and sup.path_arg(n, idx) == b"":
-            return None
+        if flags & AT_EMPTY_PATH and (not n.data.args[idx] or sup.path_arg(n, idx) == b""):
+            return None  # fstat of an fd: the kernel answers for the very file the fd is on
         got = self._lookup_for_read(sup, n, idx, dirfd, not flags & AT_SYMLINK_NOFOLLOW)
         if got is None or isinstance(got, Errno):
             return got
@@ -469,7 +521,7 @@ class Cow:
     def _statx(self, sup, n):
         a = n.data.args
         flags = s32(a[2])
-        if flags & AT_EMPTY_PATH and a[1] and sup.path_arg(n, 1) == b"":
+        if flags & AT_EMPTY_PATH and (not a[1] or sup.path_arg(n, 1) == b""):
             return None
         got = self._lookup_for_read(sup, n, 1, s32(a[0]), not flags & AT_SYMLINK_NOFOLLOW)
         if got is None or isinstance(got, Errno):
@@ -535,14 +587,20 @@ class Cow:
             return None
         a = n.data.args
         fd = s32(a[0])
+        # Look before taking a duplicate: a directory outside the workdir or one whose listing did not change
+        # is listed by the kernel. (If another thread swaps the fd meanwhile, the kernel lists whatever the
+        # fd then is: a listing the child could read anyway.)
+        real = _readlink(f"/proc/{n.pid}/fd/{fd}")
+        if real is None or not real.startswith("/"):
+            return None
+        v, up = b.virtual_of(real)
+        rel = b.rel_of(v)
+        if rel is None or (not up and rel not in b.dirty and rel not in b.present and not b.hidden(rel)):
+            return None
         dup, v, up = self._fd_path(sup, n, fd)
         try:
-            if v is None:
-                return None
-            rel = b.rel_of(v)
+            rel = b.rel_of(v) if v is not None else None
             if rel is None:
-                return None
-            if not up and rel not in b.dirty and rel not in b.present and not b.hidden(rel):
                 return None
             pos = os.lseek(dup, 0, os.SEEK_CUR)
             key = (n.pid, fd, rel)
