@@ -267,6 +267,7 @@ def test_memfd_copy_of_a_denied_binary_cannot_be_made(tree):
     assert res.exit_code != 0
 
 
+@pytest.mark.needs_root
 @pytest.mark.skipif(os.geteuid() != 0, reason="bind mounts need root")
 def test_dotdot_out_of_a_bind_mounted_writable_dir(tmp_path):
     """A writable directory bind-mounted inside a read-only tree: `..` from the bind's root walks into the
