@@ -38,7 +38,7 @@ import os
 import stat
 import threading
 
-from . import syscalls
+from . import cow_commit, syscalls
 from ._native import ffi, lib
 from .cow_branch import Branch, check_storage, storage_base
 from .errors import PolicyError
@@ -99,6 +99,7 @@ class Cow:
     def start(self, sup):
         storage = storage_base(self.policy.fs_storage)
         check_storage(self.workdir, storage)
+        cow_commit.recover(self.workdir)  # a commit killed half way: finish it before reading the tree
         self.branch = Branch(self.workdir, storage, self.policy.max_disk)
         self.vcwd = {}
         self.tgids = {}

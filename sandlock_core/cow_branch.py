@@ -12,25 +12,24 @@ storage directory) cannot redirect the unconfined supervisor. Lower files are op
 ``/proc/self/fd`` to be the expected path (a symlink swapped in meanwhile is noticed).
 
 Commit runs after every process of the sandbox is gone: deletions first, then the upper merged into the
-workdir one file at a time (a temporary name, then ``rename`` over the target), under a per-workdir lock.
+workdir one file at a time (a temporary name, then ``rename`` over the target), under a per-workdir lock,
+journaled so that a commit killed half way is rolled forward by the next lock holder (``cow_commit``).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import hashlib
 import os
 import shutil
 import stat
 import tempfile
 import uuid
 
-from .errors import BranchConflictError, BranchError, PolicyError
+from .cow_commit import TMP_PREFIX, commit_lock  # noqa: F401  (re-exported: tests, tools)
+from .errors import BranchError, PolicyError
 
 O_PATH = os.O_PATH
 DIRFLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-TMP_PREFIX = ".sandlock-commit-"
 
 
 def storage_base(fs_storage: str | None) -> str:
@@ -54,23 +53,6 @@ def storage_base(fs_storage: str | None) -> str:
         raise BranchError(f"copy-on-write storage {base!r} is not a private directory of uid {uid} "
                           f"(mode {stat.filemode(st.st_mode)}, owner {st.st_uid}); set fs_storage")
     return os.path.realpath(base)
-
-
-@contextlib.contextmanager
-def commit_lock(workdir: str):
-    """The per-workdir commit lock; BranchConflictError if another sandbox holds it."""
-    d = os.path.join(tempfile.gettempdir(), "sandlock-commit-locks")
-    os.makedirs(d, mode=0o1777, exist_ok=True)
-    key = hashlib.sha256(os.fsencode(os.path.realpath(workdir))).hexdigest()[:32]
-    fd = os.open(os.path.join(d, key + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BranchConflictError(f"another sandbox is committing to {workdir!r}") from None
-        yield
-    finally:
-        os.close(fd)
 
 
 class Branch:
@@ -399,64 +381,13 @@ class Branch:
         return sorted(((k, p) for p, k in out.items()), key=lambda c: c[1])
 
     def write_manifest(self) -> None:
-        with open(os.path.join(self.root, "deleted.txt"), "w") as f:
-            for d in sorted(self.deleted):
-                f.write(f"D {d}\n")
-            for d in sorted(self.opaque):
-                f.write(f"O {d}\n")
+        from .cow_commit import write_manifest
+        write_manifest(self.root, self.deleted, self.opaque)
 
     def commit(self) -> None:
-        with commit_lock(self.workdir):
-            try:
-                self._apply()
-            except OSError as exc:
-                self.keep()
-                raise BranchError(f"commit to {self.workdir!r} failed ({exc}); the changes are kept in "
-                                  f"{self.upper!r} (whiteouts in {self.root}/deleted.txt)") from exc
-        self.discard()
-
-    def _apply(self) -> None:
-        w = self.workdir
-        for rel in sorted(self.deleted, key=lambda r: -r.count("/")):
-            _remove(self.lower_path(rel))
-        dir_modes: list[tuple[str, os.stat_result]] = []
-        for dirpath, dirnames, filenames in os.walk(self.upper):
-            reldir = os.path.relpath(dirpath, self.upper)
-            reldir = "" if reldir == "." else reldir
-            for name in sorted(dirnames):
-                rel = reldir + "/" + name if reldir else name
-                src, dst = os.path.join(dirpath, name), os.path.join(w, rel)
-                st = os.lstat(src)
-                if stat.S_ISLNK(st.st_mode):
-                    _replace_symlink(src, dst)
-                    continue
-                if rel in self.opaque and os.path.lexists(dst):
-                    _remove(dst)
-                if os.path.lexists(dst) and not (os.path.isdir(dst) and not os.path.islink(dst)):
-                    _remove(dst)
-                if not os.path.lexists(dst):
-                    os.mkdir(dst, 0o700)
-                dir_modes.append((dst, st))
-            links: dict[int, str] = {}
-            for name in sorted(filenames):
-                rel = reldir + "/" + name if reldir else name
-                src, dst = os.path.join(dirpath, name), os.path.join(w, rel)
-                st = os.lstat(src)
-                if os.path.isdir(dst) and not os.path.islink(dst):
-                    _remove(dst)
-                if stat.S_ISLNK(st.st_mode):
-                    _replace_symlink(src, dst)
-                elif st.st_nlink > 1 and st.st_ino in links:
-                    tmp = _tmpname(dst)
-                    os.link(links[st.st_ino], tmp)
-                    os.replace(tmp, dst)
-                else:
-                    _replace_file(src, dst, st)
-                    links[st.st_ino] = dst
-        for dst, st in reversed(dir_modes):
-            os.chmod(dst, stat.S_IMODE(st.st_mode))
-            with contextlib.suppress(OSError):
-                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        """Apply the branch to the workdir (journaled: a killed commit is rolled forward later; see cow_commit)."""
+        from .cow_commit import commit
+        commit(self)
 
     def keep(self) -> None:
         self.write_manifest()
@@ -526,57 +457,6 @@ def _same(a: str, ast, b: str, bst) -> bool:
                 if not x:
                     return True
     return True
-
-
-def _tmpname(dst: str) -> str:
-    d, name = os.path.split(dst)
-    return os.path.join(d, f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"[:250])
-
-
-def _remove(path: str) -> None:
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
-
-
-def _replace_symlink(src: str, dst: str) -> None:
-    if os.path.isdir(dst) and not os.path.islink(dst):
-        _remove(dst)
-    tmp = _tmpname(dst)
-    os.symlink(os.readlink(src), tmp)
-    os.replace(tmp, dst)
-
-
-def _replace_file(src: str, dst: str, st) -> None:
-    tmp = _tmpname(dst)
-    if stat.S_ISFIFO(st.st_mode):
-        os.mkfifo(tmp, stat.S_IMODE(st.st_mode))
-    else:
-        fi = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            fo = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            try:
-                _copy_fd(fi, fo, st.st_size)
-                os.fchmod(fo, stat.S_IMODE(st.st_mode))
-                with contextlib.suppress(OSError):
-                    os.fchown(fo, st.st_uid, st.st_gid)
-                os.fsync(fo)
-                os.utime(fo, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(fo)
-        finally:
-            os.close(fi)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def check_storage(workdir: str, storage: str) -> None:
