@@ -77,17 +77,22 @@ class PlanBuilder:
         self.names: dict[int, str] = {}
         self.extra_deny: dict[int, int] = {}
         self.errno_actions: dict[int, int] = {}  # nr -> errno answered by the filter (before notify/deny)
+        self.conditions: list[tuple[int, object, tuple[int, int]]] = []  # (nr, handler, (arg, mask)), notify()
         self.fileattr_ioctl = None  # chattr's ioctls (seccomp.FILEATTR_SET_IOCTLS): "deny", or a handler
         self.setup: list[Callable] = []   # called with the Supervisor before the child is released
         self.finish: list[Callable] = []  # called with (supervisor, result) once the sandbox is over
         self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
         self.supervised = True            # False under confine(): no supervisor will serve notifications
 
-    def notify(self, name: str, handler) -> bool:
-        """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall."""
+    def notify(self, name: str, handler, when: tuple[int, int] | None = None) -> bool:
+        """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall. With
+        ``when=(arg, mask)`` the handler only needs the calls where ``args[arg] & mask`` is non-zero (it would
+        let the others through): if every handler of the syscall says so, the filter allows the others."""
         nr = syscalls.number(name, self.arch)
         if nr is None:
             return False
+        if when is not None:
+            self.conditions.append((nr, handler, when))
         self.handlers.setdefault(nr, []).append(handler)
         self.names[nr] = name
         return True
@@ -166,7 +171,7 @@ class Plan:
             arch=self.arch, notify=notify, deny=frozenset(deny), allow_only=allow_only,
             no_raw_sockets=policy.no_raw_sockets, no_udp=policy.no_udp,
             errno_actions=tuple(sorted(builder.errno_actions.items())),
-            fileattr_ioctl=fileattr_action)
+            fileattr_ioctl=fileattr_action, notify_if_arg=self._notify_if_arg(builder, notify))
         self.filter = seccomp.build_filter(self.spec)
         self.want_listener = bool(self.handlers)
         sendmsg = syscalls.number("sendmsg", self.arch)
@@ -177,6 +182,16 @@ class Plan:
         self._cpu_mask = self._build_cpu_mask(policy.cpu_cores)
 
     # ---- compilation steps ----
+    def _notify_if_arg(self, builder: PlanBuilder, notify) -> tuple:
+        """(nr, arg, mask) for the notified syscalls whose every handler asked for the same condition."""
+        out = []
+        for nr in sorted(notify):
+            conds = [(h, c) for n, h, c in builder.conditions if n == nr]
+            chain = self.handlers[nr]
+            if conds and len({c for _h, c in conds}) == 1 and all(any(h is ch for h, _c in conds) for ch in chain):
+                out.append((nr, *conds[0][1]))
+        return tuple(out)
+
     def _fileattr(self, builder: PlanBuilder, policy: Policy, deny) -> tuple[int | None, frozenset[int]]:
         """The filter's action for chattr's ioctls, and {ioctl} when only they reach the supervisor."""
         how = builder.fileattr_ioctl

@@ -238,6 +238,18 @@ class Run:
         self.approved[tgid] = 0
         return v
 
+    @staticmethod
+    def margin(limit: int) -> int:
+        """Within this of the limit every request is measured (statm): far from it the ledger, an upper
+        bound of what was approved, is enough."""
+        return max(limit // 4, 4 << 20)
+
+    @staticmethod
+    def drift(limit: int) -> int:
+        """A process approved this much since it was last measured is measured again (keeps the ledger, and
+        the peak figure, within this of the kernel's measure)."""
+        return max(limit // 16, 1 << 20)
+
     def total(self) -> int:
         t = sum(self.floor.values()) + sum(self.shanon.values()) + self.shared_scan + self.shm
         t += sum(b for _p, b, _t in self.pending)
@@ -315,10 +327,14 @@ class Run:
         with self.lock:
             self.inflight.pop(tid, None)
             tgid = self.tgid(tid)
-            prev = self.floor.get(tgid, 0) + self.approved.get(tgid, 0)
-            own = self._measure(tgid, tid)
-            self._grew = {tgid: own - prev}
             total = self.total()
+            if total + nbytes > limit - self.margin(limit) or self.approved.get(tgid, 0) >= self.drift(limit):
+                # near the limit, or this process was approved a lot since it was last measured: the
+                # kernel's measure replaces the ledger (munmap and exit are credited, laundering is not)
+                prev = self.floor.get(tgid, 0) + self.approved.get(tgid, 0)
+                own = self._measure(tgid, tid)
+                self._grew = {tgid: own - prev}
+                total = self.total()
             if total + nbytes > limit:
                 self.refresh()
                 if tgid not in self.floor:
@@ -652,11 +668,14 @@ def install(builder) -> None:
         builder.notify("fork", mech.h_fork)
         builder.notify("vfork", mech.h_vfork)
     if mech.mem_limit is not None:
-        builder.notify("mmap", mech.h_mmap)
-        builder.notify("mprotect", mech.h_mprotect)
-        builder.notify("pkey_mprotect", mech.h_mprotect)
+        # Only calls that can add private writable memory reach the supervisor: read-only and executable
+        # mappings (most of what ld.so maps), mprotect to read-only, brk(0) and shmget without IPC_CREAT
+        # are let through by the filter.
+        builder.notify("mmap", mech.h_mmap, when=(2, PROT_WRITE))
+        builder.notify("mprotect", mech.h_mprotect, when=(2, PROT_WRITE))
+        builder.notify("pkey_mprotect", mech.h_mprotect, when=(2, PROT_WRITE))
         builder.notify("mremap", mech.h_mremap)
-        builder.notify("brk", mech.h_brk)
-        builder.notify("shmget", mech.h_shmget)
+        builder.notify("brk", mech.h_brk, when=(0, (1 << 64) - 1))
+        builder.notify("shmget", mech.h_shmget, when=(2, IPC_CREAT))
     builder.on_supervisor(mech.setup)
     builder.on_finish(mech.finish)

@@ -14,6 +14,7 @@ Program layout (``build_filter``)::
         socket  arg0 in {AF_INET, AF_INET6} and (arg1 & 0xf) in {SOCK_RAW[, SOCK_DGRAM]} -> ERRNO(EPERM)
         prctl   arg0 == PR_SET_DUMPABLE              -> ERRNO(EPERM)
     errno_actions: nr == n                           -> ERRNO(e)
+    notify_if_arg: nr == n and !(arg & mask)         -> ALLOW          (only some calls need the supervisor)
     notify set                                       -> USER_NOTIF
     deny set                                         -> ERRNO(EPERM)
     allowlist mode:  allow_only set -> ALLOW, anything else -> ERRNO(EPERM)
@@ -66,6 +67,11 @@ OFF_ARGS = 16
 def arg_lo(i: int) -> int:
     """Offset of the low 32 bits of argument ``i`` (args are native-endian u64)."""
     return OFF_ARGS + 8 * i + (4 if sys.byteorder == "big" else 0)
+
+
+def arg_hi(i: int) -> int:
+    """Offset of the high 32 bits of argument ``i``."""
+    return OFF_ARGS + 8 * i + (0 if sys.byteorder == "big" else 4)
 
 
 CLONE_NEWTIME = 0x00000080
@@ -123,6 +129,9 @@ class FilterSpec:
     deny_set_dumpable: bool = True
     errno_actions: tuple[tuple[int, int], ...] = ()  # (nr, errno), checked before notify/deny
     fileattr_ioctl: int | None = None                # action for ioctl(FILEATTR_SET_IOCTLS); None: no rule
+    # (nr, arg, mask): a notified nr reaches the supervisor only when args[arg] & mask != 0 (both halves of
+    # the 64-bit argument are tested); otherwise it is allowed, which is what its handlers would answer.
+    notify_if_arg: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self):
         # Accept any iterable of ints for the sets (callers pass sets); keep the object hashable.
@@ -134,6 +143,8 @@ class FilterSpec:
             object.__setattr__(self, "allow_only", frozenset(self.allow_only))
         if not isinstance(self.errno_actions, tuple):
             object.__setattr__(self, "errno_actions", tuple(tuple(p) for p in self.errno_actions))
+        if not isinstance(self.notify_if_arg, tuple):
+            object.__setattr__(self, "notify_if_arg", tuple(tuple(p) for p in self.notify_if_arg))
 
 
 def allowlist_numbers(names: Iterable[str], arch: str | None = None) -> frozenset[int]:
@@ -208,6 +219,10 @@ def _check_spec(spec: FilterSpec) -> None:
     both = spec.notify & set(seen)
     if both:
         raise ValueError(f"syscalls both notified and in errno_actions: {_describe(both, spec.arch)}")
+    for nr, arg, mask in spec.notify_if_arg:
+        if nr not in spec.notify or not 0 <= arg < 6 or not 0 < mask < 1 << 64:
+            raise ValueError(f"notify_if_arg: ({nr}, {arg}, {mask:#x}) needs a notified syscall, an argument "
+                             "index 0-5 and a non-zero 64-bit mask")
 
 
 @functools.lru_cache(maxsize=128)
@@ -315,6 +330,18 @@ def build_filter(spec: FilterSpec) -> bytes:
         after = p.new_label("errno_next")
         p.jeq(nr, jf=after)
         p.ret(_errno(e))
+        p.label(after)
+
+    for nr, arg, mask in spec.notify_if_arg:  # resources: only requests that can grow memory are notified
+        after, hit = p.new_label("cond_next"), p.new_label("cond_notify")
+        p.jeq(nr, jf=after)
+        for off, half in ((arg_lo(arg), mask & 0xFFFFFFFF), (arg_hi(arg), mask >> 32)):
+            if half:
+                p.ld_abs(off)
+                p.jset(half, jt=hit)
+        p.ret(SECCOMP_RET_ALLOW)
+        p.label(hit)
+        p.ret(SECCOMP_RET_USER_NOTIF)
         p.label(after)
 
     if spec.notify:
