@@ -26,6 +26,10 @@ struct sl_cfg {
     const void *filter2; unsigned short filter2_len;
     int sock_fd; int handoff_scm; int report_fd;
     char *const *exec_paths; int n_exec_paths; char *const *argv; char *const *envp;
+    /* namespaces (native.h) */
+    int ns_enable; int ns_privileged; const char *ov_target; const char *ov_options;
+    int ns_readonly; char *const *ns_writable; int n_ns_writable; const char *ns_chroot;
+    uint64_t ov_landlock_rights;
 };
 
 long sl_landlock_create_ruleset(const struct sl_ruleset_attr *attr, size_t size, uint32_t flags);

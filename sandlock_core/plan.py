@@ -28,17 +28,21 @@ MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
     # Copy-on-write of the workdir: before fsdeny, which then judges the paths that stay outside the workdir.
     (lambda p: p.workdir is not None or p.fs_isolation is not FsIsolation.NONE or p.max_disk is not None,
      "cow"),
-    # Landlock has no right for chmod/chown/utimes/xattrs: done on behalf, only under fs_writable.
-    (lambda p: bool(p.fs_readable or p.fs_writable), "metadata"),
+    # Landlock has no right for chmod/chown/utimes/xattrs: done on behalf, only under fs_writable (in a mount
+    # namespace the kernel's read-only view does it instead: namespaces.py).
+    (lambda p: bool(p.fs_readable or p.fs_writable) and not _namespaces(p), "metadata"),
     (lambda p: bool(p.fs_denied), "fsdeny"),
+    (lambda p: _namespaces(p), "namespaces"),  # chroot, privileged, overlayfs: set up by the C child
 ]
 
 # Fields this build cannot enforce yet: refused with a clear error, never silently ignored. Each feature
 # removes its entry when it lands.
 UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
-    ("chroot", lambda p: p.chroot is not None),
-    ("privileged", lambda p: p.privileged),
 ]
+
+
+def _namespaces(p: Policy) -> bool:
+    return p.chroot is not None or p.privileged or p.fs_isolation is FsIsolation.OVERLAYFS
 
 # Kept from the caller's environment under clean_env (the seed README's promise).
 CLEAN_ENV_KEEP = (b"PATH", b"HOME", b"USER", b"LOGNAME", b"TERM", b"LANG")
@@ -83,6 +87,11 @@ class PlanBuilder:
         self.finish: list[Callable] = []  # called with (supervisor, result) once the sandbox is over
         self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
         self.supervised = True            # False under confine(): no supervisor will serve notifications
+        self.cfg_hooks: list[Callable] = []  # fn(cfg, keep) per spawn, after the plan's own fields
+
+    def on_cfg(self, fn: Callable) -> None:
+        """``fn(cfg, keep)`` fills more of ``struct sl_cfg`` before each spawn (namespaces.py)."""
+        self.cfg_hooks.append(fn)
 
     def notify(self, name: str, handler, when: tuple[int, int] | None = None) -> bool:
         """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall. With
@@ -144,6 +153,7 @@ class Plan:
             importlib.import_module(f"{__package__}.denials").install(builder)
         self.setup = builder.setup
         self.finish = builder.finish
+        self.cfg_hooks = builder.cfg_hooks
         self.names = builder.names
         deny = self._deny_set(policy) | frozenset(builder.extra_deny)
         fileattr_action, fileattr_arg_only = self._fileattr(builder, policy, deny)
@@ -290,6 +300,8 @@ class Plan:
             flags = _sys.SECCOMP_FILTER_FLAG_NEW_LISTENER | _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
         cfg.seccomp_flags = flags
         cfg.handoff_scm = int(self.handoff_scm)
+        for fn in self.cfg_hooks:
+            fn(cfg, keep)
 
     def make_supervisor(self, listener: int, root_pid: int = 0):
         from .notif import Supervisor

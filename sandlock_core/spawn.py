@@ -29,6 +29,9 @@ class ChildSetupError(ChildError):
             msg += (" (this process already runs under a sandlock supervisor: the kernel allows one seccomp "
                     "listener per process tree, so a nested sandbox must use a policy that needs no "
                     "supervisor, e.g. no fs_denied/limits/network allowlist)")
+        if step.startswith("namespaces"):
+            from .namespaces import hint
+            msg += hint(step, err)
         super().__init__(msg)
 
 

@@ -20,6 +20,7 @@
 #include <unistd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -225,6 +226,17 @@ static const char *const step_names[] = {
     [SL_STEP_READY] = "wait for supervisor", [SL_STEP_CLOSE_FDS] = "close_range",
     [SL_STEP_NOFILE] = "setrlimit(RLIMIT_NOFILE)", [SL_STEP_EXEC] = "execve",
     [SL_STEP_FILTER2] = "seccomp (deny filter)", [SL_STEP_SPAWN] = "clone",
+    [SL_STEP_NS_USERNS] = "namespaces: unshare(CLONE_NEWUSER|CLONE_NEWNS)",
+    [SL_STEP_NS_IDMAP] = "namespaces: write uid_map/gid_map",
+    [SL_STEP_NS_PRIVATE] = "namespaces: make mounts private",
+    [SL_STEP_NS_OVERLAY] = "namespaces: mount overlay on the workdir",
+    [SL_STEP_NS_CLONE] = "namespaces: open_tree (clone a writable tree)",
+    [SL_STEP_NS_READONLY] = "namespaces: mount_setattr (read-only view)",
+    [SL_STEP_NS_REATTACH] = "namespaces: move_mount (writable tree)",
+    [SL_STEP_NS_CHROOT] = "namespaces: chroot",
+    [SL_STEP_NS_CWD] = "namespaces: chdir (working directory in the new view)",
+    [SL_STEP_NS_DUMPABLE] = "namespaces: prctl(PR_SET_DUMPABLE)",
+    [SL_STEP_NS_LANDLOCK] = "namespaces: landlock_add_rule (overlay root)",
 };
 
 const char *sl_step_name(int step)
@@ -266,6 +278,131 @@ static int close_fds_except_from(unsigned int lo, const int *keep, int nkeep)
 }
 
 static int close_fds_except(const int *keep, int nkeep) { return close_fds_except_from(3, keep, nkeep); }
+
+/* ---- namespaces (namespaces.py, cow_overlay.py) ----
+ *
+ * Optional, before chdir/NO_NEW_PRIVS/Landlock/seccomp (Landlock and the blocklist forbid mounts later):
+ * a user + mount namespace owned by the caller's uid, the caller mapped to itself (or to 0 with
+ * ns_privileged), mounts made private, an overlay mounted on the workdir, everything but the writable trees
+ * made read-only (the kernel then refuses chmod/chown/utimes/xattrs there: no supervisor needed for them),
+ * then chroot. Each step fails closed with its own step code.
+ */
+#ifndef SYS_open_tree
+#define SYS_open_tree 428
+#endif
+#ifndef SYS_move_mount
+#define SYS_move_mount 429
+#endif
+#ifndef SYS_mount_setattr
+#define SYS_mount_setattr 442
+#endif
+#define SL_OPEN_TREE_CLONE 1
+#define SL_AT_RECURSIVE 0x8000
+#define SL_MOVE_MOUNT_F_EMPTY_PATH 0x4
+#define SL_MOUNT_ATTR_RDONLY 0x1
+#define SL_NS_MAX_WRITABLE 64
+
+struct sl_mount_attr { uint64_t attr_set, attr_clr, propagation, userns_fd; };
+
+static void put_uint(char *dst, unsigned v);
+
+static int write_proc_self(const char *name, const char *text)
+{
+    char path[64] = "/proc/self/";
+    strcat(path, name);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    size_t len = strlen(text);
+    ssize_t w = write(fd, text, len);
+    int err = w == (ssize_t)len ? 0 : (w < 0 ? -errno : -EIO);
+    close(fd);
+    return err;
+}
+
+/* "inside outside 1\n" */
+static void id_map_line(char *dst, unsigned inside, unsigned outside)
+{
+    put_uint(dst, inside);
+    strcat(dst, " ");
+    put_uint(dst + strlen(dst), outside);
+    strcat(dst, " 1\n");
+}
+
+static int ns_enter_userns(const struct sl_cfg *cfg)
+{
+    unsigned uid = (unsigned)geteuid(), gid = (unsigned)getegid();
+    char line[64];
+    int r;
+    if (unshare(CLONE_NEWUSER | CLONE_NEWNS) < 0) { fail(cfg, SL_STEP_NS_USERNS, errno); return -1; }
+    id_map_line(line, cfg->ns_privileged ? 0 : uid, uid);
+    if ((r = write_proc_self("uid_map", line)) < 0) { fail(cfg, SL_STEP_NS_IDMAP, -r); return -1; }
+    if ((r = write_proc_self("setgroups", "deny")) < 0 && r != -ENOENT) { fail(cfg, SL_STEP_NS_IDMAP, -r); return -1; }
+    id_map_line(line, cfg->ns_privileged ? 0 : gid, gid);
+    if ((r = write_proc_self("gid_map", line)) < 0) { fail(cfg, SL_STEP_NS_IDMAP, -r); return -1; }
+    return 0;
+}
+
+/* Make every mount read-only except the writable trees: clone those (rw) first, then put the clones back. */
+static int ns_readonly_view(const struct sl_cfg *cfg)
+{
+    int fds[SL_NS_MAX_WRITABLE + 1];
+    const char *paths[SL_NS_MAX_WRITABLE + 1];
+    int n = 0;
+    if (cfg->ov_target) paths[n++] = cfg->ov_target;
+    for (int i = 0; i < cfg->n_ns_writable && n <= SL_NS_MAX_WRITABLE; i++) paths[n++] = cfg->ns_writable[i];
+    for (int i = 0; i < n; i++) {
+        fds[i] = (int)syscall(SYS_open_tree, AT_FDCWD, paths[i], SL_OPEN_TREE_CLONE | O_CLOEXEC | SL_AT_RECURSIVE);
+        if (fds[i] < 0) { fail(cfg, SL_STEP_NS_CLONE, errno); return -1; }
+    }
+    struct sl_mount_attr ro = { SL_MOUNT_ATTR_RDONLY, 0, 0, 0 };
+    if (syscall(SYS_mount_setattr, AT_FDCWD, "/", SL_AT_RECURSIVE, &ro, sizeof(ro)) < 0) {
+        fail(cfg, SL_STEP_NS_READONLY, errno); return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (syscall(SYS_move_mount, fds[i], "", AT_FDCWD, paths[i], SL_MOVE_MOUNT_F_EMPTY_PATH) < 0) {
+            fail(cfg, SL_STEP_NS_REATTACH, errno); return -1;
+        }
+        close(fds[i]);
+    }
+    return 0;
+}
+
+/* Landlock ignores the rules of a mount point (the workdir's own inode) when a walk climbs out of the
+   overlay: the overlay's root, a new inode, gets the rule. landlock_fd is this run's own ruleset. */
+static int ns_grant_overlay(const struct sl_cfg *cfg)
+{
+    int fd = open(cfg->ov_target, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) { fail(cfg, SL_STEP_NS_LANDLOCK, errno); return -1; }
+    struct __attribute__((packed)) { uint64_t allowed_access; int32_t parent_fd; } a = { cfg->ov_landlock_rights, fd };
+    long r = syscall(SYS_landlock_add_rule, cfg->landlock_fd, 1 /* LANDLOCK_RULE_PATH_BENEATH */, &a, 0);
+    int err = errno;
+    close(fd);
+    if (r < 0) { fail(cfg, SL_STEP_NS_LANDLOCK, err); return -1; }
+    return 0;
+}
+
+static int ns_setup(const struct sl_cfg *cfg)
+{
+    char cwd[4096];
+    int have_cwd = !cfg->cwd && !cfg->ns_chroot && getcwd(cwd, sizeof(cwd)) != NULL;
+    if (ns_enter_userns(cfg) < 0) return -1;
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) { fail(cfg, SL_STEP_NS_PRIVATE, errno); return -1; }
+    if (cfg->ov_target && mount("overlay", cfg->ov_target, "overlay", 0, cfg->ov_options) < 0) {
+        fail(cfg, SL_STEP_NS_OVERLAY, errno); return -1;
+    }
+    if (cfg->ov_target && cfg->ov_landlock_rights && cfg->landlock_fd >= 0 && ns_grant_overlay(cfg) < 0) return -1;
+    if (cfg->ns_readonly && ns_readonly_view(cfg) < 0) return -1;
+    if (cfg->ns_chroot) {
+        if (chroot(cfg->ns_chroot) < 0) { fail(cfg, SL_STEP_NS_CHROOT, errno); return -1; }
+        if (chdir("/") < 0) { fail(cfg, SL_STEP_NS_CWD, errno); return -1; }
+    } else if (have_cwd && chdir(cwd) < 0) {  /* the inherited cwd still points below the new mounts */
+        fail(cfg, SL_STEP_NS_CWD, errno); return -1;
+    }
+    /* Gaining capabilities in the new namespace made us non-dumpable: the supervisor (same uid, outside)
+       needs pidfd_getfd and /proc/<pid>/mem on us, as on any sandbox. */
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NS_DUMPABLE, errno); return -1; }
+    return 0;
+}
 
 /*
  * Confine the calling process as `cfg` says. On success returns 0 (the listener, if any, has been handed to
@@ -312,6 +449,7 @@ int sl_confine(const struct sl_cfg *cfg)
         struct rlimit rl = { 0, 0 };
         if (setrlimit(RLIMIT_CORE, &rl) < 0) { fail(cfg, SL_STEP_CORE, errno); return -1; }
     }
+    if (cfg->ns_enable && ns_setup(cfg) < 0) return -1;
     if (cfg->cwd && chdir(cfg->cwd) < 0) { fail(cfg, SL_STEP_CHDIR, errno); return -1; }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NNP, errno); return -1; }
     if (cfg->landlock_fd >= 0) {

@@ -16,6 +16,10 @@ enum {
     SL_STEP_PERSONALITY, SL_STEP_AFFINITY, SL_STEP_THP, SL_STEP_CORE, SL_STEP_CHDIR, SL_STEP_NNP,
     SL_STEP_LANDLOCK, SL_STEP_SECCOMP, SL_STEP_HANDOFF, SL_STEP_READY, SL_STEP_CLOSE_FDS, SL_STEP_NOFILE,
     SL_STEP_EXEC, SL_STEP_FILTER2, SL_STEP_SPAWN,
+    /* namespaces (namespaces.py): keep these last */
+    SL_STEP_NS_USERNS = 40, SL_STEP_NS_IDMAP, SL_STEP_NS_PRIVATE, SL_STEP_NS_OVERLAY, SL_STEP_NS_CLONE,
+    SL_STEP_NS_READONLY, SL_STEP_NS_REATTACH, SL_STEP_NS_CHROOT, SL_STEP_NS_CWD, SL_STEP_NS_DUMPABLE,
+    SL_STEP_NS_LANDLOCK,
 };
 
 struct sl_cfg {
@@ -53,6 +57,16 @@ struct sl_cfg {
     int n_exec_paths;
     char *const *argv;
     char *const *envp;
+    /* namespaces (namespaces.py, cow_overlay.py); fields added at the end, keep _ffi_build.py in step */
+    int ns_enable;             /* 1: unshare(CLONE_NEWUSER|CLONE_NEWNS) and map the caller's uid/gid */
+    int ns_privileged;         /* 1: the caller is uid/gid 0 inside, else itself */
+    const char *ov_target;     /* overlay mounted on this path (the workdir, also its lowerdir); NULL: none */
+    const char *ov_options;    /* "lowerdir=...,upperdir=...,workdir=...,userxattr" */
+    int ns_readonly;           /* 1: every mount read-only except ov_target and ns_writable[] */
+    char *const *ns_writable;
+    int n_ns_writable;
+    const char *ns_chroot;     /* NULL: none */
+    uint64_t ov_landlock_rights;  /* added to landlock_fd for the mounted overlay's root (0: none) */
 };
 
 
