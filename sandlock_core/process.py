@@ -104,6 +104,8 @@ class Process:
     def pause(self) -> None:
         """SIGSTOP every process of the sandbox."""
         self._need_running("pause")
+        from .resources import mark_paused
+        mark_paused(self._reaper, True)  # before the SIGSTOP: the max_cpu throttle must not undo it
         signal_all(self._reaper, signal.SIGSTOP)
         self._paused = True
 
@@ -111,6 +113,8 @@ class Process:
         """SIGCONT every process of the sandbox."""
         self._need_running("resume")
         signal_all(self._reaper, signal.SIGCONT)
+        from .resources import mark_paused
+        mark_paused(self._reaper, False)
         self._paused = False
 
     def send_signal(self, sig: int) -> None:

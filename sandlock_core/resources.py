@@ -35,7 +35,7 @@ CPU (``max_cpu``): the whole sandbox gets at most PCT % of one core, measured wi
 times). A token bucket: when the sandbox has used more than its share, every process of it is SIGSTOPped until
 the share is paid back, then SIGCONTed. Idle processes are never stopped. Granularity: 20 ms ticks and the
 kernel's 10 ms accounting; a busy loop at 25 % measures 24-26 % over 3 s on the 2-vCPU test machine.
-A process stopped by someone else (``Sandbox.pause()``) is resumed by the throttle at its next cycle.
+``Sandbox.pause()`` wins over the throttle: a paused sandbox gets no SIGCONT from it until ``resume()``.
 """
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ class Run:
         self.lock = threading.Lock()
         self.reaper = ppid_of(sup.root_pid)
         sup.state["reaper_pid"] = self.reaper
+        mark_paused(self.reaper, False)  # a reused pid of a sandbox that ended while paused
         # processes
         self.known: set[int] = {sup.root_pid}  # tgids at the last walk
         self.since = 0                          # forks allowed since the last walk
@@ -392,8 +393,9 @@ class Run:
         if self.thread is not None and self.thread is not threading.current_thread():
             self.thread.join(2)
         self.thread = None
+        mark_paused(self.reaper, False)
 
-    def _cpu_seconds(self, pids) -> float:
+    def cpu_seconds(self, pids) -> float:
         ticks = 0
         for pid in (self.reaper, *pids):
             f = stat_fields(pid)
@@ -405,7 +407,7 @@ class Run:
                 ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
         return ticks / CLK_TCK
 
-    def _signal(self, pids, sig: int) -> None:
+    def signal(self, pids, sig: int) -> None:
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -414,12 +416,7 @@ class Run:
 
     def _watch(self) -> None:
         pct = self.mech.cpu_pct
-        rate = pct / 100.0 if pct else 0.0
-        burst = rate * 0.05
-        budget = burst
-        stopped: set[int] = set()
-        last = time.monotonic()
-        cpu_prev = None
+        throttle = Throttle(self, pct) if pct else None
         i = 0
         try:
             while not self.stop.wait(TICK if pct else TICK * MEM_EVERY):
@@ -431,35 +428,11 @@ class Run:
                         self.peak_mem = max(self.peak_mem, self.total())
                         if limit is not None and self.total() > limit:
                             self.enforce(limit)
-                if not pct:
-                    continue
-                pids = tree(self.reaper)
-                if not pids:
-                    continue
-                now = time.monotonic()
-                cpu = self._cpu_seconds(pids)
-                if cpu_prev is None:
-                    cpu_prev, last = cpu, now
-                    continue
-                used, dt = max(0.0, cpu - cpu_prev), now - last
-                cpu_prev, last = cpu, now
-                budget = min(budget + rate * dt, burst) - used
-                if budget < 0:
-                    # stop everything, again until no new process shows up
-                    for _ in range(8):
-                        new = [p for p in tree(self.reaper) if p not in stopped]
-                        if not new:
-                            break
-                        self._signal(new, 19)
-                        stopped.update(new)
-                    if stopped:
-                        self.cpu_stops += 1
-                elif stopped:
-                    self._signal(stopped, 18)
-                    stopped.clear()
+                if throttle is not None:
+                    throttle.tick()
         finally:
-            if stopped:
-                self._signal(stopped, 18)
+            if throttle is not None:
+                throttle.release()
 
     # ---- the end ----
     def finish(self, result) -> None:
@@ -475,6 +448,80 @@ class Run:
             what = (f"killed {len(self.mem_killed)} process(es)" if self.mem_killed
                     else f"refused {self.mem_refused} allocation(s)")
             result.error = f"memory limit: max_memory {_mib(limit)} reached ({what})"
+
+
+class Throttle:
+    """``max_cpu``: a token bucket over the sandbox's CPU time; when it is empty every process is SIGSTOPped
+    until the share is paid back. A sandbox paused by ``Sandbox.pause()`` stays paused: the throttle sends no
+    SIGCONT while it is, and starts afresh after ``resume()``."""
+
+    def __init__(self, run: "Run", pct: int):
+        self.run = run
+        self.rate = pct / 100.0
+        self.burst = self.rate * 0.05
+        self.budget = self.burst
+        self.stopped: set[int] = set()
+        self.cpu_prev: float | None = None
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        run = self.run
+        if is_paused(run.reaper):
+            self.stopped.clear()  # pause() owns them now; resume() continues them
+            self.cpu_prev = None
+            return
+        pids = tree(run.reaper)
+        if not pids:
+            return
+        now = time.monotonic()
+        cpu = run.cpu_seconds(pids)
+        if self.cpu_prev is None:
+            self.cpu_prev, self.last = cpu, now
+            return
+        used, dt = max(0.0, cpu - self.cpu_prev), now - self.last
+        self.cpu_prev, self.last = cpu, now
+        self.budget = min(self.budget + self.rate * dt, self.burst) - used
+        if self.budget < 0:
+            self._stop_all()
+        elif self.stopped:
+            self.release()
+
+    def _stop_all(self) -> None:
+        """SIGSTOP every process, again until no new process shows up."""
+        for _ in range(8):
+            new = [p for p in tree(self.run.reaper) if p not in self.stopped]
+            if not new:
+                break
+            self.run.signal(new, 19)
+            self.stopped.update(new)
+        if self.stopped:
+            self.run.cpu_stops += 1
+
+    def release(self) -> None:
+        """SIGCONT what the throttle stopped, unless the sandbox was paused meanwhile (checked under the lock
+        that ``mark_paused`` takes: a pause either comes first and wins, or comes after this SIGCONT)."""
+        with _PAUSE_LOCK:
+            if self.stopped and self.run.reaper not in _PAUSED:
+                self.run.signal(self.stopped, 18)
+        self.stopped.clear()
+
+
+# Sandboxes stopped by Sandbox.pause()/Process.pause(), by reaper pid: the CPU throttle must not resume them.
+_PAUSE_LOCK = threading.Lock()
+_PAUSED: set[int] = set()
+
+
+def mark_paused(reaper: int, paused: bool) -> None:
+    """Called by pause() before its SIGSTOP and by resume() after its SIGCONT."""
+    with _PAUSE_LOCK:
+        if paused:
+            _PAUSED.add(reaper)
+        else:
+            _PAUSED.discard(reaper)
+
+
+def is_paused(reaper: int) -> bool:
+    return reaper in _PAUSED
 
 
 class Resources:

@@ -197,14 +197,18 @@ class Sandbox:
     def pause(self) -> None:
         """SIGSTOP every process of every command this sandbox is running (RuntimeError if none)."""
         from .process import signal_all
+        from .resources import mark_paused
         for child in self._live("pause"):
+            mark_paused(child.reaper, True)  # before the SIGSTOP: the max_cpu throttle must not undo it
             signal_all(child.reaper, signal.SIGSTOP)
 
     def resume(self) -> None:
         """SIGCONT every process paused by ``pause()`` (RuntimeError if nothing runs)."""
         from .process import signal_all
+        from .resources import mark_paused
         for child in self._live("resume"):
             signal_all(child.reaper, signal.SIGCONT)
+            mark_paused(child.reaper, False)
 
     def kill(self) -> None:
         """Kill every process this sandbox is running (a ``run()`` in another thread returns KILLED)."""

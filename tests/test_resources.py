@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -198,6 +199,22 @@ def test_ten_sequential_short_children_under_2_all_succeed():
     assert r.processes == 11
 
 
+def test_explicit_P_on_the_command_line_is_enforced():
+    code = FORKS.replace("range(20)", "range(5)")
+    r = subprocess.run([sys.executable, "-m", "sandlock_core.cli", "run", "-P", "3", "--", *PY, code],
+                       capture_output=True, text=True, timeout=60)
+    assert r.stdout == f"2 {errno.EAGAIN}\n", r.stderr  # the root + 2 children
+
+
+def test_the_default_of_64_is_enforced_only_with_other_limits():
+    """Documented choice: enforcing the default alone would put a supervisor behind every sandbox, so
+    Policy() does not count processes; with max_memory or max_cpu (supervised anyway) the 64 applies."""
+    code = FORKS.replace("range(20)", "range(70)")
+    assert not Plan(Policy()).want_listener
+    assert run(Policy(), code).stdout == b"70 None\n"
+    assert run(Policy(max_memory="4G"), code).stdout == f"63 {errno.EAGAIN}\n".encode()
+
+
 def test_exits_free_slots_and_threads_are_not_counted():
     code = """
 import os, subprocess, sys, threading
@@ -277,6 +294,43 @@ os.wait()
 """
     r = run(Policy(max_cpu=25), code)
     assert 0.0 < float(r.stdout) <= 3 * 0.35
+
+
+def _state_and_ticks(pid: int) -> tuple[str, int]:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[11]) + int(fields[12])
+
+
+@pytest.mark.parametrize("via", ["sandbox", "process"])
+def test_pause_wins_over_the_cpu_throttle(via):
+    """The throttle SIGCONTs what it stopped every ~100 ms at 25 %: a paused sandbox must stay stopped (and
+    use no CPU) over many such cycles, and run again after resume()."""
+    sb = Sandbox(Policy(max_cpu=25))
+    proc = sb.popen([*PY, "while True: pass"])
+    ctl = sb if via == "sandbox" else proc
+    try:
+        for _ in range(200):  # until it has run (and been throttled) a little
+            if _state_and_ticks(proc.pid)[1] >= 5:
+                break
+            time.sleep(0.02)
+        ctl.pause()
+        time.sleep(0.05)
+        _, before = _state_and_ticks(proc.pid)
+        for _ in range(30):
+            time.sleep(0.05)
+            state, ticks = _state_and_ticks(proc.pid)
+            assert state == "T", "the throttle resumed a paused sandbox"
+        assert ticks == before
+        ctl.resume()
+        for _ in range(250):
+            if _state_and_ticks(proc.pid)[1] > before:
+                break
+            time.sleep(0.02)
+        assert _state_and_ticks(proc.pid)[1] > before
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ---- figures and costs ----
