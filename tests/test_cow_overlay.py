@@ -1,0 +1,317 @@
+"""fs_isolation=OVERLAYFS: real programs under a kernel overlay in a user + mount namespace, compared with bare
+runs file by file; abort, keep, dry run; Landlock and the read-only view; the same as uid 65534."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sandlock_core import Policy, PolicyError, Sandbox
+from sandlock_core.policy import BranchAction, FsIsolation
+
+from support import run_as_nobody
+
+SYSTEM_RO = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
+OVERLAY = FsIsolation.OVERLAYFS
+ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
+       "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z",
+       "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
+GIT_INDEX = os.path.join(".git", "index")  # holds inode numbers and ctimes: differs per copy
+
+
+def _userns_overlay_works() -> str | None:
+    """None when an unprivileged user namespace may mount an overlay here, else why not."""
+    if not os.path.exists("/proc/self/ns/user"):
+        return "no user namespaces in this kernel"
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if f.read().strip() == "0":
+                return "user.max_user_namespaces is 0"
+    except OSError:
+        pass
+    with open("/proc/filesystems") as f:
+        if "overlay" not in f.read():
+            return "no overlay filesystem in this kernel"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_userns_overlay_works() is not None, reason=str(_userns_overlay_works()))
+
+
+def snapshot(root) -> dict:
+    """path -> (type, mode, content or target) for every entry under root (mtimes and inodes left out)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode))
+            elif rel == GIT_INDEX:
+                out[rel] = ("f", stat.S_IMODE(st.st_mode))
+            else:
+                with open(full, "rb") as f:
+                    out[rel] = ("f", stat.S_IMODE(st.st_mode), f.read())
+    return out
+
+
+def expected_changes(before: dict, after: dict) -> list[tuple[str, str]]:
+    out = []
+    for p in sorted(set(before) | set(after)):
+        if p not in after:
+            out.append(("D", p))
+        elif p not in before:
+            out.append(("A", p))
+        elif before[p] != after[p]:
+            out.append(("M", p))
+    return [c for c in out if c[1] != GIT_INDEX]
+
+
+def make_tree(root):
+    os.makedirs(root / "src" / "deep" / "er")
+    (root / "README").write_text("hello\nworld\n")
+    (root / "src" / "a.c").write_text("int a(void) { return 1; }\n")
+    (root / "src" / "deep" / "x.txt").write_text("x\n")
+    (root / "src" / "deep" / "er" / "y.txt").write_text("y\n")
+    (root / "tool.sh").write_text("#!/bin/sh\necho tool\n")
+    os.chmod(root / "tool.sh", 0o755)
+    os.symlink("README", root / "link")
+    return root
+
+
+def overlay_policy(workdir, **kw) -> Policy:
+    kw.setdefault("fs_readable", SYSTEM_RO)
+    return Policy(workdir=str(workdir), cwd=str(workdir), env=ENV, fs_isolation=OVERLAY, **kw)
+
+
+def compare_run(tmp_path, script: str, **kw):
+    """``sh -c script`` bare in one copy, under the overlay with commit in another, dry-run in a third."""
+    orig = make_tree(tmp_path / "orig")
+    bare, ovl, dry = tmp_path / "bare", tmp_path / "ovl", tmp_path / "dry"
+    for d in (bare, ovl, dry):
+        shutil.copytree(orig, d, symlinks=True)
+    b = subprocess.run(["sh", "-c", script], cwd=bare, env={**os.environ, **ENV}, capture_output=True)
+    assert b.returncode == 0, b.stderr
+    before, after = snapshot(orig), snapshot(bare)
+    r = Sandbox(overlay_policy(ovl, **kw)).run(["sh", "-c", script])
+    assert r.exit_code == 0, r.stderr
+    assert snapshot(ovl) == after, f"commit must leave the same tree as a bare run: {r.stderr!r}"
+    d = Sandbox(overlay_policy(dry, **kw)).dry_run(["sh", "-c", script])
+    assert d.exit_code == 0, d.stderr
+    assert snapshot(dry) == before, "a dry run leaves the tree untouched"
+    assert [(c.kind, c.path) for c in d.changes if c.path != GIT_INDEX] == expected_changes(before, after)
+    return d
+
+
+def test_sed_in_place(tmp_path):
+    d = compare_run(tmp_path, "sed -i s/hello/bye/ README && grep bye README && sed -i s/x/x/ src/deep/x.txt")
+    assert [(c.kind, c.path) for c in d.changes] == [("M", "README")]  # identical bytes rewritten: no change
+
+
+def test_mv_directory(tmp_path):
+    # OverlayFS in a user namespace has no redirect_dir: rename(2) of a lower directory is EXDEV, mv copies
+    compare_run(tmp_path, "mv src/deep moved && cat moved/er/y.txt && test ! -e src/deep")
+
+
+def test_rm_rf_subtree_and_recreate(tmp_path):
+    d = compare_run(tmp_path, "rm -rf src && test ! -e src && mkdir src && echo n > src/new")
+    assert ("D", "src/a.c") in [(c.kind, c.path) for c in d.changes]  # opaque directory: the old content goes
+
+
+def test_write_then_delete_is_no_change(tmp_path):
+    d = compare_run(tmp_path, "echo tmp > t.tmp && rm t.tmp && mkdir tdir && rmdir tdir")
+    assert d.changes == []
+
+
+def test_mixed_operations(tmp_path):
+    compare_run(tmp_path, textwrap.dedent("""
+        set -e
+        echo new > src/new.txt; mkdir -p a/b/c; echo z > a/b/c/z
+        chmod 600 README; ln -s src/a.c alink; cp -r src copy
+        rm link; truncate -s 1 src/deep/x.txt; mv tool.sh src/tool2.sh; ./src/tool2.sh
+    """))
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_git_init_add_commit(tmp_path):
+    d = compare_run(tmp_path, "git init -q . && git add -A && git commit -qm first && git log --oneline | wc -l",
+                    fs_writable=["/dev/null"], fs_readable=[*SYSTEM_RO, "/dev/urandom"])  # git needs both
+    assert any(c.path.startswith(".git/objects/") for c in d.changes)
+
+
+def test_abort_on_exit_and_on_error_leave_the_tree(tmp_path):
+    w = make_tree(tmp_path / "w")
+    before = snapshot(w)
+    r = Sandbox(overlay_policy(w, on_exit=BranchAction.ABORT)).run(["sh", "-c", "rm -rf src; echo x > README"])
+    assert r.exit_code == 0, r.stderr
+    assert snapshot(w) == before
+    r = Sandbox(overlay_policy(w)).run(["sh", "-c", "rm -rf src; echo x > new; exit 3"])  # on_error: abort
+    assert r.exit_code == 3
+    assert snapshot(w) == before
+
+
+def test_keep_leaves_plain_content_and_manifest(tmp_path):
+    w = make_tree(tmp_path / "w")
+    before = snapshot(w)
+    r = Sandbox(overlay_policy(w, on_exit=BranchAction.KEEP, fs_storage=str(tmp_path / "st"))).run(
+        ["sh", "-c", "rm README; echo n > new"])
+    assert r.exit_code == 0, r.stderr
+    assert snapshot(w) == before
+    upper = r.cow_upper
+    assert sorted(os.listdir(upper)) == ["new"]  # the whiteout device was translated, not kept
+    with open(os.path.join(os.path.dirname(upper), "deleted.txt")) as f:
+        assert f.read() == "D README\n"
+
+
+def test_the_sandbox_sees_the_overlay_and_writes_only_there(tmp_path):
+    """Landlock: the workdir's grant covers the mounted tree; other trees stay as the policy says."""
+    w = make_tree(tmp_path / "w")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("s\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    (ro / "f").write_text("f\n")
+    os.chmod(ro / "f", 0o644)
+    script = textwrap.dedent(f"""
+        cat {w}/README && echo read-ok
+        echo z > {w}/z && echo write-ok
+        cat {outside}/secret 2>&1 || true
+        cat {ro}/f
+        chmod 600 {ro}/f 2>&1 || true
+        echo x > {ro}/g 2>&1 || true
+    """)
+    r = Sandbox(overlay_policy(w, fs_readable=[*SYSTEM_RO, str(ro)])).dry_run(["sh", "-c", script])
+    out = r.stdout.decode() + r.stderr.decode()
+    assert "read-ok" in out and "write-ok" in out
+    assert f"cat: {outside}/secret: Permission denied" in out          # Landlock: not in any rule
+    assert "f\n" in r.stdout.decode()                                     # readable tree
+    assert f"chmod: changing permissions of '{ro}/f': Read-only file system" in out  # the read-only view
+    assert stat.S_IMODE(os.stat(ro / "f").st_mode) == 0o644
+    assert not (ro / "g").exists()
+    assert [(c.kind, c.path) for c in r.changes] == [("A", "z")]
+
+
+def test_fs_writable_outside_the_workdir_stays_writable(tmp_path):
+    w = make_tree(tmp_path / "w")
+    out = tmp_path / "out"
+    out.mkdir()
+    r = Sandbox(overlay_policy(w, fs_writable=[str(out)])).dry_run(
+        ["sh", "-c", f"echo o > {out}/o && chmod 600 {out}/o"])
+    assert r.exit_code == 0, r.stderr
+    assert (out / "o").read_text() == "o\n" and stat.S_IMODE(os.stat(out / "o").st_mode) == 0o600
+    assert r.changes == []
+
+
+def test_inherited_cwd_inside_the_workdir_sees_the_overlay(tmp_path):
+    w = make_tree(tmp_path / "w")
+    pol = Policy(fs_readable=SYSTEM_RO, workdir=str(w), fs_isolation=OVERLAY)
+    old = os.getcwd()
+    os.chdir(w / "src")
+    try:
+        d = Sandbox(pol).dry_run(["sh", "-c", "echo n > here && pwd"])
+    finally:
+        os.chdir(old)
+    assert d.exit_code == 0, d.stderr
+    assert d.stdout.decode().strip() == str(w / "src")
+    assert [(c.kind, c.path) for c in d.changes] == [("A", "src/here")]
+    assert not (w / "src" / "here").exists()
+
+
+def test_mount_syscalls_refused_inside(tmp_path):
+    """Landlock and the filter forbid undoing the overlay or the read-only view, even as uid 0 inside."""
+    w = make_tree(tmp_path / "w")
+    code = textwrap.dedent(f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, args in (("umount2", ({str(w).encode()!r}, 2)), ("chroot", (b"/",)), ("unshare", (0x20000,))):
+            r = getattr(libc, name)(*args)
+            print(name, r, os.strerror(ctypes.get_errno()))
+    """)
+    r = Sandbox(overlay_policy(w, privileged=True)).dry_run(["/usr/bin/python3", "-c", code])
+    assert r.stdout.decode().splitlines() == ["umount2 -1 Operation not permitted", "chroot -1 Operation not permitted",
+                                              "unshare -1 Operation not permitted"], r.stderr
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(fs_denied=["/etc/shadow"]), "fs_denied"),
+    (dict(max_disk="1M"), "max_disk"),
+])
+def test_refused_combinations(tmp_path, kw, field):
+    with pytest.raises(PolicyError, match=field):
+        Sandbox(overlay_policy(tmp_path, **kw)).run(["true"])
+
+
+def test_policy_fn_refused(tmp_path):
+    with pytest.raises(PolicyError, match="policy_fn"):
+        Sandbox(overlay_policy(tmp_path), policy_fn=lambda event, ctx: None).run(["true"])
+
+
+def test_nested_sandbox_gets_a_clear_error_not_a_hang(tmp_path):
+    """Inside a sandbox the default blocklist refuses unshare: the inner overlay run fails at that step."""
+    inner = textwrap.dedent(f"""
+        from sandlock_core import Sandbox, Policy
+        from sandlock_core.policy import FsIsolation
+        r = Sandbox(Policy(workdir={str(tmp_path)!r}, fs_isolation=FsIsolation.OVERLAYFS)).run(["/bin/true"])
+        print(r.exit_code, r.reason.name)
+        print(r.error)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = Sandbox(Policy(env={"PYTHONPATH": root})).run([sys.executable, "-c", inner], timeout=60)
+    lines = r.stdout.decode().splitlines()
+    assert lines[0] == "127 SETUP_FAILED", r.stderr
+    assert lines[1].startswith("sandlock: namespaces: unshare(CLONE_NEWUSER|CLONE_NEWNS): Operation not permitted "
+                               "(user namespaces are refused here")
+
+
+NOBODY_CODE = textwrap.dedent("""
+    import json, os, subprocess, sys, tempfile
+    from sandlock_core import Policy, Sandbox
+    from sandlock_core.policy import BranchAction, FsIsolation
+    base = tempfile.mkdtemp()
+    w = os.path.join(base, "w")
+    os.makedirs(w + "/src/deep")
+    for rel, text in (("README", "hello\\n"), ("src/a.c", "a\\n"), ("src/deep/x", "x\\n")):
+        with open(os.path.join(w, rel), "w") as f:
+            f.write(text)
+    out = os.path.join(base, "out")
+    os.mkdir(out)
+    ro = ["/usr", "/lib", "/lib64", "/bin", "/etc"]
+    script = "sed -i s/hello/bye/ README && rm -rf src/deep && mv src/a.c b.c && echo n > new && id -u && touch " + out + "/made"
+    res = {}
+    for priv in (False, True):
+        pol = Policy(fs_readable=[p for p in ro if os.path.exists(p)], fs_writable=[out], workdir=w, cwd=w,
+                     fs_isolation=FsIsolation.OVERLAYFS, privileged=priv)
+        d = Sandbox(pol).dry_run(["sh", "-c", script])
+        res[str(priv)] = [d.exit_code, d.stdout.decode(), d.stderr.decode(), [[c.kind, c.path] for c in d.changes]]
+    pol = Policy(fs_readable=[p for p in ro if os.path.exists(p)], workdir=w, cwd=w, fs_isolation=FsIsolation.OVERLAYFS,
+                 on_exit=BranchAction.ABORT)
+    a = Sandbox(pol).run(["sh", "-c", "rm -rf src README"])
+    res["abort"] = [a.exit_code, sorted(os.listdir(w)), open(w + "/README").read()]
+    res["owner"] = os.stat(out + "/made").st_uid
+    res["me"] = os.getuid()
+    print(json.dumps(res))
+""")
+
+
+def test_as_nobody_dry_run_abort_and_privileged_mapping():
+    r = run_as_nobody(NOBODY_CODE, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    changes = [["M", "README"], ["A", "b.c"], ["A", "new"], ["D", "src/a.c"], ["D", "src/deep"], ["D", "src/deep/x"]]
+    for priv, uid in (("False", "65534"), ("True", "0")):
+        code, out, err, got = res[priv]
+        assert code == 0, err
+        assert out == uid + "\n"  # privileged: uid 0 inside
+        assert got == changes
+    assert res["abort"] == [0, ["README", "src"], "hello\n"]
+    assert res["me"] == 65534 and res["owner"] == 65534  # a file made as "root" inside belongs to the real uid
