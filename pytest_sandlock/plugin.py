@@ -37,6 +37,7 @@ class ItemState:
     missing: list = field(default_factory=list)
     denials: list = field(default_factory=list)
     clean_env: dict | None = None  # the whole environment of the confined body, when the policy sets it
+    policy_key: str = ""  # the expanded fields the policy was built from (the policy and sandbox caches' key)
 
 
 @dataclass
@@ -325,7 +326,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 
 # ---- per-test policy -----------------------------------------------------------------------------------
 
+_STATIC_KEY = pytest.StashKey[dict]()
+
+
 def _static_placeholders(config) -> dict:
+    """The placeholders that are the same for every test of the session (computed once)."""
+    hit = config.stash.get(_STATIC_KEY, None)
+    if hit is None:
+        hit = config.stash[_STATIC_KEY] = _static_placeholders_uncached(config)
+    return dict(hit)
+
+
+def _static_placeholders_uncached(config) -> dict:
     cache_dir = None
     cache = getattr(config, "cache", None)
     if cache is not None:
@@ -442,15 +454,28 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
         fields["fs_writable"] = P.merge_paths(fields.get("fs_writable"), writable)
     if s.best_effort:
         fields.setdefault("best_effort", True)
-    try:
-        policy = Policy.from_dict(fields, source=where)
-    except PolicyError as exc:
-        raise P.MarkerError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise P.MarkerError(f"{where}: {exc}") from None
-    state = ItemState(policy=policy, seed=seed, env=env, clean_env=_child_environ(policy))
+    key = repr(sorted(fields.items()))
+    cache = config.stash.setdefault(_POLICIES_KEY, {})
+    hit = cache.get(key)
+    if hit is None:
+        try:
+            policy = Policy.from_dict(fields, source=where)
+        except PolicyError as exc:
+            raise P.MarkerError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise P.MarkerError(f"{where}: {exc}") from None
+        if len(cache) >= _MAX_CACHED_POLICIES:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = (policy, _child_environ(policy))
+    state = ItemState(policy=hit[0], seed=seed, env=env, clean_env=hit[1], policy_key=key)
     item.stash[_STATE_KEY] = state
     return state
+
+
+# Tests with the same expanded fields share one Policy (validation and the environment computed once) and,
+# through policy_key, one Sandbox (_cached_sandbox: the plan compiled once).
+_POLICIES_KEY = pytest.StashKey[dict]()
+_MAX_CACHED_POLICIES = 256
 
 
 def _child_environ(policy) -> dict | None:
@@ -505,7 +530,7 @@ _MAX_CACHED = 16
 def _cached_sandbox(item, s: P.Session, state: ItemState):
     """Sandboxes are reusable (the plan is compiled once): tests with the same effective policy share one."""
     cache = item.config.stash.setdefault(_SANDBOXES_KEY, {})
-    key = (repr(state.policy), s.record_denials, id(item.stash.get(_PFN_KEY, None)))
+    key = (state.policy_key or repr(state.policy), s.record_denials, id(item.stash.get(_PFN_KEY, None)))
     sb = cache.get(key)
     if sb is None:
         lrn = item.config.stash.get(_LEARN_KEY, None)
