@@ -489,3 +489,105 @@ def test_import_is_cheap():
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})
     assert out.returncode == 0, out.stderr
     assert "difflib" not in out.stdout and "tomllib" not in out.stdout
+
+
+# ---------------------------------------------------------------- hand scanners vs the regular expressions
+# policy_spec parses by hand (``re`` costs CLI start-up); these are the expressions it replaced, as oracles.
+# One deliberate difference: ``$`` let a trailing newline through ('host\n'); fullmatch does not.
+
+import re  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from sandlock_core import policy_spec  # noqa: E402
+
+_ORACLE_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([kmgt])(?:i?b)?|b)?\s*$", re.IGNORECASE | re.ASCII)
+_ORACLE_UINT = re.compile(r"^\s*(\d+)\s*$", re.ASCII)
+_ORACLE_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$", re.ASCII)
+_ORACLE_HOST = re.compile(r"[A-Za-z0-9.:_\-\[\]%]+", re.ASCII)
+_ORACLE_HOSTNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.\-]{0,63}", re.ASCII)
+_ORACLE_SYSCALL = re.compile(r"[a-z0-9_]+", re.ASCII)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+scanner_text = st.text(alphabet=st.sampled_from("0123456789 .-,kKmMgGtTbBiI\t\n\x0b\u00a0\u0663\u2009_xZ:%[]a"),
+                       max_size=12)
+
+
+def _oracle_size(s):
+    m = _ORACLE_SIZE.match(s)
+    if not m:
+        return None
+    number, unit = m.group(1), _UNITS[(m.group(2) or "").lower()]
+    return int(number) * unit if "." not in number else int(float(number) * unit)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(s=scanner_text)
+def test_scanners_match_the_regular_expressions(s):
+    try:
+        size = parse_size(s)
+    except PolicyError:
+        size = None
+    assert size == _oracle_size(s)
+    assert policy_spec._uint(s) == bool(_ORACLE_UINT.match(s))
+    m = _ORACLE_RANGE.match(s)
+    assert policy_spec._range(s) == (None if not m else (int(m.group(1)), m.group(2) and int(m.group(2))))
+    assert policy_spec._made_of(s, policy_spec._HOST_CHARS) == bool(_ORACLE_HOST.fullmatch(s))
+    assert policy_spec._hostname_ok(s) == bool(_ORACLE_HOSTNAME.fullmatch(s))
+    assert policy_spec._made_of(s, policy_spec._SYSCALL_CHARS) == bool(_ORACLE_SYSCALL.fullmatch(s))
+
+
+@pytest.mark.parametrize("name, value", [("hostname", "box\n"), ("net_allow_hosts", ["example.com\n"]),
+                                         ("deny_syscalls", ["mount\n"])])
+def test_a_trailing_newline_is_not_a_name(name, value):
+    with pytest.raises(PolicyError, match=f"^{name}: "):
+        Policy(**{name: value})
+
+
+# ---------------------------------------------------------------- LeanPolicy (what `sandlock run` builds)
+
+from sandlock_core.policy_spec import LeanPolicy  # noqa: E402
+
+
+def test_policy_fields_come_from_the_table():
+    assert Policy.field_names() == policy_spec.FIELD_NAMES
+    for f in dataclasses.fields(Policy):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert default == policy_spec.defaults()[f.name]
+
+
+LEAN_CASES = [
+    {},
+    {"fs_readable": ["/usr", "/usr/", "/lib"], "fs_writable": "/tmp", "net_bind": "8000-8002,80", "max_memory": "1.5G",
+     "cpu_cores": "0,2-3", "env": {"A": "1"}, "fs_isolation": "OverlayFS", "on_exit": "keep", "max_open_files": "64",
+     "time_start": "2000-01-01T00:00:00.5Z", "random_seed": 7, "hostname": "h", "deny_syscalls": ["mount"]},
+    {"time_start": 12.5, "time_freeze": True, "net_allow_hosts": "example.com", "max_disk": 10},
+]
+
+
+@pytest.mark.parametrize("values", LEAN_CASES)
+def test_lean_policy_has_the_same_values(values):
+    lean, full = LeanPolicy.from_dict(values), Policy.from_dict(values)
+    for name in policy_spec.FIELD_NAMES:
+        assert getattr(lean, name) == getattr(full, name), name
+        assert type(getattr(lean, name)) is type(getattr(full, name)), name
+    assert lean.to_policy() == full
+    with pytest.raises(AttributeError, match="cannot assign to field 'no_udp'"):
+        lean.no_udp = True
+    with pytest.raises(AttributeError):
+        del lean.no_udp
+    with pytest.raises(TypeError):
+        lean.env["B"] = "2"
+
+
+@pytest.mark.parametrize("values, source", [
+    ({"max_memory": "12Q"}, None), ({"fs_readabel": ["/usr"]}, None), ({"max_memmory": "1G"}, "/p/x.toml"),
+    ({"net_bind": 70000, "max_cpu": 0}, None), ({"deny_syscalls": ["mount"], "allow_syscalls": ["read"]}, None),
+    ({"time_freeze": True}, "src"), ({1: 2}, None), (["fs_readable"], "/p"), ({"hostname": "bad host"}, None),
+])
+def test_lean_policy_raises_the_same_errors(values, source):
+    with pytest.raises(PolicyError) as full:
+        Policy.from_dict(values, source=source)
+    with pytest.raises(PolicyError) as lean:
+        LeanPolicy.from_dict(values, source=source)
+    assert str(lean.value) == str(full.value)
