@@ -37,8 +37,8 @@ class Overlay:
     def __init__(self, policy):
         self.policy = policy
         self.workdir = os.path.realpath(policy.workdir)
-        self._local = threading.local()   # the branch of the run this thread spawned
-        self._pending: list = []          # the same, for a run finished by another thread (popen)
+        self._local = threading.local()   # .queue: branches of the runs this thread spawned, oldest first
+        self._pending: list = []          # every unfinished run's branch, oldest first
         self._lock = threading.Lock()
 
     def prepare_run(self) -> tuple[str, str]:
@@ -54,18 +54,26 @@ class Overlay:
                 b.discard()
                 raise PolicyError(f"{field}: {path!r} contains one of , : \\ which an overlay mount option "
                                   f"cannot hold")
-        self._local.branch = b
+        q = getattr(self._local, "queue", None)
+        if q is None:
+            q = self._local.queue = []
+        q.append(b)
         with self._lock:
             self._pending.append(b)
         return self.workdir, f"lowerdir={self.workdir},upperdir={b.upper},workdir={work},userxattr"
 
     def take_branch(self):
-        b = getattr(self._local, "branch", None)
-        self._local.branch = None
+        """The oldest unfinished run this thread spawned (runs and pipeline stages conclude in spawn order),
+        else the oldest of any thread (a popen finished elsewhere)."""
+        q = getattr(self._local, "queue", None)
         with self._lock:
-            if b is None and self._pending:
-                b = self._pending[0]
-            if b is not None and b in self._pending:
+            while q:
+                b = q.pop(0)
+                if b in self._pending:  # not already taken by another thread's fallback
+                    break
+            else:
+                b = self._pending[0] if self._pending else None
+            if b is not None:
                 self._pending.remove(b)
         return b
 
