@@ -64,6 +64,19 @@ long sl_spawn(const struct sl_cfg *cfg);
 long sl_fork_with_reaper(const struct sl_cfg *cfg);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
+/* deterministic execution (native.h): getrandom answered in C */
+#define SL_DET_SLOTS 256
+#define SL_DET_BUF 4096
+#define SL_DET_MAP 4096
+struct sl_det_slot { uint32_t len, pos; unsigned char buf[SL_DET_BUF]; };
+struct sl_det_entry { uint32_t tid; int32_t slot; };
+struct sl_det_fast { int nr; uint32_t arch; uint64_t served; uint32_t used;
+                     struct sl_det_entry map[SL_DET_MAP]; struct sl_det_slot slots[SL_DET_SLOTS]; };
+long sl_det_map_put(struct sl_det_fast *f, uint32_t tid, int32_t slot);
+long sl_det_map_del(struct sl_det_fast *f, uint32_t tid);
+void sl_det_map_clear(struct sl_det_fast *f);
+long sl_det_answer(int listener, const struct seccomp_notif *n, const void *data, size_t count);
+long sl_det_wait_recv(int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n, struct sl_det_fast *f);
 """
 
 ffibuilder = FFI()

@@ -76,6 +76,8 @@ REALTIME_CLOCKS = (0, 5, 8)  # CLOCK_REALTIME, CLOCK_REALTIME_COARSE, CLOCK_REAL
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 GETRANDOM_MAX = 1 << 20
+GRND_FLAGS = 0x7  # GRND_NONBLOCK | GRND_RANDOM | GRND_INSECURE
+GRND_RANDOM_INSECURE = 0x6  # the kernel refuses the two together (EINVAL)
 NS = 10**9
 
 
@@ -153,16 +155,21 @@ class Clock:
 # ---------------------------------------------------------------- seeded streams
 class Stream:
     """Block i = SHAKE256(seed as 8 bytes LE + lineage + NUL + purpose + NUL + i as 8 bytes LE), 4096 bytes;
-    the stream is blocks 0, 1, 2, ... concatenated."""
+    the stream is blocks 0, 1, 2, ... concatenated.
+
+    A stream may own a slot of the C fast path (``FastPath``): the slot then holds the stream's next bytes,
+    which the supervisor hands out without Python; ``read`` takes what is left there first, so the bytes a
+    process sees are the same whichever side serves them."""
 
     BLOCK = 4096
-    __slots__ = ("_prefix", "_counter", "_buf", "_pos")
+    __slots__ = ("_prefix", "_counter", "_buf", "_pos", "slot")
 
     def __init__(self, seed: int, lineage: str, purpose: str):
         self._prefix = seed.to_bytes(8, "little") + lineage.encode() + b"\0" + purpose.encode() + b"\0"
         self._counter = 0
         self._buf = b""
         self._pos = 0
+        self.slot = None  # a ``struct sl_det_slot`` cdata while the C fast path serves this stream
 
     def _block(self) -> bytes:
         c = self._counter
@@ -170,6 +177,36 @@ class Stream:
         return hashlib.shake_256(self._prefix + c.to_bytes(8, "little")).digest(self.BLOCK)
 
     def read(self, n: int) -> bytes:
+        slot = self.slot
+        if slot is None:
+            return self._read(n)
+        from ._native import ffi
+        take = min(n, slot.len - slot.pos)
+        head = ffi.buffer(slot.buf)[slot.pos:slot.pos + take]
+        slot.pos += take
+        data = head + self._read(n - take) if take < n else head
+        if slot.pos >= slot.len:
+            self.refill()
+        return data
+
+    def refill(self) -> None:
+        """Put the stream's next bytes in its (empty) slot."""
+        from ._native import ffi
+        slot = self.slot
+        chunk = self._read(len(slot.buf))
+        ffi.memmove(slot.buf, chunk, len(chunk))
+        slot.pos, slot.len = 0, len(chunk)
+
+    def detach(self) -> None:
+        """Leave the slot: its unread bytes go back in front of the stream."""
+        from ._native import ffi
+        slot = self.slot
+        rest = ffi.buffer(slot.buf)[slot.pos:slot.len]
+        self._buf, self._pos = rest + self._buf[self._pos:], 0
+        slot.pos = slot.len = 0
+        self.slot = None
+
+    def _read(self, n: int) -> bytes:
         pos, buf = self._pos, self._buf
         if pos + n <= len(buf):
             self._pos = pos + n
@@ -185,6 +222,63 @@ class Stream:
         if len(data) > 2 * self.BLOCK:  # keep only the unread tail
             self._buf, self._pos = data[n:], 0
         return data[:n]
+
+
+class FastPath:
+    """The C side of getrandom (native.c, ``sl_det_wait_recv``): slots holding streams' next bytes, and a map
+    from thread id to slot. Only the supervisor thread touches it (handlers run there, between receives), so
+    it needs no lock. Slots are reused round robin; a stream that loses its slot takes its bytes back."""
+
+    def __init__(self, nr: int, audit_arch: int):
+        from ._native import ffi, lib
+        self.lib = lib
+        self.ctx = ffi.new("struct sl_det_fast *")  # kept alive by the supervisor loop that uses it
+        self.ctx.nr, self.ctx.arch = nr, audit_arch
+        self.owners: list[Stream | None] = [None] * lib.SL_DET_SLOTS
+        self.tids: list[list[int]] = [[] for _ in range(lib.SL_DET_SLOTS)]
+        self.tid_slot: dict[int, int] = {}
+        self.slot_of: dict[int, int] = {}  # id(stream) -> its slot
+        self.next = 0
+
+    def bind(self, tid: int, stream: Stream) -> None:
+        """Serve ``tid``'s getrandom from ``stream`` in C from now on (idempotent)."""
+        if stream.slot is None:
+            self._give_slot(stream)
+        k = self.slot_of[id(stream)]
+        if self.tid_slot.get(tid) == k:
+            return
+        if self.lib.sl_det_map_put(self.ctx, tid, k) == -errno.ENOSPC:
+            self._rebuild()
+            if self.lib.sl_det_map_put(self.ctx, tid, k) != 0:
+                return  # more threads than the map holds: this one stays on the Python path
+        old = self.tid_slot.get(tid)
+        if old is not None:
+            self.tids[old].remove(tid)
+        self.tid_slot[tid] = k
+        self.tids[k].append(tid)
+
+    def _give_slot(self, stream: Stream) -> None:
+        k = self.next
+        self.next = (k + 1) % len(self.owners)
+        old = self.owners[k]
+        if old is not None:
+            old.detach()
+            del self.slot_of[id(old)]
+            for tid in self.tids[k]:
+                self.lib.sl_det_map_del(self.ctx, tid)
+                del self.tid_slot[tid]
+            self.tids[k].clear()
+        self.owners[k] = stream
+        self.slot_of[id(stream)] = k
+        stream.slot = self.ctx.slots[k]
+        stream.refill()
+
+    def _rebuild(self) -> None:
+        """Drop the map's tombstones (the map is rebuilt from the live bindings)."""
+        self.lib.sl_det_map_clear(self.ctx)
+        for k, tids in enumerate(self.tids):
+            for tid in tids:
+                self.lib.sl_det_map_put(self.ctx, tid, k)
 
 
 class Lineage:
@@ -325,6 +419,7 @@ class Deterministic:
         self.feeder: Feeder | None = None
         self.listings: dict[tuple[int, int], tuple[tuple[int, int], list[bytes]]] = {}
         self.lock = threading.Lock()
+        self.fast: FastPath | None = None
 
     # ---- per run ----
     def setup(self, sup) -> None:
@@ -333,8 +428,21 @@ class Deterministic:
         if self.clock is not None:
             self.clock.begin()
         sup.on_close(self.close)
+        self.fast = self._fast_path(sup)
         if sup.root_pid:
             self._patch(sup, sup.root_pid)  # the confined test body never execs: patch it now
+
+    def _fast_path(self, sup) -> FastPath | None:
+        """getrandom answered in C by the supervisor's receive loop, unless another handler also decides on it."""
+        if self.seed is None:
+            return None
+        nr = syscalls.number("getrandom", self.arch)
+        if nr is None or sup.handlers.get(nr) != (self.h_getrandom,):
+            return None
+        from ._native import lib
+        fast = FastPath(nr, syscalls.AUDIT_ARCH[self.arch])
+        sup.recv_fast = (lib.sl_det_wait_recv, fast.ctx)
+        return fast
 
     def close(self) -> None:
         if self.feeder is not None:
@@ -664,18 +772,23 @@ class Deterministic:
         self.by_tid[(pid, purpose)] = s
         return s
 
-    def h_getrandom(self, sup, n):  # hot: os.urandom, uuid4, hash seeds
+    def h_getrandom(self, sup, n):
+        """The Python path: a thread's first getrandom, a slot running dry, odd sizes or flags. Later calls of
+        a bound thread are answered in C (``FastPath``), from the same stream."""
         a = n.data.args
-        count = a[1]
-        if count > GETRANDOM_MAX:
-            count = GETRANDOM_MAX
+        count, flags = a[1], a[2]
+        if flags & ~GRND_FLAGS or flags & GRND_RANDOM_INSECURE == GRND_RANDOM_INSECURE:
+            return Errno(errno.EINVAL)
+        count = min(count, GETRANDOM_MAX)
         if count == 0:
             return Value(0)
         pid = n.pid
         s = self.by_tid.get((pid, "getrandom")) or self._stream(pid, "getrandom")
-        if _vm_writev(pid, s.read(count), count, a[0]) != count:
-            return Errno(errno.EFAULT)
-        return Value(count)
+        if self.fast is not None:
+            self.fast.bind(pid, s)
+        from ._native import lib
+        lib.sl_det_answer(sup.listener, n, s.read(count), count)
+        return DEFERRED  # answered (or stale) already
 
     # ---- opens of virtual files ----
     _TAILS = (b"random", b"hostname", b"uuid")

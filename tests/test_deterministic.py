@@ -284,3 +284,146 @@ def test_reproducible_build_example():
     r = subprocess.run([sys.executable, here], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "reproducible in the sandbox, not without it" in r.stdout
+
+
+# ---- getrandom: the documented stream, answered in C or in Python --------------------------------------------
+
+def documented_stream(seed: int, lineage: str, purpose: str, n: int) -> bytes:
+    """The stream as the module docstring defines it (written out here, independent of the implementation)."""
+    import hashlib
+    out, i = b"", 0
+    while len(out) < n:
+        msg = seed.to_bytes(8, "little") + lineage.encode() + b"\0" + purpose.encode() + b"\0" + i.to_bytes(8, "little")
+        out += hashlib.shake_256(msg).digest(4096)
+        i += 1
+    return out[:n]
+
+
+RND_C = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static void show(long r, const unsigned char *b) {
+    if (r < 0) { printf("err %d\n", errno); return; }
+    printf("%ld ", r);
+    for (long i = 0; i < r; i++) printf("%02x", b[i]);
+    printf("\n");
+}
+static void *in_thread(void *arg) { long n = (long)arg; unsigned char b[64]; show(syscall(SYS_getrandom, b, n, 0), b); return 0; }
+int main(int argc, char **argv) {
+    static unsigned char buf[1 << 17];
+    void *volatile first = malloc(1); free(first);  /* glibc's malloc takes 8 bytes of getrandom for its tcache key: let it take them first */
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        if (a[0] == 't') {              /* t<n>: n bytes from another thread of this process */
+            pthread_t t; pthread_create(&t, 0, in_thread, (void *)atol(a + 1)); pthread_join(t, 0);
+        } else if (a[0] == 'f') {       /* f<flags>: 16 bytes with these flags */
+            show(syscall(SYS_getrandom, buf, 16, strtoul(a + 1, 0, 0)), buf);
+        } else if (!strcmp(a, "null")) {
+            show(syscall(SYS_getrandom, NULL, 16, 0), buf);
+        } else if (!strcmp(a, "readonly")) {
+            unsigned char *p = mmap(0, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            long r = syscall(SYS_getrandom, p, 16, 0);
+            printf("readonly %ld %d %d\n", r, r < 0 ? errno : 0, p[0]);
+        } else if (!strcmp(a, "edge")) {  /* 16 bytes asked, the last 8 on an unmapped page */
+            unsigned char *p = mmap(0, 8192, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+            munmap(p + 4096, 4096);
+            show(syscall(SYS_getrandom, p + 4088, 16, 0), p + 4088);
+        } else if (a[0] == 'x') {       /* x<k>*<n>: k calls of n bytes, printed as one run */
+            long k = atol(a + 1), n = atol(strchr(a, '*') + 1), total = 0;
+            static unsigned char all[1 << 20];
+            for (long j = 0; j < k; j++) { long r = syscall(SYS_getrandom, all + total, n, 0); if (r != n) return 3; total += r; }
+            show(total, all);
+        } else {
+            long n = atol(a);
+            show(syscall(SYS_getrandom, buf, n, 0), buf);
+        }
+    }
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def rndprog():
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is missing")
+    import tempfile
+    d = tempfile.mkdtemp()
+    os.chmod(d, 0o755)
+    src, exe = os.path.join(d, "rnd.c"), os.path.join(d, "rnd")
+    with open(src, "w") as f:
+        f.write(RND_C)
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", exe, src], check=True)
+    os.chmod(exe, 0o755)
+    return exe
+
+
+def rnd_run(exe, *args, seed=11):
+    sb = Sandbox(Policy(fs_readable=["/usr", "/lib", "/lib64", os.path.dirname(exe)], random_seed=seed))
+    r = sb.run([exe, *args], timeout=60)
+    assert r.exit_code == 0, r
+    return r.stdout.decode().splitlines()
+
+
+def test_getrandom_bytes_are_the_documented_stream_in_every_size_and_thread(rndprog):
+    # 300 x 16 bytes crosses several refills of the C slot; 5000 and 70000-byte reads go past a whole slot;
+    # t16 comes from a second thread (same process, same stream); odd sizes in between
+    args = ["x300*16", "1", "5000", "t16", "4095", "x7*3", "t40", "70000", "16"]
+    out = rnd_run(rndprog, *args)
+    assert [int(line.split()[0]) for line in out] == [4800, 1, 5000, 16, 4095, 21, 40, 70000, 16]
+    got = b"".join(bytes.fromhex(line.split()[1]) for line in out)
+    assert got == documented_stream(11, "r", "getrandom", 8 + len(got))[8:]  # after malloc's 8 bytes
+
+
+def test_getrandom_errors_match_the_kernel(rndprog):
+    args = ["f0x100", "f6", "f1", "null", "readonly", "edge", "0"]
+    bare = subprocess.run([rndprog, *args], capture_output=True, text=True, check=True).stdout.splitlines()
+    boxed = rnd_run(rndprog, *args)
+    shape = [line if line.startswith(("err", "readonly")) else line.split()[0] for line in boxed]
+    assert shape == ["err 22", "err 22", "16", "err 14", "readonly -1 14 0", "8", "0"]  # EINVAL, EFAULT, short
+    assert shape == [line if line.startswith(("err", "readonly")) else line.split()[0] for line in bare]
+
+
+def test_getrandom_stream_as_an_unprivileged_supervisor(rndprog):
+    from support import run_as_nobody
+    code = textwrap.dedent(f"""
+        from sandlock_core import Policy, Sandbox
+        r = Sandbox(Policy(fs_readable=["/usr", "/lib", "/lib64", {os.path.dirname(rndprog)!r}], random_seed=11)).run(
+            [{rndprog!r}, "x300*16", "t16", "5000"], timeout=60)
+        print(r.exit_code)
+        print(r.stdout.decode(), end="")
+    """)
+    r = run_as_nobody(code)
+    assert r.returncode == 0, r.stderr
+    status, *lines = r.stdout.splitlines()
+    assert status == "0" and [line.split()[0] for line in lines] == ["4800", "16", "5000"], r.stdout[:200]
+    got = b"".join(bytes.fromhex(line.split()[1]) for line in lines)
+    assert got == documented_stream(11, "r", "getrandom", 8 + len(got))[8:]
+
+
+def test_fast_path_slots_are_reused_without_losing_bytes():
+    """More processes than C slots: a stream that loses its slot gets its unread bytes back, in order."""
+    from sandlock_core.deterministic import FastPath, Stream
+    fast = FastPath(syscalls.number("getrandom"), syscalls.AUDIT_ARCH[syscalls.native_arch()])
+    nslots = len(fast.owners)
+    streams = [Stream(3, f"r.{i}", "getrandom") for i in range(nslots + 40)]
+    got = [b""] * len(streams)
+    for rnd in range(3):
+        for i, s in enumerate(streams):
+            fast.bind(1000 + i, s)
+            fast.bind(100000 + i, s)  # a second thread of the same process
+            got[i] += s.read(5 + rnd * 1000)
+    for i, s in enumerate(streams):
+        assert got[i] == documented_stream(3, f"r.{i}", "getrandom", len(got[i])), i
+    live = {(e.tid, e.slot) for e in fast.ctx.map if e.tid not in (0, 0xFFFFFFFF)}
+    want = {(tid, k) for k, tids in enumerate(fast.tids) for tid in tids}
+    assert live == want and len(want) == 2 * nslots  # only the slot owners' threads are mapped
+    for k, owner in enumerate(fast.owners):
+        assert owner.slot is not None and fast.slot_of[id(owner)] == k

@@ -802,3 +802,102 @@ long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pi
     munmap(shm, len);
     return n;
 }
+
+/* ==== deterministic execution (deterministic.py): getrandom answered in C ====================================
+ *
+ * With random_seed every getrandom(2) is notified. Python owns the seeded streams; for each process it keeps
+ * the next bytes of its stream in a slot of `struct sl_det_fast` and maps the process's thread ids to that
+ * slot. sl_det_wait_recv receives like sl_notif_wait_recv, but answers a getrandom itself when the caller's
+ * slot holds enough bytes: check the notification is still valid (so the pid is still the caller's), write the
+ * bytes into the caller's buffer, SEND the count. Anything else (another syscall, an unknown thread, too few
+ * bytes left, odd flags) goes back to Python, which refills. Never CONTINUE: a getrandom the kernel ran would
+ * return real random bytes.
+ */
+static unsigned det_hash(uint32_t tid) { return (tid * 2654435761u) & (SL_DET_MAP - 1); }
+
+long sl_det_map_put(struct sl_det_fast *f, uint32_t tid, int32_t slot)
+{
+    if (tid == 0 || tid == SL_DET_TOMB || slot < 0 || slot >= SL_DET_SLOTS) return -EINVAL;
+    unsigned h = det_hash(tid), spare = SL_DET_MAP;
+    for (unsigned i = 0; i < SL_DET_MAP; i++, h = (h + 1) & (SL_DET_MAP - 1)) {
+        uint32_t t = f->map[h].tid;
+        if (t == tid) { f->map[h].slot = slot; return 0; }
+        if (t == SL_DET_TOMB && spare == SL_DET_MAP) spare = h;
+        if (t == 0) {
+            if (spare == SL_DET_MAP) {
+                if (f->used >= SL_DET_MAP / 2) return -ENOSPC;  /* keep probes short: Python rebuilds */
+                f->used++;
+                spare = h;
+            }
+            f->map[spare].tid = tid;
+            f->map[spare].slot = slot;
+            return 0;
+        }
+    }
+    return -ENOSPC;
+}
+
+static int det_find(const struct sl_det_fast *f, uint32_t tid)
+{
+    unsigned h = det_hash(tid);
+    for (unsigned i = 0; i < SL_DET_MAP; i++, h = (h + 1) & (SL_DET_MAP - 1)) {
+        uint32_t t = f->map[h].tid;
+        if (t == tid) return (int)h;
+        if (t == 0) return -1;
+    }
+    return -1;
+}
+
+long sl_det_map_del(struct sl_det_fast *f, uint32_t tid)
+{
+    int h = det_find(f, tid);
+    if (h < 0) return -ENOENT;
+    f->map[h].tid = SL_DET_TOMB;  /* a tombstone keeps later probes going; `used` still counts it */
+    f->map[h].slot = -1;
+    return 0;
+}
+
+void sl_det_map_clear(struct sl_det_fast *f)
+{
+    memset(f->map, 0, sizeof f->map);
+    f->used = 0;
+}
+
+/* Write `count` bytes into the caller's buffer and answer: the count, the bytes written when the buffer ends
+ * early (as the kernel does), EFAULT when nothing could be written. A stale notification is left alone. */
+long sl_det_answer(int listener, const struct seccomp_notif *n, const void *data, size_t count)
+{
+    uint64_t id = n->id;
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) != 0) return -errno;
+    struct iovec l = { (void *)data, count }, r = { (void *)(uintptr_t)n->data.args[0], count };
+    long w = process_vm_writev((pid_t)n->pid, &l, 1, &r, 1, 0);
+    if (w > 0) return sl_notif_send(listener, n->id, w, 0, 0);
+    return sl_notif_send(listener, n->id, 0, -EFAULT, 0);
+}
+
+/* The slot that can answer this notification now (a getrandom of a known thread, enough bytes), or NULL. */
+static struct sl_det_slot *det_slot_for(struct sl_det_fast *f, const struct seccomp_notif *n)
+{
+    if (n->data.nr != f->nr || n->data.arch != f->arch) return NULL;
+    uint64_t count = n->data.args[1], flags = n->data.args[2];
+    if (flags & ~(uint64_t)SL_DET_GRND_FLAGS || (flags & 6) == 6 || count == 0) return NULL;  /* Python: EINVAL, 0 */
+    int h = det_find(f, n->pid);
+    if (h < 0) return NULL;
+    struct sl_det_slot *s = &f->slots[f->map[h].slot];
+    if (s->pos > s->len || count > s->len - s->pos) return NULL;
+    return s;
+}
+
+long sl_det_wait_recv(int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n, struct sl_det_fast *f)
+{
+    for (;;) {
+        long r = sl_notif_wait_recv(listener, wake_fd, timeout_ms, n);
+        if (r != 1) return r;
+        struct sl_det_slot *s = det_slot_for(f, n);
+        if (s == NULL) return 1;
+        const unsigned char *p = s->buf + s->pos;
+        s->pos += (uint32_t)n->data.args[1];
+        sl_det_answer(listener, n, p, (size_t)n->data.args[1]);
+        f->served++;
+    }
+}
