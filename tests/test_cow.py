@@ -323,3 +323,20 @@ def test_path_tricks_unprivileged():
     r = run_as_nobody(NOBODY_TRICKS, TRICKS)
     assert r.returncode == 0, r.stderr + r.stdout
     _check_tricks(r.stdout)
+
+
+def test_merged_view_through_copied_up_directories_and_lower_symlinks(tmp_path):
+    """Copied-up directories are walked by the kernel as the lower ones (fast path); a lower symlink into a
+    directory with upper entries, ``..`` out of it, and stat/ls/cat of new, changed and deleted names must still
+    show the merged view, as in a bare run."""
+    def tree(root):
+        make_tree(root)
+        os.symlink("src/deep", root / "dl")
+        return root
+    compare_run(tmp_path, textwrap.dedent("""
+        set -e
+        echo new > src/deep/new.txt; echo changed >> src/deep/x.txt; rm src/deep/er/y.txt
+        cat dl/new.txt dl/x.txt; test ! -e dl/er/y.txt; ls dl dl/er; stat -c %s dl/x.txt src/deep/x.txt
+        cat dl/../a.c; cat src/deep/../../README; test -d dl/er && test -f src/a.c
+        ls -la src | wc -l; cd dl && cat new.txt && cd er && ls && cd ../.. && pwd
+    """), tree=tree)

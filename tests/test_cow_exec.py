@@ -1,0 +1,115 @@
+"""Copy-on-write: programs that exist only in the upper, run through short relative paths, symlinks and a
+venv (``python -m venv`` + ``pip install`` of a local wheel), checked against bare runs and the host tree."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+import subprocess
+import zipfile
+
+import pytest
+
+from sandlock_core import Policy, Sandbox
+
+from test_cow import ENV, PY, snapshot
+
+RELATIVE = ("cp /bin/echo sub/prog && cd sub && ./prog a b && cd .. && sub/prog c && ./sub/prog d "
+            "&& ln -s sub/prog lnk && ./lnk e && printf '#!/bin/sh\\necho script $1\\n' > s && chmod +x s "
+            "&& ./s f && cd sub && ../s g")
+
+
+def test_upper_binaries_run_through_short_relative_paths(tmp_path):
+    outs = []
+    for mode in ("bare", "cow"):
+        wd = tmp_path / mode
+        (wd / "sub").mkdir(parents=True)
+        if mode == "bare":
+            r = subprocess.run(["sh", "-c", RELATIVE], cwd=wd, capture_output=True)
+            outs.append((r.returncode, r.stdout))
+            bare_tree = snapshot(wd)
+        else:
+            before = snapshot(wd)
+            r = Sandbox(Policy(workdir=str(wd), cwd=str(wd))).dry_run(["sh", "-c", RELATIVE])
+            outs.append((r.exit_code, r.stdout))
+            assert snapshot(wd) == before
+            assert sorted(c.path for c in r.changes) == sorted(set(bare_tree) - set(before))
+    assert outs[0] == outs[1] == (0, b"a b\nc\nd\ne\nscript f\nscript g\n"), outs
+
+
+def test_argv0_is_kept_when_a_shell_execs_an_upper_binary(tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    script = f"cp {PY} ./py && ./py -c 'import sys; print(sys.argv[0], sys.orig_argv[0])'"
+    r = Sandbox(Policy(workdir=str(wd), cwd=str(wd))).dry_run(["sh", "-c", script])
+    assert r.exit_code == 0, r.stderr
+    assert r.stdout == b"-c ./py\n"
+
+
+def _wheel(path):
+    files = {"tinypkg/__init__.py": b"VALUE = 42\n",
+             "tinypkg-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: tinypkg\nVersion: 1.0\n",
+             "tinypkg-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                            b"Tag: py3-none-any\n"}
+    record = [f"{n},sha256={base64.urlsafe_b64encode(hashlib.sha256(d).digest()).rstrip(b'=').decode()},{len(d)}"
+              for n, d in files.items()]
+    files["tinypkg-1.0.dist-info/RECORD"] = ("\n".join(record + ["tinypkg-1.0.dist-info/RECORD,,"]) + "\n").encode()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, d in files.items():
+            z.writestr(n, d)
+    return path
+
+
+def _venv_works(py) -> bool:
+    r = subprocess.run([py, "-c", "import venv, ensurepip"], capture_output=True)
+    return r.returncode == 0
+
+
+@pytest.mark.skipif(not _venv_works(PY), reason="python3 without venv/ensurepip")
+def test_venv_and_pip_install_of_a_local_wheel(tmp_path):
+    whl = _wheel(tmp_path / "tinypkg-1.0-py3-none-any.whl")
+    script = (f"{PY} -m venv v && v/bin/python -m pip install -q --no-index {whl} "
+              "&& v/bin/python -c 'import sys, tinypkg; print(sys.prefix == sys.base_prefix, tinypkg.VALUE)'")
+    bare, cow, dry = tmp_path / "bare", tmp_path / "cow", tmp_path / "dry"
+    for d in (bare, cow, dry):
+        d.mkdir()
+        (d / "keep.txt").write_text("host file\n")
+    env = {**os.environ, **ENV}
+    env.pop("VIRTUAL_ENV", None)
+    b = subprocess.run(["sh", "-c", script], cwd=bare, env=env, capture_output=True)
+    assert b.returncode == 0 and b.stdout == b"False 42\n", b.stderr
+    before = snapshot(dry)
+    d = Sandbox(Policy(workdir=str(dry), cwd=str(dry), env=ENV)).dry_run(["sh", "-c", script], timeout=300)
+    assert d.exit_code == 0 and d.stdout == b"False 42\n", d.stderr
+    assert snapshot(dry) == before, "the dry run left the host tree as it was"
+    r = Sandbox(Policy(workdir=str(cow), cwd=str(cow), env=ENV)).run(["sh", "-c", script], timeout=300)
+    assert r.exit_code == 0 and r.stdout == b"False 42\n", r.stderr
+    # byte-compiled caches and pip's RECORD hold paths and timestamps of each tree: compare everything else
+    def comparable(root):
+        return {p: v for p, v in snapshot(root).items()
+                if "__pycache__" not in p and not p.endswith(("RECORD", "pyvenv.cfg")) and "/bin/" not in p}
+    assert comparable(cow) == {k.replace(str(bare), str(cow)): v for k, v in comparable(bare).items()}
+    assert (cow / "v" / "bin" / "python").is_symlink()
+    assert {c.path for c in d.changes} >= {"v/pyvenv.cfg", "v/bin/python", "v/lib/python3.11/site-packages/tinypkg"
+                                           "/__init__.py".replace("python3.11", _pyver())}
+    # the committed venv works on the host, outside any sandbox
+    out = subprocess.run([str(cow / "v" / "bin" / "python"), "-c", "import tinypkg; print(tinypkg.VALUE)"],
+                         capture_output=True)
+    assert out.stdout == b"42\n"
+
+
+def _pyver() -> str:
+    out = subprocess.run([PY, "-c", "import sys; print(f'python{sys.version_info[0]}.{sys.version_info[1]}')"],
+                         capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def test_script_whose_interpreter_exists_only_in_the_upper_fails_like_the_kernel_and_says_why(tmp_path):
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    script = (f"ln -s {shutil.which('sh')} {wd}/mysh && printf '#!{wd}/mysh\\necho hi\\n' > {wd}/s "
+              f"&& chmod +x {wd}/s && {wd}/s; echo rc=$? && {wd}/mysh {wd}/s")
+    sb = Sandbox(Policy(workdir=str(wd), cwd=str(wd)), record_denials=True)
+    r = sb.dry_run(["sh", "-c", script])
+    assert r.stdout.endswith(b"hi\n") and b"rc=127" in r.stdout, (r.stdout, r.stderr)
