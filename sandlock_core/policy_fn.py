@@ -21,9 +21,17 @@ No swap between check and use:
   denied by the default blocklist, and /proc/<pid>/mem is refused above. Otherwise the execve is denied
   (EPERM) and recorded. If the policy re-allows ptrace/process_vm_writev (custom ``deny_syscalls``) the
   freeze does not hold: execve events are then denied too.
-* Network events: ``host``/``port`` come from the sockaddr in child memory and the syscall then continues;
-  a multi-threaded process could swap the address after the callback (residual risk; Landlock's port rules
-  and the network mechanism stay the boundary).
+* ``connect``/``sendto`` (with an address)/``bind`` are *executed on behalf* of the child: at the
+  notification the supervisor duplicates the child's socket (pidfd_getfd) and copies the sockaddr (and, for
+  sendto, the data) once; the event shows that copy, the built-in rules (``net_allow_hosts``, ``net_connect``/
+  ``net_bind`` ports, ``port_remap``, privileged ports) judge that copy, and after the verdict the supervisor
+  connects/sends/binds the duplicate with it and returns the kernel's result (a non-blocking connect answers
+  EINPROGRESS as the child's would; a blocking one runs on a network worker with the socket's own blocking and
+  timeout). Rewriting the sockaddr or dup2-ing another socket onto the fd after the check changes nothing.
+  The helpers are network.py's (same caveats: AF_UNIX peers see the supervisor's pid in SO_PEERCRED).
+  Residual: ``bind`` on a non-IP socket (an AF_UNIX path creates a file, which must stay under the child's
+  own Landlock domain) continues in the child; its event carries no address. ``sendto`` without an address
+  is decided on registers and continues.
 
 Context (``ctx``): ``restrict_network(ips)``, ``grant_network(ips)`` (only while nothing was restricted, never
 beyond the initial policy), ``restrict_pid_network(pid, ips)``, ``deny_path(p)``, ``allow_path(p)`` (lifts only
@@ -45,7 +53,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .notif import CONTINUE, DEFERRED, Errno, InjectFd, s32
+from .notif import CONTINUE, DEFERRED, Errno, InjectFd, Value, s32
 
 AT_FDCWD = -100
 AUDIT = "audit"
@@ -160,15 +168,23 @@ def _status(pid: int) -> tuple[int, str]:
     return threads, state
 
 
+def _is_net_mechanism(handler) -> bool:
+    """A handler of network.py's Net (it acts on behalf itself; under policy_fn that waits for the verdict)."""
+    from .network import Net
+    return isinstance(getattr(handler, "__self__", None), Net)
+
+
 class Engine:
     """Per-sandbox: the callback pool, the deadline monitor, and the wrapped handlers."""
 
-    def __init__(self, fn, timeout: float, ruleset_fd: int, freeze_ok: bool):
+    def __init__(self, fn, timeout: float, ruleset_fd: int, freeze_ok: bool, policy=None, arch: str = ""):
         self.fn = fn
         self.timeout = timeout
         self.ruleset_fd = ruleset_fd
         self.freeze_ok = freeze_ok
         self.writable_roots: tuple | None = None  # None: no fs rules, every file may be writable
+        self.policy, self.arch = policy, arch
+        self._own_net = None  # a Net for its helpers when the network mechanism is not installed
 
     def _private(self, pid: int, ranges) -> bool:
         """Every (addr, length) lies in memory no other process can change while the caller is frozen: a
@@ -240,16 +256,33 @@ class Engine:
 
     # ---- the answer: exactly once, by the worker or by the deadline ----
     class Held:
-        __slots__ = ("n_id", "pid", "nr", "event", "action", "answered", "lock", "finalize")
+        __slots__ = ("n_id", "pid", "nr", "event", "action", "answered", "decided", "lock", "finalize", "discard")
 
     def _answer(self, sup, held, action) -> bool:
         with held.lock:
-            if held.answered:
+            if held.answered or held.decided:
                 return False
             held.answered = True
         if sup.listener >= 0:
             sup.respond(held.n_id, action, held.pid)
         return True
+
+    @staticmethod
+    def _decide(held) -> bool:
+        """The callback allowed: from now on the operation answers, not the deadline. False if too late."""
+        with held.lock:
+            if held.answered:
+                return False
+            held.decided = True
+            return True
+
+    @staticmethod
+    def _discard(held) -> None:
+        """Answered without the operation (denied, timed out): release what was prepared for it."""
+        if held.action is not None and type(held.action) is InjectFd:
+            os.close(held.action.fd)
+        if held.discard is not None:
+            held.discard()
 
     def _worker(self, sup) -> None:
         st = sup.state
@@ -273,18 +306,25 @@ class Engine:
             if audit:
                 st["pf_audit"].append(held.event)
             if not allow:
-                action = Errno(err)
-                sup.record(held.event.syscall, held.pid, err, held.event.path or held.event.host or "",
-                           "denied by policy_fn")
-            else:
-                try:
-                    action = held.finalize()
-                except OSError as exc:
-                    action = Errno(exc.errno or errno.EACCES)
-                except Exception as exc:
-                    sup.errors.append(f"policy_fn: on-behalf operation failed: {exc!r}")
-                    action = Errno(errno.EACCES)
-            if not self._answer(sup, held, action) and type(action) is InjectFd:
+                if self._answer(sup, held, Errno(err)):
+                    self._discard(held)
+                    sup.record(held.event.syscall, held.pid, err, held.event.path or held.event.host or "",
+                               "denied by policy_fn")
+                continue
+            if not self._decide(held):
+                continue  # the deadline answered (and discarded) already
+            try:
+                action = held.finalize()
+            except OSError as exc:
+                action = Errno(exc.errno or errno.EACCES)
+            except Exception as exc:
+                sup.errors.append(f"policy_fn: on-behalf operation failed: {exc!r}")
+                action = Errno(errno.EACCES)
+            if action is DEFERRED:
+                continue  # a network worker performs the operation and answers
+            if sup.listener >= 0:
+                sup.respond(held.n_id, action, held.pid)
+            elif type(action) is InjectFd:
                 os.close(action.fd)
 
     def _monitor(self, sup) -> None:
@@ -301,16 +341,15 @@ class Engine:
             if not held.answered:
                 err = errno.EACCES if held.event.category == "file" else errno.EPERM
                 if self._answer(sup, held, Errno(err)):
-                    sup.record(held.event.syscall, held.pid, err, held.event.path or "",
+                    sup.record(held.event.syscall, held.pid, err, held.event.path or held.event.host or "",
                                f"policy_fn did not answer within {self.timeout} s")
-                    if held.action is not None and type(held.action) is InjectFd:
-                        os.close(held.action.fd)
+                    self._discard(held)
 
-    def _hold(self, sup, n, event, action, finalize):
+    def _hold(self, sup, n, event, action, finalize, discard=None):
         held = Engine.Held()
         held.n_id, held.pid, held.nr = n.id, n.pid, n.data.nr
         held.event, held.action, held.answered, held.lock = event, action, False, threading.Lock()
-        held.finalize = finalize
+        held.decided, held.finalize, held.discard = False, finalize, discard
         st = sup.state
         with st["pf_cv"]:
             heapq.heappush(st["pf_deadlines"], (time.monotonic() + self.timeout, id(held), held))
@@ -320,13 +359,17 @@ class Engine:
 
     def _observe(self, sup, event) -> None:
         held = Engine.Held()
-        held.event, held.answered = event, True
+        held.event, held.answered, held.decided = event, True, True
         sup.state["pf_jobs"].put((held, True))
 
     # ---- the wrapped chain ----
     def wrap(self, name: str, chain: list):
-        chain = tuple(chain)
         category = CATEGORY[name]
+        if category == "network":
+            # network.py's handlers would act before the verdict: the on-behalf path below uses its helpers
+            # after the verdict instead; the other handlers (denial recorders) still run first.
+            chain = [h for h in chain if not _is_net_mechanism(h)]
+        chain = tuple(chain)
 
         def handler(sup, n):
             action = None
@@ -469,42 +512,153 @@ class Engine:
         event.argv = argv
         return self._hold(sup, n, event, action, lambda: action if action is not None else CONTINUE)
 
-    # network: address from child memory, then CONTINUE (see module docstring)
+    # network: executed on behalf with the copied address (see module docstring)
+    def _net_mechanism(self, sup):
+        net = sup.state.get("net")
+        if net is None:
+            if self._own_net is None:
+                from .network import Net
+                self._own_net = Net(self.policy, self.arch)
+            net = self._own_net
+        return net
+
     def _net(self, sup, n, name, event, action):
-        if name == "sendto":
-            addr, alen = n.data.args[4], n.data.args[5]
-        else:
-            addr, alen = n.data.args[1], n.data.args[2]
-        if addr and alen >= 2:
-            data = sup.read_mem(n, addr, min(int(alen), 128))
-            fam = struct.unpack_from("=H", data)[0]
-            if fam == socket.AF_INET and len(data) >= 8:
-                event.port = struct.unpack_from("!H", data, 2)[0]
-                event.host = socket.inet_ntop(socket.AF_INET, data[4:8])
-            elif fam == socket.AF_INET6 and len(data) >= 24:
-                event.port = struct.unpack_from("!H", data, 2)[0]
-                event.host = socket.inet_ntop(socket.AF_INET6, data[8:24])
-        if event.host is not None and name != "bind":
-            st = sup.state
-            allowed = st.get("pf_net")
-            per = st.get("pf_pid_net", {}).get(n.pid)
-            host = event.host
-            if host.startswith("::ffff:"):
-                host = host[7:]
-            if (allowed is not None and host not in allowed) or (per is not None and host not in per):
+        a = n.data.args
+        if action is not None and action is not CONTINUE:
+            # another mechanism acted already: hand its answer over if the callback allows
+            return self._hold(sup, n, event, action, lambda: action)
+        if name == "sendto" and a[4] == 0:
+            # no destination (decided on a register): the socket's connect was judged; nothing read
+            return self._hold(sup, n, event, None, lambda: CONTINUE)
+        net = self._net_mechanism(sup)
+        try:
+            dup = sup.dup_child_fd(n, s32(a[0]))
+        except OSError as exc:
+            return Errno(exc.errno or errno.EBADF)
+        try:
+            op = self._prepare_net(sup, n, name, net, dup, event)
+        except OSError as exc:
+            os.close(dup)
+            return Errno(exc.errno or errno.EINVAL)
+        except BaseException:
+            os.close(dup)
+            raise
+        if type(op) is Errno or op is CONTINUE:
+            os.close(dup)
+            if type(op) is Errno:
                 event.denied = True
-                sup.record(name, n.pid, errno.EPERM, f"{event.host}:{event.port}", "denied by policy_fn network "
-                           "restriction")
                 self._observe(sup, event)
-                return Errno(errno.EPERM)
-        return self._hold(sup, n, event, action, lambda: action if action is not None else CONTINUE)
+                return op
+            return self._hold(sup, n, event, None, lambda: CONTINUE)
+        if self._pf_net_refused(sup, n, name, event):
+            os.close(dup)
+            return Errno(errno.EPERM)
+        return self._hold(sup, n, event, None, op, discard=lambda: os.close(dup))
+
+    def _prepare_net(self, sup, n, name, net, dup, event):
+        """Copy and judge the address once; returns the operation to run after the verdict (it answers and
+        closes ``dup``), an Errno (built-in rule refused the copy), or CONTINUE (non-IP bind, see module)."""
+        from . import network as nw
+        a = n.data.args
+        domain, stype, proto = net._sock_info(dup)
+        ip_sock = domain in (nw.AF_INET, nw.AF_INET6)
+        if name == "bind" and not ip_sock:
+            return CONTINUE
+        addr, alen = (a[4], a[5]) if name == "sendto" else (a[1], a[2])
+        raw = net._read_addr(sup, n, addr, alen)
+        d = nw.judge_addr(domain, raw, for_send=name == "sendto")
+        if d.kind == "ip":
+            v4 = d.v4()
+            event.host = socket.inet_ntop(socket.AF_INET, v4) if v4 is not None else \
+                socket.inet_ntop(socket.AF_INET6, d.ip)
+            event.port = d.port
+        if name == "bind":
+            return self._prepare_bind(sup, n, net, dup, d, stype, proto)
+        if d.kind == "ip" and name == "connect" and net.connect_ports is not None and \
+                net._is_tcp(stype, proto) and d.port not in net.connect_ports:
+            sup.record("connect", n.pid, errno.EACCES, d.text(), f"add {d.port} to net_connect")
+            return Errno(errno.EACCES)
+        target = net._judge_send(sup, n, name, domain, stype, raw) if d.kind != "none" or name == "sendto" \
+            else raw  # AF_UNSPEC connect: a disconnect, nothing to judge
+        if type(target) is Errno:
+            return target
+        if target is None:  # nothing for the network rules to decide: the copy as the kernel would read it
+            target = net._unix_addr(n, raw) if domain == nw.AF_UNIX else d.raw
+        return self._net_op(sup, n, name, net, dup, target)
+
+    def _net_op(self, sup, n, name, net, dup, target: bytes):
+        from . import network as nw
+        from ._native import ffi
+        a = n.data.args
+        if name == "connect":
+            buf = ffi.new("char[]", target)
+            call = lambda: nw._sys.raw_syscall(net.s.connect, dup, nw._addr(buf), len(target))  # noqa: E731
+            flags = 0
+        else:
+            flags, length = s32(a[3]), a[2]
+            data = sup.read_mem(n, a[1], min(length, nw.SEND_CAP)) if length else b""
+            msg = nw._Msg(target, data, b"", [])
+            call = lambda: msg.send(net.s, dup, flags)  # noqa: E731
+
+        def op():
+            try:
+                blocking = net._blocking(dup, flags)
+            except BaseException:
+                os.close(dup)
+                raise
+            return net._run(sup, n, dup, blocking, call)  # closes dup; DEFERRED: a worker answers
+        return op
+
+    def _prepare_bind(self, sup, n, net, dup, d, stype, proto):
+        from . import network as nw
+        if d.kind != "ip":
+            raw = d.raw
+            return self._bind_op(dup, lambda: net._bind(dup, raw))
+        tcp = net._is_tcp(stype, proto)
+        if tcp and net.bind_ports is not None and d.port not in net.bind_ports:
+            sup.record("bind", n.pid, errno.EACCES, f"port {d.port}", f"add {d.port} to net_bind")
+            return Errno(errno.EACCES)
+        if net.remap and d.port and stype & 0xF in (nw.SOCK_STREAM, nw.SOCK_DGRAM):
+            m = sup.state.setdefault("port_map" if stype & 0xF == nw.SOCK_STREAM else "port_map_udp", {})
+            return self._bind_op(dup, lambda: net._bind_remapped(n, dup, d.raw, d.port, m))
+        # The supervisor may hold CAP_NET_BIND_SERVICE the child lacks: answer as the kernel would answer it.
+        if 0 < d.port < nw._unprivileged_port_start() and not nw._has_cap(n.pid, nw.CAP_NET_BIND_SERVICE):
+            sup.record("bind", n.pid, errno.EACCES, f"port {d.port}", "privileged port")
+            return Errno(errno.EACCES)
+        return self._bind_op(dup, lambda: net._bind(dup, d.raw))
+
+    @staticmethod
+    def _bind_op(dup, do):
+        def op():
+            try:
+                r = do()
+                return r if isinstance(r, (Value, Errno)) else Value(0)
+            finally:
+                os.close(dup)
+        return op
+
+    def _pf_net_refused(self, sup, n, name, event) -> bool:
+        """restrict_network / restrict_pid_network, judged on the copied address (bind is not a destination)."""
+        if event.host is None or name == "bind":
+            return False
+        st = sup.state
+        allowed = st.get("pf_net")
+        per = st.get("pf_pid_net", {}).get(n.pid)
+        if (allowed is not None and event.host not in allowed) or (per is not None and event.host not in per):
+            event.denied = True
+            sup.record(name, n.pid, errno.EPERM, f"{event.host}:{event.port}", "denied by policy_fn network "
+                       "restriction")
+            self._observe(sup, event)
+            return True
+        return False
 
 
 def install(builder) -> None:
     from . import syscalls
     deny = builder.policy.deny_syscalls
     freeze_ok = deny is None or all(s in deny for s in ("ptrace", "process_vm_writev"))
-    eng = Engine(builder.policy_fn, float(builder.policy_fn_timeout), builder.ruleset_fd, freeze_ok)
+    eng = Engine(builder.policy_fn, float(builder.policy_fn_timeout), builder.ruleset_fd, freeze_ok,
+                 builder.policy, builder.arch)
     pol = builder.policy
     # File-backed memory is only as frozen as its file: safe when Landlock keeps the sandbox from writing it.
     eng.writable_roots = tuple(pol.fs_writable) if (pol.fs_readable or pol.fs_writable) else None
