@@ -93,6 +93,10 @@ def setup(builder) -> NsSetup:
     if ns is not None:
         return ns
     policy = builder.policy
+    if not builder.supervised:
+        # confine() applies Landlock and seccomp to the caller in place; it never sees sl_cfg.
+        raise PolicyError("confine(): chroot/privileged/fs_isolation=overlayfs need a new process (the namespaces "
+                          "are set up between fork and exec); use Sandbox(policy).run()")
     _validate(policy)
     check_kernel()
     ns = builder.namespaces = NsSetup(policy)

@@ -138,6 +138,12 @@ def test_bad_chroot_and_combinations_are_refused(root, tmp_path):
         Sandbox(Policy(chroot=root, fs_readable=[root], fs_denied=[os.path.join(root, "etc")])).run(["/bin/true"])
 
 
+def test_confine_refuses_namespaces(root):
+    from sandlock_core import confine
+    with pytest.raises(PolicyError, match="confine\\(\\): chroot/privileged"):
+        confine(Policy(chroot=root))  # refused before anything is applied to this process
+
+
 def test_cli_chroot_privileged(root):
     r = subprocess.run([sys.executable, "-m", "sandlock_core.cli", "run", "--chroot", root, "--privileged", "-r", root,
                         "--", "/bin/sh", "-c", "id -u; cat /etc/marker"], capture_output=True, text=True, timeout=60)
