@@ -102,11 +102,78 @@ class _ChildCoverage:
             sys.stderr.write(f"sandlock: coverage data of the confined test not saved: {exc!r}\n")
 
 
-def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str] | None = None) -> int:
-    """The confined child: run the call phase, write the report(s) to ``out_fd``. Returns the exit code.
-    ``whole_env`` replaces the environment (the policy's clean_env/env); ``env`` adds to it (TMPDIR)."""
-    global IN_CHILD
+# ---- copy-on-write changes: the confined child asks, the parent's supervisor knows ---------------------------
+
+CHANNEL: "ChangesChannel | None" = None  # set in the confined child of a test with a workdir
+
+
+class ChangesChannel:
+    """The child's end: one request byte on ``req_w``, one JSON line back on ``resp_r``."""
+
+    def __init__(self, req_w: int, resp_r: int):
+        self.req_w, self.resp_r = req_w, resp_r
+
+    def query(self) -> list:
+        from sandlock_core import Change
+        _write_all(self.req_w, b"?")
+        buf = bytearray()
+        while not buf.endswith(b"\n"):
+            chunk = os.read(self.resp_r, 1 << 16)
+            if not chunk or len(buf) > MAX_REPORT:
+                raise RuntimeError("sandlock: the supervisor did not answer the changes request")
+            buf += chunk
+        data = json.loads(buf)
+        if isinstance(data, dict):
+            raise RuntimeError(f"sandlock: could not list the changes: {data.get('error')}")
+        return [Change(k, p) for k, p in data]
+
+
+class ChangesServer:
+    """The parent's end: a thread that answers each request with ``sandbox.changes()`` while the confined
+    test runs. The pipes are close-on-exec: only the forked test body (not the commands it runs) holds them."""
+
+    def __init__(self, sandbox):
+        import threading
+        self.sandbox = sandbox
+        self.req_r, self.req_w = os.pipe2(os.O_CLOEXEC)
+        self.resp_r, self.resp_w = os.pipe2(os.O_CLOEXEC)
+        self.thread = threading.Thread(target=self._serve, name="sandlock-changes", daemon=True)
+        self.thread.start()
+
+    @property
+    def child_fds(self) -> tuple[int, int]:
+        return self.req_w, self.resp_r
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                if not os.read(self.req_r, 1):
+                    return
+                try:
+                    data = [[c.kind, c.path] for c in self.sandbox.changes()]
+                except Exception as exc:  # answer, never leave the child waiting
+                    data = {"error": repr(exc)}
+                _write_all(self.resp_w, json.dumps(data).encode() + b"\n")
+            except OSError:
+                return
+
+    def close(self) -> None:
+        """After the run (the child's tree is gone): EOF for the reader, EPIPE for a blocked writer."""
+        for fd in (self.req_w, self.resp_r):
+            os.close(fd)
+        self.thread.join(5)
+        for fd in (self.req_r, self.resp_w):
+            os.close(fd)
+
+
+def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str] | None = None,
+               channel: tuple[int, int] | None = None) -> int:
+    """The confined child: run the call phase, write the report(s) to ``out_fd``. Returns the exit code: 1 if
+    the test failed (so a workdir's ``on_error`` applies), else 0. ``whole_env`` replaces the environment (the
+    policy's clean_env/env); ``env`` adds to it (TMPDIR); ``channel`` asks the parent for COW changes."""
+    global IN_CHILD, CHANNEL
     IN_CHILD = True
+    CHANNEL = ChangesChannel(*channel) if channel else None
     if whole_env is not None:
         os.environ.clear()
         os.environ.update(whole_env)
@@ -117,13 +184,21 @@ def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str]
     cov = _ChildCoverage()
     config = item.config
     messages = []
+    code = 0
     try:
         with warnings.catch_warnings(record=True) as wlog:
             report = call_and_report(item, "call", log=False)
+        code = 1 if report.failed else 0
         data = config.hook.pytest_report_to_serializable(config=config, report=report)
         messages.append({"kind": "report", "data": data})
         for w in wlog:
             messages.append({"kind": "warning", "data": _warning_to_dict(w)})
+        if CHANNEL is not None:
+            try:
+                changes = [[c.kind, c.path] for c in CHANNEL.query()]
+                messages.append({"kind": "changes", "data": changes})
+            except Exception as exc:
+                messages.append({"kind": "changes", "error": str(exc)})
     except Exit as exc:
         messages.append({"kind": "exit", "msg": str(exc.msg), "returncode": exc.returncode})
     except KeyboardInterrupt:
@@ -137,7 +212,7 @@ def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str]
             pass
     payload = "\n".join(json.dumps(m, default=str) for m in messages).encode()
     _write_all(out_fd, payload)
-    return 0
+    return code
 
 
 def fix_report(report):

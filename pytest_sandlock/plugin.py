@@ -454,6 +454,9 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
         fields["fs_writable"] = P.merge_paths(fields.get("fs_writable"), writable)
     if s.best_effort:
         fields.setdefault("best_effort", True)
+    if fields.get("workdir") is not None:  # a test leaves the tree as it found it unless told to commit
+        fields.setdefault("on_exit", "abort")
+        fields.setdefault("on_error", "abort")
     key = repr(sorted(fields.items()))
     cache = config.stash.setdefault(_POLICIES_KEY, {})
     hit = cache.get(key)
@@ -666,20 +669,26 @@ def _confined_call(item) -> None:
     lrn = item.config.stash.get(_LEARN_KEY, None)
     if lrn is not None:
         lrn.begin(item, state)
+    server = _runner.ChangesServer(state.sandbox) if state.policy.workdir is not None else None
     try:
         result = state.sandbox.run_function(_runner.child_main, item, fd, state.env, state.clean_env,
-                                            timeout=timeout)
+                                            server.child_fds if server else None, timeout=timeout)
         messages = _runner.read_messages(fd)
     finally:
         os.close(fd)
+        if server is not None:
+            server.close()
         if lrn is not None:
             lrn.end(item, state)
     denials = R.denial_dicts(getattr(result, "denials", []) or [])
     report = None
+    changes = None
     config = item.config
     for m in messages:
         kind = m.get("kind")
-        if kind == "report":
+        if kind == "changes":
+            changes = m.get("data") if "data" in m else f"(not listed: {m.get('error')})"
+        elif kind == "report":
             report = _runner.fix_report(config.hook.pytest_report_from_serializable(config=config, data=m["data"]))
         elif kind == "warning":
             config.hook.pytest_warning_recorded.call_historic(kwargs=dict(
@@ -698,6 +707,8 @@ def _confined_call(item) -> None:
     if denials:
         st.denied[item.nodeid] = R.total(denials)
         item.user_properties.append(("sandlock_denials", R.junit_value(denials)))
+    if changes is not None:
+        _add_changes(item, report, changes, state.policy)
     audits = getattr(result, "audit", None) or []
     if audits:  # policy_fn "audit" verdicts: allowed, but flagged in the report
         lines = [f"{getattr(e, 'syscall', '?')} {getattr(e, 'path', None) or getattr(e, 'host', None) or ''}"
@@ -706,6 +717,23 @@ def _confined_call(item) -> None:
         item.user_properties.append(("sandlock_audit", "; ".join(lines)))
     item.user_properties.append(("sandlock_seed", state.seed))
     item.ihook.pytest_runtest_logreport(report=report)
+
+
+def _add_changes(item, report, changes, policy) -> None:
+    """A workdir's copy-on-write changes as of the end of the test body: a report section and a JUnit
+    property. What became of them (commit, discard, keep) is the policy's on_exit / on_error."""
+    if isinstance(changes, str):
+        text = changes
+    else:
+        text = "\n".join(f"  {k} {p}" for k, p in changes[:200]) or "  (none)"
+        if len(changes) > 200:
+            text += f"\n  ... and {len(changes) - 200} more"
+    action = policy.on_exit if report.passed else policy.on_error
+    report.sections.append(("sandlock changes", f"under {policy.workdir} ({getattr(action, 'value', action)}):\n"
+                            + text))
+    if not isinstance(changes, str):
+        import json
+        item.user_properties.append(("sandlock_changes", json.dumps(changes[:200])))
 
 
 def _decorate(item, report, denials: list[dict], s: P.Session) -> None:
@@ -783,6 +811,44 @@ def sandbox(request, sandbox_policy):
         yield sb
     finally:
         sb.close()
+
+
+class SandboxChanges:
+    """The ``sandbox_changes`` fixture: call it inside a confined test with a ``workdir`` to get what the test
+    (and every process it started) has changed in its copy-on-write view so far, as a sorted list of
+    ``sandlock_core.Change(kind, path)``: kind ``A`` added, ``M`` modified, ``D`` deleted; ``path`` relative
+    to the workdir; contents compared, as ``Sandbox.dry_run`` reports them."""
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+
+    def __call__(self) -> list:
+        if not _runner.IN_CHILD or _runner.CHANNEL is None:
+            raise RuntimeError("sandbox_changes() works only inside the confined test body")
+        return _runner.CHANNEL.query()
+
+    def __repr__(self) -> str:
+        return f"<sandbox_changes under {self.workdir}>"
+
+
+@pytest.fixture
+def sandbox_changes(request) -> SandboxChanges:
+    """Copy-on-write: with ``@pytest.mark.sandbox(workdir=...)`` the test runs against a COW view of that
+    tree (writes land in a private upper layer; the tree itself changes only with ``on_exit="commit"``).
+    ``sandbox_changes()`` lists what changed so far: ``[Change("A", "out.txt"), Change("M", "setup.cfg")]``."""
+    item = request.node
+    s = _session(request.config)
+    if _mode(item) != P.CONFINED:
+        pytest.fail("sandlock: sandbox_changes needs a confined test with a workdir: "
+                    "@pytest.mark.sandbox(workdir=...)", pytrace=False)
+    try:
+        policy = _resolve(item, s, request).policy
+    except P.MarkerError as exc:
+        pytest.fail(f"sandlock: {exc}", pytrace=False)
+    if policy.workdir is None:
+        pytest.fail("sandlock: sandbox_changes needs a workdir in the test's policy: "
+                    "@pytest.mark.sandbox(workdir=\"{tmp_path}/repo\") or a path", pytrace=False)
+    return SandboxChanges(policy.workdir)
 
 
 @pytest.fixture

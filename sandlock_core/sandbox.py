@@ -6,11 +6,10 @@ import os
 import select
 import signal
 import time
-from dataclasses import dataclass, field
+from ._records import dataclass, field  # dataclasses costs ~10 ms of CLI start-up
 
 from . import spawn as _spawn
 from .errors import ChildError, SandboxError
-from .policy import Policy
 
 _DEVNULL = os.devnull
 
@@ -85,7 +84,10 @@ class Sandbox:
     def __init__(self, policy: Policy | None = None, *, policy_fn=None, init_fn=None, work_fn=None,
                  record_denials: bool = False, handlers: dict | None = None, policy_fn_timeout: float = 5.0):
         from .plan import Plan
-        self.policy = policy if policy is not None else Policy()
+        if policy is None:
+            from .policy import Policy  # lazily: the CLI passes a policy_spec.LeanPolicy (no dataclasses import)
+            policy = Policy()
+        self.policy = policy
         self.policy_fn = policy_fn
         self.init_fn = init_fn
         self.work_fn = work_fn
@@ -125,6 +127,18 @@ class Sandbox:
         sup = getattr(self, "_sup", None)
         m = sup.state.get("port_map" if proto == "tcp" else "port_map_udp") if sup is not None else None
         return dict(m or {})
+
+    def changes(self) -> list[Change]:
+        """Copy-on-write (``workdir``, the default seccomp COW): what the current run has changed so far,
+        content compared, as ``Change(kind, path)`` like ``dry_run``. Safe to call from another thread while
+        ``run``/``run_function`` runs (the pytest plugin's ``sandbox_changes``); empty when no COW run is in
+        progress."""
+        sup = getattr(self, "_sup", None)
+        cow = sup.state.get("cow_mech") if sup is not None else None
+        branch = getattr(cow, "branch", None)
+        if branch is None:
+            return []
+        return [Change(k, p) for k, p in branch.changes()]
 
     # ---- a running sandbox ----
     def popen(self, cmd: list[str], *, stdin=-1, stdout=-1, stderr=-1):
