@@ -14,7 +14,11 @@ from collections.abc import Callable
 
 from . import _sys, seccomp, syscalls
 from .errors import PolicyError
-from .policy import FsIsolation, Policy
+from .policy_spec import FsIsolation  # not .policy: the CLI's LeanPolicy must not import dataclasses
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only
+    from .policy import Policy
 
 # (predicate, module) for every supervisor mechanism; the module's install(builder) registers handlers.
 MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [

@@ -11,6 +11,10 @@ from ._records import dataclass, field  # dataclasses costs ~10 ms of CLI start-
 from . import spawn as _spawn
 from .errors import ChildError, SandboxError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: Policy is imported when Sandbox() needs a default one
+    from .policy import Policy
+
 _DEVNULL = os.devnull
 
 
