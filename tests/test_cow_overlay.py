@@ -315,3 +315,30 @@ def test_as_nobody_dry_run_abort_and_privileged_mapping():
         assert got == changes
     assert res["abort"] == [0, ["README", "src"], "hello\n"]
     assert res["me"] == 65534 and res["owner"] == 65534  # a file made as "root" inside belongs to the real uid
+
+
+def test_two_concurrent_sandboxes_see_only_their_own_writes(tmp_path):
+    """Each run has its own upper: while both are running, neither sees the other's file."""
+    import threading
+    w = make_tree(tmp_path / "w")
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    pol = overlay_policy(w, fs_writable=[str(sync)], on_exit=BranchAction.ABORT)
+    before = snapshot(w)
+
+    def script(me, other):  # write, say so, wait until the other one wrote too, then look
+        return (f"echo {me} > {me}.txt && touch {sync}/{me} && "
+                f"while [ ! -e {sync}/{other} ]; do sleep 0.01; done; ls")
+    results = {}
+
+    def run(me, other):
+        results[me] = Sandbox(pol).run(["sh", "-c", script(me, other)], timeout=60)
+    threads = [threading.Thread(target=run, args=args) for args in (("a", "b"), ("b", "a"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for me, other in (("a", "b"), ("b", "a")):
+        listing = results[me].stdout.decode().split()
+        assert f"{me}.txt" in listing and f"{other}.txt" not in listing, results[me].stderr
+    assert snapshot(w) == before
