@@ -1,0 +1,137 @@
+"""Copy-on-write exec: a binary that exists only in the upper is injected as an fd and the path string
+rewritten in place to its /dev/fd name (argv/envp strings in the way moved aside); #! interpreters that exist
+only in the upper are refused the way the kernel would, with the reason recorded."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ._native import lib
+from .cow_view import AT_EMPTY_PATH, AT_FDCWD, ARGV0_GAP, _write
+from .notif import Errno, s32
+
+
+class CowExec:
+    """Mixin of cow.Cow (uses its resolve, branch, _wrap)."""
+
+    # ---------------------------------------------------------------- exec
+    def _exec(self, sup, n, idx, dirfd, flags):
+        b = self.branch
+        if b.clean and not self.vcwd:
+            return None
+        if flags & AT_EMPTY_PATH:
+            return None
+        path = sup.path_arg(n, idx)
+        if self._outside_lexically(path):
+            return None
+        r = self.resolve(sup, n, dirfd, path, True)
+        if r.rel is None:
+            if not r.touched:
+                return None
+            real = r.vpath
+        else:
+            look = b.lookup(r.rel)
+            if look is None:
+                return Errno(errno.ENOENT)
+            if look[0] == "L" and not r.touched:
+                return None
+            if stat.S_ISDIR(look[1].st_mode):
+                return Errno(errno.EACCES)
+            real = self._real(r.rel, look)
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if r.rel is not None else 0))
+        try:
+            head = os.pread(fd, 256, 0)
+            script = head.startswith(b"#!")
+            if script and self._interpreter_in_upper(sup, n, head):
+                return Errno(errno.ENOENT)  # what the kernel would answer; recorded with the way out
+            newfd = lib.sl_notif_addfd(sup.listener, n.id, fd, 0, 0 if script else os.O_CLOEXEC, 0)
+        finally:
+            os.close(fd)
+        if newfd < 0:
+            return Errno(-newfd)
+        new = f"{self.fd_dir}{newfd}".encode()
+        if not self._make_room(sup, n, idx, path, len(new)):
+            return self._exec_path_too_short(sup, n, r.vpath)
+        _write(sup, n, n.data.args[idx], new + b"\0")
+        return None  # CONTINUE: the kernel now execs the injected fd (Landlock still checks EXECUTE)
+
+    def _make_room(self, sup, n, idx: int, path: bytes, new_len: int) -> bool:
+        """Prepare the child's memory for the path string to be rewritten to ``new_len`` bytes.
+
+        Shells pass argv[0] itself as the path (execve(argv[0], argv, envp)): rewriting the path would rename
+        the program (a venv's python finds its pyvenv.cfg through argv[0]). And a path shorter than the fd name
+        (``./prog``) can only take it by running over the bytes after its NUL. A thread blocked in execve never
+        returns to its old memory when the exec succeeds (the supervisor checked the file first), so: every
+        argv/envp string that starts inside the bytes to be overwritten (argv[0] included) is copied well below
+        the thread's stack pointer (dead memory for it) and its pointer moved there. Refused (False) when an
+        argv/envp pointer array itself lies in those bytes or the child's memory cannot be read or written."""
+        a = n.data.args
+        addr, argv_addr, envp_addr = a[idx], a[idx + 1], a[idx + 2]
+        end = addr + max(new_len, len(path)) + 1
+        try:
+            with open(f"/proc/{n.pid}/syscall", "rb") as f:
+                fields = f.read().split()
+            if len(fields) < 9 or int(fields[0]) != n.data.nr:
+                return new_len <= len(path)
+            scratch = (int(fields[7], 16) - ARGV0_GAP) & ~15
+            for arr in (argv_addr, envp_addr):
+                ptrs = self._pointer_array(sup, n, arr)
+                if arr and arr < end and arr + 8 * (len(ptrs) + 1) > addr and new_len > len(path):
+                    return False
+                for i, p in enumerate(ptrs):
+                    if addr <= p < end:
+                        text = sup.read_cstr(n, p, 1 << 17) + b"\0"
+                        scratch = (scratch - len(text)) & ~15
+                        sup.write_mem(n, scratch, text)
+                        sup.write_mem(n, arr + 8 * i, scratch.to_bytes(8, "little"))
+            if new_len > len(path):
+                sup.write_mem(n, addr + len(path), b"\0" * (new_len - len(path) + 1))  # writable, not via /proc
+            return True
+        except (OSError, ValueError):
+            return new_len <= len(path)
+
+    @staticmethod
+    def _pointer_array(sup, n, addr: int, limit: int = 1 << 14) -> list[int]:
+        out: list[int] = []
+        while addr and len(out) < limit:
+            chunk = sup.read_mem(n, addr + 8 * len(out), 8 * 64)
+            for i in range(0, len(chunk), 8):
+                p = int.from_bytes(chunk[i:i + 8], "little")
+                if p == 0:
+                    return out
+                out.append(p)
+        if addr and len(out) >= limit:
+            raise ValueError("argv/envp too long")
+        return out
+
+    def _exec_path_too_short(self, sup, n, vpath):
+        sup.record("execve", n.pid, errno.EACCES, f"{vpath}: exists only in the copy-on-write layer",
+                   f"call it by its absolute path (the path string, rewritten in place to {self.fd_dir}N, had "
+                   "argv/envp right after it)")
+        return Errno(errno.EACCES)
+
+    def _interpreter_in_upper(self, sup, n, head: bytes) -> bool:
+        """Does the script's #! interpreter exist only in the merged view? The kernel looks it up itself, in
+        the lower, and cannot find it (ENOENT); record why and how to run the script instead."""
+        line = head[2:].split(b"\n", 1)[0].strip()
+        interp = line.split(None, 1)[0] if line else b""
+        if not interp.startswith(b"/") or self._outside_lexically(interp):
+            return False
+        try:
+            r = self.resolve(sup, n, AT_FDCWD, interp, True)
+        except OSError:
+            return False
+        if not r.touched and (r.rel is None or not self.branch.touched(r.rel)):
+            return False
+        sup.record("execve", n.pid, errno.ENOENT,
+                   f"#! interpreter {os.fsdecode(interp)} exists only in the copy-on-write layer (the kernel "
+                   "resolves interpreters itself)", f"run it as: {os.fsdecode(interp)} SCRIPT ARGS")
+        return True
+
+    def h_execve(self, sup, n):
+        return self._wrap(self._exec, sup, n, 0, AT_FDCWD, 0)
+
+    def h_execveat(self, sup, n):
+        a = n.data.args
+        return self._wrap(self._exec, sup, n, 1, s32(a[0]), s32(a[4]))
