@@ -6,7 +6,6 @@ Start-up matters (every ``sandlock run`` pays it): import only what the subcomma
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -37,16 +36,136 @@ _BOOL_FIELDS = {"isolate_ipc": "isolate_ipc", "isolate_signals": "isolate_signal
                 "port_remap": "port_remap",
                 "freeze_time": "time_freeze", "best_effort": "best_effort", "privileged": "privileged"}
 
+# Every flag of `sandlock run`, once: argparse builds --help and its errors from this table, and
+# _fast_run_args parses the common spellings by itself (argparse costs ~9 ms of every start: re, gettext).
+# (group, option strings, kind, argparse keywords); kinds: flag (store_true), list (append), str, int, float.
+RUN_FLAGS = (
+    ("filesystem (Landlock)", ("-r", "--fs-read"), "list", dict(metavar="PATH", help="allow reading under PATH")),
+    ("filesystem (Landlock)", ("-w", "--fs-write"), "list",
+     dict(metavar="PATH", help="allow reading and writing under PATH")),
+    ("filesystem (Landlock)", ("--fs-deny",), "list",
+     dict(metavar="PATH", help="deny PATH even inside an allowed tree")),
+    ("filesystem (Landlock)", ("--workdir",), "str", dict(metavar="DIR", help="copy-on-write working directory")),
+    ("filesystem (Landlock)", ("--cwd",), "str", dict(metavar="DIR", help="working directory of the command")),
+    ("filesystem (Landlock)", ("--fs-isolation",), "str", dict(choices=["none", "overlayfs", "branchfs"])),
+    ("filesystem (Landlock)", ("--fs-storage",), "str", dict(metavar="DIR", help="where copy-on-write layers live")),
+    ("filesystem (Landlock)", ("--max-disk",), "str", dict(metavar="SIZE")),
+    ("filesystem (Landlock)", ("--on-exit",), "str", dict(choices=["commit", "abort", "keep"])),
+    ("filesystem (Landlock)", ("--on-error",), "str", dict(choices=["commit", "abort", "keep"])),
+    ("filesystem (Landlock)", ("--dry-run",), "flag", dict(help="show what files would change, then discard")),
+    ("filesystem (Landlock)", ("--json",), "flag", dict(help="with --dry-run: print the changes as JSON on stdout")),
+    ("filesystem (Landlock)", ("--chroot",), "str", dict(metavar="DIR")),
+    ("filesystem (Landlock)", ("--privileged",), "flag", dict(help="UID 0 in a user namespace")),
+    ("network", ("--net-allow-host",), "list", dict(metavar="HOST", help="allow connecting to HOST only")),
+    ("network", ("--net-bind",), "list", dict(metavar="PORTS", help="allow TCP bind on PORTS (Landlock ABI 4)")),
+    ("network", ("--net-connect",), "list", dict(metavar="PORTS", help="allow TCP connect to PORTS")),
+    ("network", ("--net-allow",), "list", dict(choices=["icmp", "raw"], help="allow raw/ICMP sockets")),
+    ("network", ("--net-deny",), "list", dict(choices=["udp", "raw"], help="deny UDP or raw sockets")),
+    ("network", ("--port-remap",), "flag", dict(help="virtual port space")),
+    ("isolation", ("--isolate-ipc",), "flag", dict(help="block abstract UNIX sockets to the host")),
+    ("isolation", ("--isolate-signals",), "flag", dict(help="block signals to host processes")),
+    ("isolation", ("--isolate-pids",), "flag", dict(help="hide host processes in /proc")),
+    ("resources", ("-m", "--max-memory"), "str", dict(metavar="SIZE")),
+    ("resources", ("-P", "--max-processes"), "int", dict(metavar="N")),
+    ("resources", ("-c", "--cpu"), "int", dict(metavar="PCT", help="CPU share, percent of one core")),
+    ("resources", ("--max-open-files",), "int", dict(metavar="N")),
+    ("resources", ("--cpu-cores",), "str", dict(metavar="LIST", help="pin to CPUs, e.g. 0,2-3")),
+    ("resources", ("--num-cpus",), "int", dict(metavar="N")),
+    ("resources", ("-t", "--timeout"), "float", dict(metavar="SECS", help="kill the whole sandbox after SECS")),
+    ("determinism", ("--time-start",), "str", dict(metavar="TIME", help="ISO 8601 or epoch seconds")),
+    ("determinism", ("--freeze-time",), "flag", dict(help="the clock does not advance")),
+    ("determinism", ("--random-seed",), "int", dict(metavar="N")),
+    ("determinism", ("--deterministic-dirs",), "flag", dict()),
+    ("determinism", ("--normalize-mtime",), "flag",
+     dict(help="stat shows times stamped during the run on the sandbox clock (needs --time-start)")),
+    ("determinism", ("--no-randomize-memory",), "flag", dict()),
+    ("determinism", ("--no-huge-pages",), "flag", dict()),
+    ("determinism", ("--no-coredump",), "flag", dict()),
+    ("determinism", ("--hostname",), "str", dict(metavar="NAME")),
+    ("environment", ("--clean-env",), "flag", dict(help="start from a minimal environment")),
+    ("environment", ("--env",), "list", dict(metavar="K=V", help="set an environment variable")),
+    ("run", ("-p", "--profile"), "str", dict(metavar="NAME", help="start from a saved profile")),
+    ("run", ("--status-fd",), "int", dict(metavar="FD", help='write {"exit_code":N,"signal":S} to FD')),
+    ("run", ("-e", "--exec-shell"), "str", dict(metavar="CMD", help="run CMD with /bin/sh -c")),
+    ("run", ("-i", "--interactive"), "flag", dict(help="use the terminal (the default)")),
+    ("run", ("--best-effort",), "flag", dict(help="apply what this kernel supports")),
+    ("run", ("-v", "--verbose"), "flag",
+     dict(help="report on stderr (with --port-remap: which host port serves each virtual port)")),
+)
+_CONVERT = {"str": str, "list": str, "int": int, "float": float}
+
+
+def _dest(options: tuple) -> str:
+    return options[-1].lstrip("-").replace("-", "_")
+
+
+_BY_OPTION = {opt: (_dest(opts), kind, kw.get("choices")) for _, opts, kind, kw in RUN_FLAGS for opt in opts}
+
+
+class RunArgs:
+    """The parsed flags of `sandlock run` (argparse's Namespace has the same attributes)."""
+
+    def __init__(self):
+        for _, opts, kind, _ in RUN_FLAGS:
+            setattr(self, _dest(opts), False if kind == "flag" else None)
+        self.command = "run"
+        self.version = None
+        self.cmd: list = []
+
+
+def _fast_run_args(argv: list):
+    """``RunArgs`` for ``run [flags] [--] CMD...`` in the spellings argparse gives the same meaning to
+    (``-r PATH``, ``--fs-read PATH``, ``--fs-read=PATH``, then ``--`` or the first non-flag); None for
+    anything else (--help, an unknown or abbreviated flag, a bad value, a value that starts with "-"), which
+    then goes through argparse for its usual result or error."""
+    if not argv or argv[0] != "run":
+        return None
+    a = RunArgs()
+    i = 1
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            i += 1
+            break
+        if not token.startswith("-") or token == "-":
+            break
+        option, eq, value = token.partition("=") if token.startswith("--") else (token, "", "")
+        spec = _BY_OPTION.get(option)
+        if spec is None:
+            return None
+        dest, kind, choices = spec
+        if kind == "flag":
+            if eq:
+                return None
+            setattr(a, dest, True)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                return None
+            value = argv[i + 1]
+            if value.startswith("-"):
+                return None
+            i += 1
+        i += 1
+        try:
+            value = _CONVERT[kind](value)
+        except ValueError:
+            return None
+        if choices is not None and value not in choices:
+            return None
+        if kind == "list":
+            setattr(a, dest, (getattr(a, dest) or []) + [value])
+        else:
+            setattr(a, dest, value)
+    a.cmd = argv[i:]
+    if a.cmd[:1] == ["--"]:
+        return None  # "-- -- CMD": argparse's rules for a second "--" are subtle; let it decide
+    return a
+
 
 class UsageError(Exception):
     pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # exit 2 with our prefix, like every usage error
-        self.print_usage(sys.stderr)
-        sys.stderr.write(f"sandlock: error: {message}\n")
-        sys.exit(2)
 
 
 def _version() -> str:
@@ -57,15 +176,22 @@ def _version() -> str:
         return "0+unknown"
 
 
-class _VersionAction(argparse.Action):
-    """Resolve the version only when asked: importlib.metadata costs ~30 ms at start-up."""
+def build_parser():
+    import argparse
 
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"sandlock {_version()}")
-        parser.exit()
+    class _Parser(argparse.ArgumentParser):
+        def error(self, message):  # exit 2 with our prefix, like every usage error
+            self.print_usage(sys.stderr)
+            sys.stderr.write(f"sandlock: error: {message}\n")
+            sys.exit(2)
 
+    class _VersionAction(argparse.Action):
+        """Resolve the version only when asked: importlib.metadata costs ~30 ms at start-up."""
 
-def build_parser() -> argparse.ArgumentParser:
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"sandlock {_version()}")
+            parser.exit()
+
     p = _Parser(prog="sandlock", description="Lightweight process sandbox: Landlock + seccomp, no root.",
                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-V", "--version", action=_VersionAction, nargs=0, help="show the version and exit")
@@ -74,63 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a command in a sandbox", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        usage="sandlock run [flags] -- CMD [ARG...]")
-    fs = r.add_argument_group("filesystem (Landlock)")
-    fs.add_argument("-r", "--fs-read", action="append", metavar="PATH", help="allow reading under PATH")
-    fs.add_argument("-w", "--fs-write", action="append", metavar="PATH", help="allow reading and writing under PATH")
-    fs.add_argument("--fs-deny", action="append", metavar="PATH", help="deny PATH even inside an allowed tree")
-    fs.add_argument("--workdir", metavar="DIR", help="copy-on-write working directory")
-    fs.add_argument("--cwd", metavar="DIR", help="working directory of the command")
-    fs.add_argument("--fs-isolation", choices=["none", "overlayfs", "branchfs"])
-    fs.add_argument("--fs-storage", metavar="DIR", help="where copy-on-write layers live")
-    fs.add_argument("--max-disk", metavar="SIZE")
-    fs.add_argument("--on-exit", choices=["commit", "abort", "keep"])
-    fs.add_argument("--on-error", choices=["commit", "abort", "keep"])
-    fs.add_argument("--dry-run", action="store_true", help="show what files would change, then discard")
-    fs.add_argument("--json", action="store_true", help="with --dry-run: print the changes as JSON on stdout")
-    fs.add_argument("--chroot", metavar="DIR")
-    fs.add_argument("--privileged", action="store_true", help="UID 0 in a user namespace")
-    net = r.add_argument_group("network")
-    net.add_argument("--net-allow-host", action="append", metavar="HOST", help="allow connecting to HOST only")
-    net.add_argument("--net-bind", action="append", metavar="PORTS", help="allow TCP bind on PORTS (Landlock ABI 4)")
-    net.add_argument("--net-connect", action="append", metavar="PORTS", help="allow TCP connect to PORTS")
-    net.add_argument("--net-allow", action="append", choices=["icmp", "raw"], help="allow raw/ICMP sockets")
-    net.add_argument("--net-deny", action="append", choices=["udp", "raw"], help="deny UDP or raw sockets")
-    net.add_argument("--port-remap", action="store_true", help="virtual port space")
-    ipc = r.add_argument_group("isolation")
-    ipc.add_argument("--isolate-ipc", action="store_true", help="block abstract UNIX sockets to the host")
-    ipc.add_argument("--isolate-signals", action="store_true", help="block signals to host processes")
-    ipc.add_argument("--isolate-pids", action="store_true", help="hide host processes in /proc")
-    lim = r.add_argument_group("resources")
-    lim.add_argument("-m", "--max-memory", metavar="SIZE")
-    lim.add_argument("-P", "--max-processes", type=int, metavar="N")
-    lim.add_argument("-c", "--cpu", type=int, metavar="PCT", help="CPU share, percent of one core")
-    lim.add_argument("--max-open-files", type=int, metavar="N")
-    lim.add_argument("--cpu-cores", metavar="LIST", help="pin to CPUs, e.g. 0,2-3")
-    lim.add_argument("--num-cpus", type=int, metavar="N")
-    lim.add_argument("-t", "--timeout", type=float, metavar="SECS", help="kill the whole sandbox after SECS")
-    det = r.add_argument_group("determinism")
-    det.add_argument("--time-start", metavar="TIME", help="ISO 8601 or epoch seconds")
-    det.add_argument("--freeze-time", action="store_true", help="the clock does not advance")
-    det.add_argument("--random-seed", type=int, metavar="N")
-    det.add_argument("--deterministic-dirs", action="store_true")
-    det.add_argument("--normalize-mtime", action="store_true",
-                     help="stat shows times stamped during the run on the sandbox clock (needs --time-start)")
-    det.add_argument("--no-randomize-memory", action="store_true")
-    det.add_argument("--no-huge-pages", action="store_true")
-    det.add_argument("--no-coredump", action="store_true")
-    det.add_argument("--hostname", metavar="NAME")
-    env = r.add_argument_group("environment")
-    env.add_argument("--clean-env", action="store_true", help="start from a minimal environment")
-    env.add_argument("--env", action="append", metavar="K=V", help="set an environment variable")
-    misc = r.add_argument_group("run")
-    misc.add_argument("-p", "--profile", metavar="NAME", help="start from a saved profile")
-    misc.add_argument("--status-fd", type=int, metavar="FD", help='write {"exit_code":N,"signal":S} to FD')
-    misc.add_argument("-e", "--exec-shell", metavar="CMD", help="run CMD with /bin/sh -c")
-    misc.add_argument("-i", "--interactive", action="store_true", help="use the terminal (the default)")
-    misc.add_argument("--best-effort", action="store_true", help="apply what this kernel supports")
-    misc.add_argument("-v", "--verbose", action="store_true",
-                      help="report on stderr (with --port-remap: which host port serves each virtual port)")
-    misc.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
+    groups: dict = {}
+    for title, opts, kind, kw in RUN_FLAGS:
+        group = groups.get(title) or groups.setdefault(title, r.add_argument_group(title))
+        if kind == "flag":
+            group.add_argument(*opts, action="store_true", **kw)
+        else:
+            group.add_argument(*opts, action="append" if kind == "list" else "store",
+                               type=_CONVERT[kind] if kind in ("int", "float") else None, **kw)
+    groups["run"].add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD")
 
     from .learn import add_parser as _learn_parser
     _learn_parser(sub)
@@ -177,16 +255,19 @@ def policy_fields_from_args(a) -> dict:
 
 
 def build_policy(a):
-    from .policy import Policy
+    """The run's policy: a ``LeanPolicy`` (same validators and messages as ``Policy``, no dataclasses import)
+    unless a profile is laid under the flags."""
     fields = policy_fields_from_args(a)
-    if a.profile:
-        from .profile import profile_dict
-        base = profile_dict(a.profile)
-        if "env" in base and "env" in fields:
-            fields["env"] = {**base["env"], **fields["env"]}
-        base.update(fields)
-        fields = base
-    return Policy.from_dict(fields)
+    if not a.profile:
+        from .policy_spec import LeanPolicy
+        return LeanPolicy.from_dict(fields)
+    from .policy import Policy
+    from .profile import profile_dict
+    base = profile_dict(a.profile)
+    if "env" in base and "env" in fields:
+        fields["env"] = {**base["env"], **fields["env"]}
+    base.update(fields)
+    return Policy.from_dict(base)
 
 
 def cmd_run(a) -> int:
@@ -336,8 +417,12 @@ def cmd_profile(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _fast_run_args(argv)
+    parser = None
+    if args is None:  # anything but the common `run` spellings: argparse, with its --help and its errors
+        parser = build_parser()
+        args = parser.parse_args(argv)
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -348,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_learn(args)
         if args.command == "profile":
             return cmd_profile(args)
-        parser.print_help(sys.stderr)
+        (parser or build_parser()).print_help(sys.stderr)
         return 2
     except UsageError as exc:
         sys.stderr.write(f"sandlock: error: {exc}\n")
