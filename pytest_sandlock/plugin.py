@@ -254,6 +254,8 @@ def _wants_header(config, s: P.Session) -> bool:
         return config.getoption("sandlock_off", False)
     if s.active or config.getoption("sandlock_seed", None) is not None or s.ini_fields:
         return True
+    if s.best_effort or s.strict:  # the user asked about kernel features: say what this kernel has
+        return True
     return False
 
 
@@ -276,10 +278,27 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     parts.append(f"seed={s.seed} (replay: --sandlock-seed {s.seed})")
     lines = ["sandlock: " + "; ".join(parts)]
     if s.best_effort:
-        missing = _session_missing(config, s)
-        lines.append("sandlock: best effort: " + ("not in force on this kernel: " + ", ".join(missing)
-                                                  if missing else "everything in the profile is in force"))
+        gaps = _kernel_gaps(abi)
+        if s.profile or s.ini_fields:
+            missing = _session_missing(config, s)
+            lines.append("sandlock: best effort: " + ("not in force on this kernel: " + ", ".join(missing)
+                                                      if missing else "everything in the profile is in force"))
+        lines.append("sandlock: best effort: " + ("this kernel lacks " + "; ".join(gaps) + " (markers that need "
+                     "them run without; each test's gaps are listed in the summary and its sandlock_missing "
+                     "property)" if gaps else "this kernel has every mechanism sandlock uses"))
     return lines
+
+
+def _kernel_gaps(abi: int) -> list[str]:
+    """The Landlock features this kernel does not have (what best effort may leave out)."""
+    if abi < 1:
+        return ["Landlock (filesystem rules, TCP port rules, IPC scopes)"]
+    gaps = []
+    if abi < 4:
+        gaps.append(f"Landlock TCP port rules (ABI 4; this kernel has ABI {abi})")
+    if abi < 6:
+        gaps.append(f"Landlock IPC scopes (ABI 6; this kernel has ABI {abi})")
+    return gaps
 
 
 def _session_missing(config, s: P.Session) -> list[str]:
@@ -318,7 +337,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if st.denied:
         lines.append("denials: " + ", ".join(f"{k} ({v})" for k, v in list(st.denied.items())[:10]))
     if st.missing:
-        lines.append("not in force on this kernel (best effort): " + ", ".join(sorted(st.missing)))
+        lines.append("not in force on this kernel" + (" (best effort)" if s.best_effort else "") + ": "
+                     + "; ".join(sorted(st.missing)))
     tr.write_sep("-", "sandlock")
     for line in lines:
         tr.write_line(line)
@@ -558,13 +578,17 @@ def _make_sandbox(item, s: P.Session, state: ItemState, *, record_denials: bool,
     from sandlock_core import Sandbox
     from sandlock_core.errors import SandlockError
     try:
-        return Sandbox(state.policy, record_denials=record_denials, handlers=handlers, policy_fn=item.stash.get(_PFN_KEY, None))
+        return Sandbox(state.policy, record_denials=record_denials, handlers=handlers,
+                       policy_fn=item.stash.get(_PFN_KEY, None))
     except SandlockError as exc:
-        if _kernel_feature_error(exc):
-            if s.strict:
-                pytest.fail(f"sandlock (--sandlock-strict): {exc}", pytrace=False)
-            pytest.skip(f"sandlock: this kernel cannot enforce the policy: {exc}")
-        pytest.fail(f"sandlock: {exc}", pytrace=False)
+        error = exc
+    # outside the except block: the report shows the reason, not a chained traceback
+    if not _kernel_feature_error(error):
+        pytest.fail(f"sandlock: {error}", pytrace=False)
+    if s.strict:
+        pytest.fail(f"sandlock (--sandlock-strict): this kernel cannot enforce the policy: {error}", pytrace=False)
+    pytest.skip(f"sandlock: this kernel cannot enforce the policy: {error} (--sandlock-best-effort runs it with "
+                f"what the kernel has)")
 
 
 # ---- the protocol ---------------------------------------------------------------------------------------
@@ -664,6 +688,8 @@ def _confined_call(item) -> None:
     state = item.stash[_STATE_KEY]
     st.confined += 1
     st.missing.update(state.missing)
+    if state.missing:
+        item.user_properties.append(("sandlock_missing", "; ".join(state.missing)))
     timeout, tsrc = _timeout_for(item, s)
     fd = os.memfd_create("sandlock-report", os.MFD_CLOEXEC)
     lrn = item.config.stash.get(_LEARN_KEY, None)
