@@ -93,9 +93,9 @@ def overlay_policy(workdir, **kw) -> Policy:
     return Policy(workdir=str(workdir), cwd=str(workdir), env=ENV, fs_isolation=OVERLAY, **kw)
 
 
-def compare_run(tmp_path, script: str, **kw):
+def compare_run(tmp_path, script: str, tree=make_tree, **kw):
     """``sh -c script`` bare in one copy, under the overlay with commit in another, dry-run in a third."""
-    orig = make_tree(tmp_path / "orig")
+    orig = tree(tmp_path / "orig")
     bare, ovl, dry = tmp_path / "bare", tmp_path / "ovl", tmp_path / "dry"
     for d in (bare, ovl, dry):
         shutil.copytree(orig, d, symlinks=True)
@@ -136,8 +136,9 @@ def test_mixed_operations(tmp_path):
     compare_run(tmp_path, textwrap.dedent("""
         set -e
         echo new > src/new.txt; mkdir -p a/b/c; echo z > a/b/c/z
-        chmod 600 README; ln -s src/a.c alink; cp -r src copy
-        rm link; truncate -s 1 src/deep/x.txt; mv tool.sh src/tool2.sh; ./src/tool2.sh
+        chmod 600 README; ln -s src/a.c alink; ln src/a.c hard; cp -r src copy
+        rm link; touch README; truncate -s 1 src/deep/x.txt; mv tool.sh src/tool2.sh; ./src/tool2.sh
+        cd a/b && echo here > here.txt && cd ../.. && cat a/b/here.txt
     """))
 
 
@@ -146,6 +147,19 @@ def test_git_init_add_commit(tmp_path):
     d = compare_run(tmp_path, "git init -q . && git add -A && git commit -qm first && git log --oneline | wc -l",
                     fs_writable=["/dev/null"], fs_readable=[*SYSTEM_RO, "/dev/urandom"])  # git needs both
     assert any(c.path.startswith(".git/objects/") for c in d.changes)
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("cc") is None, reason="make/cc missing")
+def test_make_c_project(tmp_path):
+    def project(root):
+        root.mkdir()
+        (root / "main.c").write_text('#include <stdio.h>\nint a(void);\nint main(void){printf("%d\\n",a());}\n')
+        (root / "a.c").write_text("int a(void) { return 42; }\n")
+        (root / "Makefile").write_text("prog: main.o a.o\n\tcc -o prog main.o a.o\n%.o: %.c\n\tcc -c -o $@ $<\n")
+        return root
+    d = compare_run(tmp_path, "make -s && ./prog | grep -x 42", tree=project,
+                    fs_writable=["/dev/null", "/tmp"])  # cc's temporary files
+    assert sorted(c.path for c in d.changes) == ["a.o", "main.o", "prog"]
 
 
 def test_abort_on_exit_and_on_error_leave_the_tree(tmp_path):
