@@ -33,9 +33,16 @@ import stat
 import struct
 
 from .notif import Errno, Value, s32, serve_virtual, tgid_of
+from .resources import stat_fields
 
 AT_FDCWD = -100
+RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
+OUTSIDE = "(not on /proc or /sys)"
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+AT_NO_AUTOMOUNT = 0x800
+STAT_SIZE = 144 if os.uname().machine == "x86_64" else 128  # struct stat of newfstatat
 PROC_ROOT_INO = 1
 
 SENSITIVE = (
@@ -50,6 +57,28 @@ _CPU_FILES = ("/sys/devices/system/cpu/online", "/sys/devices/system/cpu/possibl
 _PID_RE = re.compile(r"^/proc/(\d+)(?:/|$)")
 # The last components that can matter: cheap pre-filter before any resolution.
 _SELF = ("self", "thread-self")
+
+
+def _kernel_devs() -> frozenset[int]:
+    """st_dev of every mount at or under /proc and /sys (procfs, sysfs, debugfs, tracefs, cgroup...): an
+    object on none of them is not a name this module cares about."""
+    devs = set()
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                parts = line.split()
+                point = parts[4]
+                if point in (b"/proc", b"/sys") or point.startswith((b"/proc/", b"/sys/")):
+                    major, minor = parts[2].split(b":")
+                    devs.add(os.makedev(int(major), int(minor)))
+    except (OSError, IndexError, ValueError):
+        pass
+    for p in ("/proc", "/sys"):
+        try:
+            devs.add(os.stat(p).st_dev)
+        except OSError:
+            pass
+    return frozenset(devs)
 
 
 def _sensitive(name: str) -> bool:
@@ -69,11 +98,21 @@ class ProcFs:
         self.nr_getdents64 = syscalls.number("getdents64", arch)
         self.nr_getdents = syscalls.number("getdents", arch)
         self.nr_openat2 = syscalls.number("openat2", arch)
+        self.nr_newfstatat = syscalls.number("newfstatat", arch) or syscalls.number("fstatat64", arch)
+        self.nr_statx = syscalls.number("statx", arch)
+        self.ruleset_fd = -1  # the sandbox's Landlock ruleset (install), for the on-behalf opener thread
         try:
             self.proc_dev = os.stat("/proc").st_dev
         except OSError:
             self.proc_dev = -1
         self._cpuinfo: bytes | None = None
+        self.kernel_devs = _kernel_devs()
+        from ._native import ffi
+        # open_how for the fast resolution: [follow the last link?][stay on the starting mount?]
+        self._hows = {(nofollow, same): ffi.new("uint64_t[3]", [
+            os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0), 0,
+            RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_XDEV if same else 0)])
+            for nofollow in (False, True) for same in (False, True)}
 
     # ---- the sandbox's pids ----
     def _pids(self, sup, fresh: bool = False) -> set[int]:
@@ -195,12 +234,12 @@ class ProcFs:
         return None
 
     # ---- open family ----
-    def _fast(self, n, dirfd: int, path: bytes):
+    def _fast(self, n, dirfd: int, path: bytes, nofollow: bool = False):
         """The kernel's own resolution in the supervisor, refusing magic links: exact for the child unless it
-        went through /proc (``self`` means the supervisor here) or a magic link (ELOOP). Returns the name,
-        False when the path does not exist (the child's open fails alike), None when only the exact walk can
-        tell."""
-        from ._native import ffi, lib
+        went through /proc (``self`` means the supervisor here) or a magic link (ELOOP). Returns the name
+        (``OUTSIDE`` for an object on no /proc or /sys mount: no need to name it), False when the path does
+        not exist and its walk never left the starting mount (so no /proc/self was involved: the child's open
+        fails alike), None when only the exact walk can tell."""
         if self.nr_openat2 is None or not path:
             return None
         base = -1
@@ -211,15 +250,17 @@ class ProcFs:
                                    os.O_PATH | os.O_CLOEXEC)
                 except OSError:
                     return None
-            how = ffi.new("uint64_t[3]", [os.O_PATH | os.O_CLOEXEC, 0, RESOLVE_NO_MAGICLINKS])
-            cpath = ffi.new("char[]", path)
-            fd = lib.sl_raw_syscall6(self.nr_openat2, base if base >= 0 else AT_FDCWD, ffi.cast("long", cpath),
-                                     ffi.cast("long", how), 24, 0, 0)
+            fd = self._openat2(base, path, self._hows[nofollow, False])
             if fd == -errno.ENOENT:
-                return False
+                fd = self._openat2(base, path, self._hows[nofollow, True])
+                if fd >= 0:
+                    os.close(fd)
+                return False if fd == -errno.ENOENT else None
             if fd < 0:
                 return None
             try:
+                if os.fstat(fd).st_dev not in self.kernel_devs:
+                    return OUTSIDE
                 return os.readlink(f"/proc/self/fd/{fd}")
             finally:
                 os.close(fd)
@@ -227,9 +268,35 @@ class ProcFs:
             if base >= 0:
                 os.close(base)
 
-    def _open(self, sup, n, name_syscall: str, dirfd: int, path_index: int, flags: int):
+    def _openat2(self, base: int, path: bytes, how) -> int:
+        """An O_PATH fd or -errno."""
+        from ._native import ffi, lib
+        return lib.sl_raw_syscall6(self.nr_openat2, base if base >= 0 else AT_FDCWD,
+                                   ffi.cast("long", ffi.new("char[]", path)), ffi.cast("long", how), 24, 0, 0)
+
+    # ---- /proc/<pid> of the sandbox: opened and read on behalf, decided on the object ----
+    def behalf(self, sup) -> "ProcBehalf":
+        """The on-behalf opener of this run (fs_denied's, shared with it when both are active)."""
+        b = sup.state.get("procfs.behalf")
+        if b is None:
+            from .fsdeny import Opener
+            if "fsdeny.opener" not in sup.state:
+                opener = sup.state["fsdeny.opener"] = Opener(self.ruleset_fd)
+                sup.on_close(opener.close)
+            b = sup.state["procfs.behalf"] = ProcBehalf(self, sup)
+        return b
+
+    def _open_pid_entry(self, sup, n, name_syscall: str, name: str, flags: int, mode: int):
+        """Open ``name`` (what the child's path resolved to, in /proc/<pid of the sandbox>) on behalf and
+        inject the fd: the kernel never re-reads the child's path, and the object opened is checked again,
+        so a concurrent rename or symlink swap cannot reach another process's entry."""
+        return self.behalf(sup).open_name(sup, n, name_syscall, name, flags, mode)
+
+    def _open(self, sup, n, name_syscall: str, dirfd: int, path_index: int, flags: int, mode: int = 0):
         path = sup.path_arg(n, path_index)
         name = self._fast(n, dirfd, path)
+        if name is OUTSIDE:
+            return None
         if name is False:  # does not exist: still refuse a sensitive name (same answer on every kernel)
             try:
                 lexical = sup.resolve(n, dirfd, path)
@@ -238,7 +305,11 @@ class ProcFs:
             if _sensitive(lexical):
                 sup.record(name_syscall, n.pid, errno.EACCES, lexical, "a sensitive kernel file: always refused")
                 return Errno(errno.EACCES)
-            return None
+            if flags & os.O_CREAT:
+                return None
+            # Answered here, not continued: the kernel's own lookup would come later, when a link could
+            # have appeared (pointing into /proc/<another pid>).
+            return Errno(errno.ENOENT)
         if name and not (name.startswith("/proc") or name.startswith("/sys")):
             return None
         name = self.resolve(n, dirfd, path)
@@ -249,27 +320,30 @@ class ProcFs:
             return Errno(errno.EACCES)
         if self.isolate:
             m = _PID_RE.match(name)
-            if m and not self._ours(sup, int(m.group(1))):
-                sup.record(name_syscall, n.pid, errno.ENOENT, name, "isolate_pids hides other processes")
-                return Errno(errno.ENOENT)
+            if m:
+                if not self._ours(sup, int(m.group(1))):
+                    sup.record(name_syscall, n.pid, errno.ENOENT, name, "isolate_pids hides other processes")
+                    return Errno(errno.ENOENT)
+                return self._open_pid_entry(sup, n, name_syscall, name, flags, mode)
         data = self._virtual(sup, name)
         if data is None:
             return None
         return serve_virtual(sup, data, flags, "sandlock-proc")
 
     def h_open(self, sup, n):
-        return self._open(sup, n, "open", AT_FDCWD, 0, s32(n.data.args[1]))
+        a = n.data.args
+        return self._open(sup, n, "open", AT_FDCWD, 0, s32(a[1]), a[2] & 0o7777)
 
     def h_openat(self, sup, n):
         a = n.data.args
-        return self._open(sup, n, "openat", s32(a[0]), 1, s32(a[2]))
+        return self._open(sup, n, "openat", s32(a[0]), 1, s32(a[2]), a[3] & 0o7777)
 
     def h_openat2(self, sup, n):
         a = n.data.args
-        if a[3] < 8:
+        if a[3] < 16:
             return None
-        flags = struct.unpack("=Q", sup.read_mem(n, a[2], 8))[0]
-        return self._open(sup, n, "openat2", s32(a[0]), 1, s32(flags & 0xFFFFFFFF))
+        flags, mode = struct.unpack("=QQ", sup.read_mem(n, a[2], 16))
+        return self._open(sup, n, "openat2", s32(a[0]), 1, s32(flags & 0xFFFFFFFF), mode & 0o7777)
 
     # ---- links: readlink("/proc/<foreign>/exe") ----
     def _readlink(self, sup, n, name_syscall: str, dirfd: int, path_index: int):
@@ -280,16 +354,110 @@ class ProcFs:
             return None
         name = os.path.join(parent, os.fsdecode(tail))
         m = _PID_RE.match(name)
-        if m and not self._ours(sup, int(m.group(1))):
+        if not m:
+            return None
+        if not self._ours(sup, int(m.group(1))):
             sup.record(name_syscall, n.pid, errno.ENOENT, name, "isolate_pids hides other processes")
             return Errno(errno.ENOENT)
-        return None
+        a = n.data.args
+        return self.behalf(sup).readlink(sup, n, name_syscall, dirfd, path, a[path_index + 1],
+                                         s32(a[path_index + 2]))
 
     def h_readlink(self, sup, n):
         return self._readlink(sup, n, "readlink", AT_FDCWD, 0)
 
     def h_readlinkat(self, sup, n):
         return self._readlink(sup, n, "readlinkat", s32(n.data.args[0]), 1)
+
+    # ---- stat and access of /proc/<pid>: the same answer as open (ENOENT for another process) ----
+    def _name_of(self, n, dirfd: int, path: bytes, nofollow: bool):
+        """What ``path`` names for the child: OUTSIDE, False (absent), or a name (None: cannot tell)."""
+        name = self._fast(n, dirfd, path, nofollow)
+        if name is OUTSIDE or name is False:
+            return name
+        if not nofollow:
+            return self.resolve(n, dirfd, path)
+        head, _, tail = path.rpartition(b"/")
+        parent = self.resolve(n, dirfd, head or (b"/" if path.startswith(b"/") else b"."))
+        return None if parent is None else os.path.join(parent, os.fsdecode(tail))
+
+    def _stat_like(self, sup, n, syscall: str, dirfd: int, path_index: int, nofollow: bool, buf=None):
+        """``buf``: (kind, address) where the answer goes when it is made on behalf (a sandbox pid's entry:
+        stat'ed here on the object the name resolved to, never re-resolved by the kernel)."""
+        path = sup.path_arg(n, path_index)
+        if not path:
+            return None  # AT_EMPTY_PATH: an fd the child holds (or ENOENT from the kernel)
+        name = self._name_of(n, dirfd, path, nofollow)
+        if name is False:
+            return Errno(errno.ENOENT)  # answered now, as for open (a link appearing later changes nothing)
+        if name is None or name is OUTSIDE:
+            return None
+        m = _PID_RE.match(name)
+        if not m:
+            return None
+        if not self._ours(sup, int(m.group(1))):
+            sup.record(syscall, n.pid, errno.ENOENT, name, "isolate_pids hides other processes")
+            return Errno(errno.ENOENT)
+        return self._stat_on_behalf(sup, n, name, nofollow, buf) if buf is not None else None
+
+    def _stat_on_behalf(self, sup, n, name: str, nofollow: bool, buf):
+        from ._native import ffi, lib
+        try:
+            fd = os.open(name, os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
+        except OSError as exc:
+            return Errno(exc.errno or errno.ENOENT)
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            m = _PID_RE.match(real)
+            if m and not self._ours(sup, int(m.group(1))):
+                return Errno(errno.ENOENT)
+            kind, addr, mask = buf
+            out = ffi.new("char[]", 256)
+            empty = ffi.new("char[]", b"")
+            if kind == "statx":
+                r = lib.sl_raw_syscall6(self.nr_statx, fd, ffi.cast("long", empty), AT_EMPTY_PATH, mask,
+                                        ffi.cast("long", out), 0)
+                size = 256
+            else:
+                r = lib.sl_raw_syscall6(self.nr_newfstatat, fd, ffi.cast("long", empty), ffi.cast("long", out),
+                                        AT_EMPTY_PATH, 0, 0)
+                size = STAT_SIZE
+            if r < 0:
+                return Errno(-r)
+            sup.write_mem(n, addr, ffi.buffer(out, size)[:])
+            return Value(0)
+        finally:
+            os.close(fd)
+
+    def h_stat(self, sup, n):
+        return self._stat_like(sup, n, "stat", AT_FDCWD, 0, False, ("stat", n.data.args[1], 0))
+
+    def h_lstat(self, sup, n):
+        return self._stat_like(sup, n, "lstat", AT_FDCWD, 0, True, ("stat", n.data.args[1], 0))
+
+    def h_newfstatat(self, sup, n):
+        a = n.data.args
+        flags = s32(a[3])
+        if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | AT_NO_AUTOMOUNT):
+            return None  # the kernel answers EINVAL
+        return self._stat_like(sup, n, "newfstatat", s32(a[0]), 1, bool(flags & AT_SYMLINK_NOFOLLOW),
+                               ("stat", a[2], 0))
+
+    def h_statx(self, sup, n):
+        a = n.data.args
+        flags = s32(a[2])
+        return self._stat_like(sup, n, "statx", s32(a[0]), 1, bool(flags & AT_SYMLINK_NOFOLLOW),
+                               ("statx", a[4], a[3] & 0xFFFFFFFF))
+
+    def h_access(self, sup, n):
+        return self._stat_like(sup, n, "access", AT_FDCWD, 0, False)
+
+    def h_faccessat(self, sup, n):
+        return self._stat_like(sup, n, "faccessat", s32(n.data.args[0]), 1, False)
+
+    def h_faccessat2(self, sup, n):
+        a = n.data.args
+        return self._stat_like(sup, n, "faccessat2", s32(a[0]), 1, bool(s32(a[3]) & AT_SYMLINK_NOFOLLOW))
 
     # ---- listings ----
     def _getdents(self, sup, n, nr: int, name_off: int):
@@ -398,6 +566,192 @@ class ProcFs:
         return Value(need)
 
 
+# ---- pid-taking syscalls under isolate_pids: decided on the pid register (the kernel reads the same saved
+# register after CONTINUE, so there is nothing to race) ----
+# name -> indexes of the pid arguments; 0 there means "the caller" (the filter lets those calls through).
+PID_ARGS = {
+    "tkill": (0,), "tgkill": (0, 1), "rt_sigqueueinfo": (0,), "rt_tgsigqueueinfo": (0, 1), "pidfd_open": (0,),
+    "sched_setaffinity": (0,), "sched_getparam": (0,), "sched_setparam": (0,), "sched_getscheduler": (0,),
+    "sched_setscheduler": (0,), "sched_rr_get_interval": (0,), "sched_getattr": (0,), "sched_setattr": (0,),
+    "getpgid": (0,), "getsid": (0,), "prlimit64": (0,), "get_robust_list": (0,), "migrate_pages": (0,),
+    "move_pages": (0,), "kcmp": (0, 1),
+}
+# name -> (which argument, which value means "who is a pid", which value means "who is a process group")
+WHICH_WHO = {"getpriority": (0, 0, 1), "setpriority": (0, 0, 1), "ioprio_get": (0, 1, 2), "ioprio_set": (0, 1, 2)}
+PID_MASK = 0xFFFFFFFF  # pid_t is 32 bits: "the pid argument is not 0"
+
+
+class PidCalls:
+    """ESRCH for a pid outside the sandbox, as if it did not exist. ``kill`` of a process group or of -1 is
+    done on behalf over the sandbox's processes only (a group may mix sandbox and host processes)."""
+
+    def __init__(self, procfs: "ProcFs"):
+        self.fs = procfs
+
+    def _foreign(self, sup, n, name: str, pid: int) -> bool:
+        if pid <= 0 or self.fs._ours(sup, pid):
+            return False
+        sup.record(name, n.pid, errno.ESRCH, f"pid {pid}", "isolate_pids hides other processes")
+        return True
+
+    def by_pid(self, name: str):
+        idx = PID_ARGS[name]
+
+        def handler(sup, n):
+            for i in idx:
+                if self._foreign(sup, n, name, s32(n.data.args[i])):
+                    return Errno(errno.ESRCH)
+            return None
+        return handler
+
+    def by_which(self, name: str):
+        which_arg, pid_kind, group_kind = WHICH_WHO[name]
+
+        def handler(sup, n):
+            which, who = s32(n.data.args[which_arg]), s32(n.data.args[which_arg + 1])
+            if who > 0 and ((which == pid_kind and self._foreign(sup, n, name, who))
+                            or (which == group_kind and not self._group(sup, who))):
+                return Errno(errno.ESRCH)
+            return None
+        return handler
+
+    def _group(self, sup, pgid: int) -> list[int]:
+        """The sandbox's processes in process group ``pgid``."""
+        out = []
+        for pid in self.fs._pids(sup, fresh=True):
+            f = stat_fields(pid)
+            if f is not None and int(f[2]) == pgid:
+                out.append(pid)
+        return out
+
+    def h_setpgid(self, sup, n):
+        pid, pgid = s32(n.data.args[0]), s32(n.data.args[1])
+        if self._foreign(sup, n, "setpgid", pid):
+            return Errno(errno.ESRCH)
+        if pgid > 0 and pgid != (pid or tgid_of(n.pid)) and not self._group(sup, pgid):
+            return Errno(errno.EPERM)  # joining a host process group: "no such group in this session"
+        return None
+
+    def h_kill(self, sup, n):
+        pid, sig = s32(n.data.args[0]), s32(n.data.args[1])
+        if pid > 0:
+            return Errno(errno.ESRCH) if self._foreign(sup, n, "kill", pid) else None
+        if pid == 0:
+            return None
+        caller = tgid_of(n.pid)
+        if pid == -1:
+            targets = [p for p in self.fs._pids(sup, fresh=True) if p != caller]
+        else:
+            targets = self._group(sup, -pid)
+        return self._kill_on_behalf(n.pid, targets, sig)
+
+    @staticmethod
+    def _kill_on_behalf(tid: int, targets: list[int], sig: int):
+        """kill(2) of a group or of -1, limited to the sandbox, with the kernel's permission rule: the
+        sender has CAP_KILL or its real or effective uid is the target's real or saved uid."""
+        if not 0 <= sig <= 64:
+            return Errno(errno.EINVAL)
+        me = _ids(tid)
+        if me is None:
+            return Errno(errno.ESRCH)
+        sent = denied = 0
+        for pid in targets:
+            them = _ids(pid)
+            if them is None:
+                continue
+            if not me[1] and not ({me[0][0], me[0][1]} & {them[0][0], them[0][2]}):
+                denied += 1
+                continue
+            try:
+                os.kill(pid, sig)
+                sent += 1
+            except ProcessLookupError:
+                continue
+            except PermissionError:
+                denied += 1
+        if sent:
+            return Value(0)
+        return Errno(errno.EPERM if denied else errno.ESRCH)
+
+
+def _ids(pid: int):
+    """((ruid, euid, suid), has CAP_KILL) of a process, from /proc/PID/status; None if gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    uid = cap = None
+    for line in data.split(b"\n"):
+        if line.startswith(b"Uid:"):
+            uid = tuple(int(x) for x in line.split()[1:4])
+        elif line.startswith(b"CapEff:"):
+            cap = int(line.split()[1], 16)
+    if uid is None or cap is None:
+        return None
+    return uid, bool(cap & (1 << 5))
+
+
+class ProcBehalf:
+    """fs_denied's on-behalf open (fsdeny.FsDeny: the child's view of /proc/self, magic links refused, the
+    opener thread carrying the sandbox's Landlock domain) with one deny rule: an object under
+    /proc/<pid of another process>, answered ENOENT."""
+
+    def __init__(self, procfs: "ProcFs", sup):
+        from types import SimpleNamespace
+        from .fsdeny import FsDeny
+        self.fs, self.sup = procfs, sup
+        self.opener = FsDeny(SimpleNamespace(fs_denied=()), procfs.ruleset_fd)
+        self.opener.deny = self  # FsDeny asks self.denied() about the object it opened
+        self.opener._record = self._record
+
+    def denied(self, real: str, st=None, fd: int = -1) -> bool:
+        m = _PID_RE.match(real)
+        return bool(m) and not self.fs._ours(self.sup, int(m.group(1)))
+
+    @staticmethod
+    def _record(sup, n, name: str, path: str):
+        sup.record(name, n.pid, errno.ENOENT, path, "isolate_pids hides other processes")
+        return Errno(errno.ENOENT)
+
+    def open_name(self, sup, n, syscall: str, name: str, flags: int, mode: int):
+        try:
+            return self.opener._open_on_behalf(sup, n, syscall, AT_FDCWD, os.fsencode(name), flags, mode, 0)
+        except OSError as exc:  # what the kernel said to our on-behalf open is the child's answer
+            return Errno(exc.errno or errno.EACCES)
+
+    def readlink(self, sup, n, name: str, dirfd: int, path: bytes, buf: int, size: int):
+        """readlink(2) on behalf: the parent directory is opened as the child would resolve it, checked, and
+        the link read from that very directory."""
+        if size <= 0:
+            return Errno(errno.EINVAL)
+        head, _, tail = path.rpartition(b"/")
+        head = head or (b"/" if path.startswith(b"/") else b".")
+        base = AT_FDCWD
+        try:
+            if not head.startswith(b"/"):
+                base, _ = self.opener._base(sup, n, dirfd)
+            parent, child_fd = self.opener._locate(sup, n, base, head, 0)
+            parent = child_fd if child_fd >= 0 else parent
+            if parent is None:
+                return Errno(errno.ENOENT)
+            try:
+                real = os.readlink(f"/proc/self/fd/{parent}")
+                if self.denied(real):
+                    return self._record(sup, n, name, real)
+                target = os.readlink(tail, dir_fd=parent)
+            finally:
+                os.close(parent)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EACCES)
+        finally:
+            if base != AT_FDCWD:
+                os.close(base)
+        data = os.fsencode(target)[:size]
+        sup.write_mem(n, buf, data)
+        return Value(len(data))
+
+
 def _records(data: bytes, name_off: int):
     """(name, record bytes) of each dirent record."""
     off = 0
@@ -430,6 +784,7 @@ def wanted(policy) -> bool:
 def install(builder) -> None:
     policy = builder.policy
     fs = ProcFs(policy, builder.arch)
+    fs.ruleset_fd = builder.ruleset_fd
     builder.notify("open", fs.h_open)
     builder.notify("openat", fs.h_openat)
     builder.notify("openat2", fs.h_openat2)
@@ -438,5 +793,17 @@ def install(builder) -> None:
         builder.notify("getdents", fs.h_getdents)
         builder.notify("readlink", fs.h_readlink)
         builder.notify("readlinkat", fs.h_readlinkat)
-    if policy.isolate_pids or policy.num_cpus is not None:
-        builder.notify("sched_getaffinity", fs.h_sched_getaffinity)
+    if policy.num_cpus is not None:
+        builder.notify("sched_getaffinity", fs.h_sched_getaffinity)  # every call: the mask is virtual
+    elif policy.isolate_pids:
+        builder.notify("sched_getaffinity", fs.h_sched_getaffinity, when=(0, PID_MASK))
+    if policy.isolate_pids:
+        calls = PidCalls(fs)
+        for name, idx in PID_ARGS.items():  # pid 0 is the caller itself: the filter lets it through
+            builder.notify(name, calls.by_pid(name), when=(idx[0], PID_MASK))
+        for name in WHICH_WHO:
+            builder.notify(name, calls.by_which(name), when=(WHICH_WHO[name][0] + 1, PID_MASK))
+        builder.notify("kill", calls.h_kill, when=(0, PID_MASK))
+        builder.notify("setpgid", calls.h_setpgid)
+        for name in ("stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2"):
+            builder.notify(name, getattr(fs, f"h_{name}"))

@@ -160,6 +160,120 @@ def test_foreign_processes_are_hidden_and_refused(tmp_path):
     assert r.stdout.decode().splitlines() == FOREIGN_EXPECT, r.stderr
 
 
+PID_CALLS = """
+import ctypes, os, resource, sys, time
+host, victim, host_pgid = (int(x) for x in sys.argv[1:4])
+libc = ctypes.CDLL(None, use_errno=True)
+def sc(*a):
+    if libc.syscall(*a) < 0:
+        raise OSError(ctypes.get_errno(), "")
+out = []
+def attempt(what, fn):
+    try:
+        fn()
+        out.append(f"{what} ok")
+    except OSError as e:
+        out.append(f"{what} {e.errno}")
+me = os.getpid()
+kid = os.fork()
+if kid == 0:
+    time.sleep(30)
+    os._exit(0)
+for who, pid in (("host", host), ("victim", victim), ("me", me), ("kid", kid)):
+    attempt(f"{who} kill0", lambda: os.kill(pid, 0))
+    attempt(f"{who} tkill0", lambda: sc(200, pid, 0))
+    attempt(f"{who} tgkill0", lambda: sc(234, pid, pid, 0))
+    attempt(f"{who} pidfd", lambda: os.close(os.pidfd_open(pid)))
+    attempt(f"{who} getpriority", lambda: os.getpriority(os.PRIO_PROCESS, pid))
+    attempt(f"{who} getpgid", lambda: os.getpgid(pid))
+    attempt(f"{who} getsid", lambda: os.getsid(pid))
+    attempt(f"{who} affinity", lambda: os.sched_getaffinity(pid))
+    attempt(f"{who} prlimit", lambda: resource.prlimit(pid, resource.RLIMIT_NOFILE))
+    attempt(f"{who} stat", lambda: os.stat(f"/proc/{pid}"))
+    attempt(f"{who} access", lambda: os.access(f"/proc/{pid}/status", os.R_OK) or os.stat(f"/proc/{pid}/status"))
+    attempt(f"{who} statdir", lambda: os.stat(f"/proc/{pid}/task"))
+attempt("victim kill9", lambda: os.kill(victim, 9))
+attempt("host group", lambda: os.killpg(host_pgid, 0))
+attempt("broadcast", lambda: os.kill(-1, 0))
+attempt("own group", lambda: os.killpg(os.getpgid(0), 0))
+print("\\n".join(out))
+"""
+E, S = errno.ESRCH, errno.ENOENT
+PID_EXPECT = (
+    [f"{who} {x} {E}" for who in ("host", "victim") for x in ("kill0", "tkill0", "tgkill0", "pidfd", "getpriority",
+                                                              "getpgid", "getsid", "affinity", "prlimit")]
+    + [f"{who} {x} {S}" for who in ("host", "victim") for x in ("stat", "access", "statdir")])
+PID_OK = [f"{who} {x} ok" for who in ("me", "kid") for x in ("kill0", "tkill0", "tgkill0", "pidfd", "getpriority",
+          "getpgid", "getsid", "affinity", "prlimit", "stat", "access", "statdir")]
+PID_TAIL = [f"victim kill9 {E}", f"host group {E}", "broadcast ok", "own group ok"]
+
+
+def _check_pid_calls(lines):
+    rows = {line.rsplit(" ", 1)[0]: line for line in lines}
+    got = [rows.get(x.rsplit(" ", 1)[0]) for x in PID_EXPECT + PID_OK + PID_TAIL]
+    assert got == PID_EXPECT + PID_OK + PID_TAIL
+
+
+def test_pid_syscalls_and_proc_names_of_foreign_processes_are_esrch_and_enoent():
+    import subprocess
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        r = Sandbox(Policy(isolate_pids=True)).run(
+            [*PY, PID_CALLS, str(os.getpid()), str(victim.pid), str(os.getpgid(0))], timeout=60)
+        _check_pid_calls(r.stdout.decode().splitlines())
+        assert victim.poll() is None  # SIGKILL from the sandbox never reached it
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def test_pid_syscalls_as_an_unprivileged_user():
+    code = f"""
+import os, subprocess
+from sandlock_core import Policy, Sandbox
+victim = subprocess.Popen(["sleep", "60"])
+r = Sandbox(Policy(isolate_pids=True)).run(["/usr/bin/python3", "-I", "-S", "-c", {PID_CALLS!r},
+                                            str(os.getppid()), str(victim.pid), str(os.getpgid(0))])
+print(r.stdout.decode(), end="")
+print("alive", victim.poll() is None)
+victim.kill()
+"""
+    p = run_as_nobody(code)
+    lines = p.stdout.splitlines()
+    _check_pid_calls(lines)
+    assert lines[-1] == "alive True", p.stderr
+
+
+def test_a_symlink_flipped_between_own_and_foreign_entries_never_opens_the_foreign_one(shared_tmp):
+    """The check and the open are one on-behalf step: a thread flipping a link between this process's
+    /proc entry and the host's can make an open fail, never return the host's file."""
+    code = f"""
+import os, sys, threading
+host, me, link = sys.argv[1], os.getpid(), {str(shared_tmp / "flip")!r}
+stop = False
+def flip():
+    i = 0
+    while not stop:
+        tmp = link + ".t"
+        os.symlink(f"/proc/{{host if i % 2 else me}}/status", tmp)
+        os.replace(tmp, link)
+        i += 1
+threading.Thread(target=flip, daemon=True).start()
+seen = set()
+for _ in range(1500):
+    try:
+        with open(link) as f:
+            seen.add([l for l in f if l.startswith("Pid:")][0].split()[1])
+    except (OSError, IndexError):
+        pass
+stop = True
+print(sorted(seen))
+"""
+    r = Sandbox(Policy(isolate_pids=True)).run([*PY, code, str(os.getpid())], timeout=120)
+    seen = eval(r.stdout)
+    assert str(os.getpid()) not in seen and seen, (r.stdout, r.stderr)
+
+
 @pytest.fixture
 def shared_tmp():
     import shutil
