@@ -177,8 +177,11 @@ def hint(step: str, err: int) -> str:
         if err == errno.ENOSPC or err == errno.EUSERS:
             return " (the nesting or count limit of user namespaces is reached: user.max_user_namespaces)"
     if "uid_map" in step:
-        return (" (the kernel refused the uid/gid map of the new user namespace; AppArmor's "
-                "apparmor_restrict_unprivileged_userns does this)")
+        return (" (the kernel refused the uid/gid map of the new user namespace: this process runs inside a "
+                "Landlock sandbox that may not write /proc, or AppArmor's apparmor_restrict_unprivileged_userns "
+                "forbids it)")
+    if "private" in step and err == errno.EPERM:
+        return " (mounts are refused: this process runs inside a Landlock sandbox, which forbids mount changes)"
     if "overlay" in step:
         return (" (the kernel refused an OverlayFS mount in a user namespace: it needs Linux 5.11+, and the upper "
                 "directory (fs_storage) must be on a filesystem that supports user xattrs, e.g. not another "

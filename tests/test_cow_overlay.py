@@ -287,6 +287,43 @@ def test_nested_sandbox_gets_a_clear_error_not_a_hang(tmp_path):
                                "(user namespaces are refused here")
 
 
+def test_nested_in_a_landlock_sandbox_that_allows_unshare(tmp_path):
+    """An outer sandbox without the blocklist still has Landlock, which forbids mounts: a clear error too."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inner = textwrap.dedent(f"""
+        from sandlock_core import Sandbox, Policy
+        from sandlock_core.policy import FsIsolation
+        r = Sandbox(Policy(workdir={str(tmp_path)!r}, fs_isolation=FsIsolation.OVERLAYFS)).run(["/bin/true"])
+        print(r.exit_code, r.error)
+    """)
+    readable = [*SYSTEM_RO, root, os.path.dirname(os.path.realpath(sys.executable)), sys.prefix, "/dev"]
+    readable += [p for p in sys.path if p.startswith("/") and os.path.isdir(p)]
+    outer = Policy(fs_readable=readable, fs_writable=[str(tmp_path), "/proc", "/dev/null", "/tmp"],
+                   deny_syscalls=[], env={"PYTHONPATH": root})
+    r = Sandbox(outer).run([sys.executable, "-c", inner], timeout=60)
+    assert r.stdout.decode().startswith("127 sandlock: namespaces: make mounts private: Operation not permitted "
+                                        "(mounts are refused: this process runs inside a Landlock sandbox"), r.stderr
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="unshare (util-linux) is not installed")
+def test_works_from_inside_a_user_namespace(tmp_path):
+    """A caller that already runs in a user namespace gets a nested one: the overlay works the same."""
+    w = make_tree(tmp_path / "w")
+    code = textwrap.dedent(f"""
+        from sandlock_core import Sandbox, Policy
+        from sandlock_core.policy import FsIsolation
+        d = Sandbox(Policy(fs_readable={SYSTEM_RO!r}, workdir={str(w)!r}, cwd={str(w)!r},
+                           fs_isolation=FsIsolation.OVERLAYFS, fs_storage={str(tmp_path / "st")!r})
+                   ).dry_run(["sh", "-c", "rm README; id -u"])
+        print(d.exit_code, d.stdout.decode().strip(), [(c.kind, c.path) for c in d.changes])
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["unshare", "-U", "-r", sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": root})
+    assert r.stdout == "0 0 [('D', 'README')]\n", r.stderr
+    assert (w / "README").exists()
+
+
 NOBODY_CODE = textwrap.dedent("""
     import json, os, subprocess, sys, tempfile
     from sandlock_core import Policy, Sandbox
