@@ -11,18 +11,25 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
   (``nproc``, ``os.sched_getaffinity``). The real affinity is unchanged (``cpu_cores`` sets that).
 * ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a duplicate of
   the child's fd, which shares its offset) show only the sandbox's processes; ``/proc/<pid>/...`` of any other
-  process, opened or read as a link, fails with ``ENOENT`` as if it did not exist; ``sched_getaffinity`` of a
-  foreign pid is ``ESRCH``.
+  process, opened, read as a link, stat'ed or tested with access, fails with ``ENOENT`` as if it did not exist;
+  the sandbox's own ``/proc/<pid>`` entries are opened, read (readlink) and stat'ed on behalf and checked again on
+  the object. Pid-taking syscalls (``PID_ARGS``, ``WHICH_WHO``, ``kill``, ``setpgid``) on another process answer
+  ``ESRCH``, decided on the pid register (pid 0, "myself", is let through by the filter); ``kill`` of a process
+  group or of -1 is done on behalf over the sandbox's processes only, with the kernel's permission rule.
 
 Names are resolved as the kernel would for the child: relative to its cwd or dirfd, following symlinks
 component by component, with ``/proc/self`` and ``/proc/thread-self`` meaning the *child's* pid (the supervisor's
 own magic links are never followed). Synthesized files are sealed memfds. Opens that are neither refused nor
 synthesized go on to the next mechanism (the kernel opens them).
 
-Residual risk: the checks are made on names and the open then continues, so a concurrent rename or symlink swap
-between the check and the kernel's own lookup can reach a foreign ``/proc/<pid>``; ``stat`` of
-``/proc/<pid>`` (not notified) reveals that a process exists and its owner; other pid-taking syscalls
-(``kill(pid, 0)``, ``getpriority``, ``pidfd_open``) are not filtered (``isolate_signals`` scopes signals).
+A path that does not exist is answered ``ENOENT`` here (not continued) when its walk never left the starting
+mount, so a link created afterwards cannot redirect the kernel's lookup.
+
+Residual risk: a name that resolves *outside* /proc and /sys when checked is continued, and the kernel resolves
+it again: a symlink swapped in between can still reach a foreign ``/proc/<pid>`` entry (Landlock still refuses the
+ptrace-guarded ones) or a sensitive file. Existence probes other than the ones above (``chdir``, ``statfs``,
+xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
+Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250).
 """
 from __future__ import annotations
 
