@@ -17,6 +17,7 @@ from sandlock_core.policy import BranchAction, FsIsolation
 from support import run_as_nobody
 
 PROGS = ("sh", "id", "ls", "cat", "touch", "stat", "rm", "mkdir", "chroot")
+FIND = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"  # chroot(8) lives in sbin, often off a user's PATH
 
 
 def _userns_works() -> str | None:
@@ -28,7 +29,7 @@ def _userns_works() -> str | None:
                 return "user.max_user_namespaces is 0"
     except OSError:
         pass
-    if shutil.which("ldd") is None or any(shutil.which(p) is None for p in PROGS):
+    if shutil.which("ldd", path=FIND) is None or any(shutil.which(p, path=FIND) is None for p in PROGS):
         return "ldd and " + ", ".join(PROGS) + " are needed to build a small root"
     return None
 
@@ -40,8 +41,9 @@ MAKE_ROOT = textwrap.dedent('''
     import os, shutil, subprocess
     def make_root(root, progs):
         for prog in progs:
-            src = os.path.realpath(shutil.which(prog))
-            files = [src] + [w for line in subprocess.run(["ldd", src], capture_output=True, text=True).stdout.splitlines()
+            src = os.path.realpath(shutil.which(prog, path="/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"))
+            files = [src] + [w for line in subprocess.run(["/usr/bin/env", "PATH=/usr/bin:/bin", "ldd", src],
+                                                          capture_output=True, text=True).stdout.splitlines()
                              for w in line.split() if w.startswith("/")]
             for f in files:
                 dst = root + f
