@@ -420,6 +420,7 @@ class Deterministic:
         self.listings: dict[tuple[int, int], tuple[tuple[int, int], list[bytes]]] = {}
         self.lock = threading.Lock()
         self.fast: FastPath | None = None
+        self._metadata = None  # a metadata.Metadata judge, built when the metadata guard is active
 
     # ---- per run ----
     def setup(self, sup) -> None:
@@ -595,58 +596,135 @@ class Deterministic:
             sup.write_mem(n, a[2] + 16, struct.pack("<qq", *divmod(max(real, 1), NS)))
         return None  # the kernel reads the rewritten target (see the module docstring)
 
-    # ---- utimensat: UTIME_NOW / NULL follow the sandbox clock ----
+    # ---- times set to "now" follow the sandbox clock ----
+    # utimensat/futimens with UTIME_NOW or NULL times, and the legacy utimes, futimesat, utime with NULL times.
+    # Explicit times are left to the next handler (metadata) or the kernel. When the metadata guard is active
+    # (fs rules, no namespaces) the change is made through it, so its fs_writable/fs_denied judgement and its
+    # Landlock-confined opener apply; otherwise it is made here, on the object the child names.
     def h_utimensat(self, sup, n):
         a = n.data.args
         dirfd, path_addr, times_addr, flags = s32(a[0]), a[1], a[2], s32(a[3])
-        now = self.clock.now_ns()
         if times_addr:
             raw = struct.unpack("<qqqq", sup.read_mem(n, times_addr, 32))
+            nsecs = (raw[1], raw[3])
+            if UTIME_NOW not in nsecs:
+                return None  # explicit times: the next handler's or the kernel's business
             pairs = [(raw[0], raw[1]), (raw[2], raw[3])]
-            if all(ns_ != UTIME_NOW for _, ns_ in pairs):
-                return None  # explicit times: the kernel's business
-            explicit = any(ns_ not in (UTIME_NOW, UTIME_OMIT) for _, ns_ in pairs)
         else:
             pairs = [(0, UTIME_NOW), (0, UTIME_NOW)]
-            explicit = False
-        if explicit:
-            return None  # a mix with explicit times needs ownership anyway: leave it to the kernel
-        path = sup.read_cstr(n, path_addr) if path_addr else None
-        # the object, looked up as the child would
-        if path is None or path == b"":
-            if path is None and dirfd == AT_FDCWD:
-                return Errno(errno.EFAULT)
-            base = sup.dup_child_fd(n, dirfd) if dirfd != AT_FDCWD else \
-                os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC)
-            target, name = base, None
-        else:
-            if path.startswith(b"/"):
-                base = None
-            elif dirfd == AT_FDCWD:
-                base = os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC)
-            else:
-                base = sup.dup_child_fd(n, dirfd)
-            target, name = base, path
+        if path_addr == 0 and dirfd == AT_FDCWD:
+            return Errno(errno.EFAULT)
+        return self._touch(sup, n, "utimensat", dirfd, path_addr or None, bool(flags & AT_SYMLINK_NOFOLLOW),
+                           bool(flags & AT_EMPTY_PATH), pairs)
+
+    def _legacy_now(self, sup, n, name: str, dirfd: int, path_addr: int, times_addr: int):
+        """utimes/futimesat/utime: only NULL times mean "now"."""
+        if times_addr:
+            return None
+        if path_addr == 0 and dirfd == AT_FDCWD:
+            return Errno(errno.EFAULT)
+        return self._touch(sup, n, name, dirfd, path_addr or None, False, False, [(0, UTIME_NOW)] * 2)
+
+    def h_utimes(self, sup, n):
+        return self._legacy_now(sup, n, "utimes", AT_FDCWD, n.data.args[0], n.data.args[1])
+
+    def h_utime(self, sup, n):
+        return self._legacy_now(sup, n, "utime", AT_FDCWD, n.data.args[0], n.data.args[1])
+
+    def h_futimesat(self, sup, n):
+        a = n.data.args
+        return self._legacy_now(sup, n, "futimesat", s32(a[0]), a[1], a[2])
+
+    def _touch(self, sup, n, name, dirfd, path_addr, nofollow, empty_ok, pairs):
+        now = divmod(self.clock.now_ns(), NS)
+        explicit = any(ns_ not in (UTIME_NOW, UTIME_OMIT) for _, ns_ in pairs)
+        times = struct.pack("<qqqq", *[v for sec, ns_ in pairs for v in (now if ns_ == UTIME_NOW else (sec, ns_))])
+        child_fd = dirfd if path_addr is None else None
+        if sup.state.get("metadata.opener") is not None:
+            return self._touch_via_metadata(sup, n, name, dirfd, path_addr, nofollow, empty_ok, times, explicit,
+                                            child_fd)
+        return self._touch_here(sup, n, dirfd, path_addr, nofollow, empty_ok, times, explicit, child_fd)
+
+    def _touch_via_metadata(self, sup, n, name, dirfd, path_addr, nofollow, empty_ok, times, explicit, child_fd):
+        if self._metadata is None:
+            from .metadata import Metadata
+            self._metadata = Metadata(self.policy)
+        md = self._metadata
+        set_times = md.utimes_op(times)
+
+        def utimes(fd, child, st):  # metadata.run calls it on its confined opener, after its own judgement
+            if not self._may_set(n.pid, st, child_fd, explicit):
+                raise OSError(errno.EPERM if explicit else errno.EACCES, "not the owner / not writable")
+            set_times(fd, child, st)
+        return md.run(sup, n, name, dirfd, path_addr, nofollow, utimes, empty_ok)
+
+    def _touch_here(self, sup, n, dirfd, path_addr, nofollow, empty_ok, times, explicit, child_fd):
+        """No metadata guard (no fs rules, or mount namespaces): the object is looked up as the child would
+        (absolute paths and symlinks inside the child's root, so its chroot and mounts apply), then changed
+        through that very lookup."""
         try:
-            try:
-                follow = not flags & AT_SYMLINK_NOFOLLOW
-                st = os.stat(name if name is not None else target, dir_fd=target if name is not None else None,
-                             follow_symlinks=follow) if name is not None else os.fstat(target)
-                if not self._may_touch(n.pid, st, dirfd if name is None and dirfd != AT_FDCWD else None):
-                    return Errno(errno.EACCES)
-                times = [(now if ns_ == UTIME_NOW else None) for _, ns_ in pairs]
-                cur = (st.st_atime_ns, st.st_mtime_ns)
-                ns_pair = tuple(t if t is not None else cur[i] for i, t in enumerate(times))
-                if name is not None:
-                    os.utime(name, ns=ns_pair, dir_fd=target, follow_symlinks=follow)
-                else:
-                    os.utime(f"/proc/self/fd/{target}", ns=ns_pair)
-            except OSError as exc:
-                return Errno(exc.errno or errno.EACCES)
+            fd = self._lookup(sup, n, dirfd, path_addr, nofollow, empty_ok)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EACCES)
+        try:
+            st = os.fstat(fd)
+            if nofollow and _stat.S_ISLNK(st.st_mode):
+                return Errno(errno.EOPNOTSUPP)  # as the metadata guard answers for a symlink itself
+            if not self._may_set(n.pid, st, child_fd, explicit):
+                return Errno(errno.EPERM if explicit else errno.EACCES)
+            sec_ns = struct.unpack("<qqqq", times)
+            ns_pair = tuple(cur if nsec == UTIME_OMIT else sec * NS + nsec
+                            for sec, nsec, cur in ((sec_ns[0], sec_ns[1], st.st_atime_ns),
+                                                   (sec_ns[2], sec_ns[3], st.st_mtime_ns)))
+            os.utime(f"/proc/self/fd/{fd}", ns=ns_pair)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EACCES)
         finally:
-            if base is not None:
-                os.close(base)
+            os.close(fd)
         return Value(0)
+
+    @staticmethod
+    def _lookup(sup, n, dirfd, path_addr, nofollow, empty_ok) -> int:
+        """An fd of the object the child names: its own fd (a duplicate), or an O_PATH lookup."""
+        from . import _sys
+        path = sup.read_cstr(n, path_addr) if path_addr is not None else None
+        if not path:
+            if path == b"" and not empty_ok:
+                raise OSError(errno.ENOENT, "empty path")
+            if dirfd == AT_FDCWD:
+                return os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC)
+            return sup.dup_child_fd(n, dirfd)
+        flags = os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+        if path.startswith(b"/"):  # from the child's root: "..", absolute symlinks stay inside it (chroot)
+            base, resolve = os.open(f"/proc/{n.pid}/root", os.O_PATH | os.O_CLOEXEC), _sys.RESOLVE_IN_ROOT
+        elif dirfd == AT_FDCWD:
+            base, resolve = os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC), 0
+        else:
+            base, resolve = sup.dup_child_fd(n, dirfd), 0
+        try:
+            return _sys.openat2(base, path, flags, 0, resolve | _sys.RESOLVE_NO_MAGICLINKS)
+        finally:
+            os.close(base)
+
+    @classmethod
+    def _may_set(cls, pid, st, fd, explicit: bool) -> bool:
+        """The kernel's rule: explicit times need the owner (or CAP_FOWNER: root); "now" also allows a
+        writer."""
+        if explicit:
+            uid = cls._uid(pid)
+            return uid is not None and (uid == 0 or uid == st.st_uid)
+        return cls._may_touch(pid, st, fd)
+
+    @staticmethod
+    def _uid(pid):
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"Uid:"):
+                        return int(line.split()[2])
+        except (OSError, ValueError):
+            pass
+        return None
 
     @staticmethod
     def _may_touch(pid, st, fd) -> bool:
@@ -929,6 +1007,9 @@ def install(builder) -> None:
         builder.notify("timerfd_settime", d.h_timerfd_settime)
         builder.notify("timer_settime", d.h_timer_settime)
         builder.notify("utimensat", d.h_utimensat)
+        builder.notify("utimes", d.h_utimes)
+        builder.notify("futimesat", d.h_futimesat)
+        builder.notify("utime", d.h_utime)  # x86_64 only: False elsewhere
         if d.normalize:
             builder.notify("newfstatat", d.h_newfstatat)
             builder.notify("stat", d.h_stat)

@@ -427,3 +427,85 @@ def test_fast_path_slots_are_reused_without_losing_bytes():
     assert live == want and len(want) == 2 * nslots  # only the slot owners' threads are mapped
     for k, owner in enumerate(fast.owners):
         assert owner.slot is not None and fast.slot_of[id(owner)] == k
+
+
+# ---- legacy "now" timestamps, through the metadata guard or on their own ------------------------------------
+
+TOUCH_LEGACY = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+out = []
+for name, nr, args in [("utimes", {utimes}, lambda p: (p, None)),
+                       ("futimesat", {futimesat}, lambda p: (-100, p, None)),
+                       ("futimesat_fd", {futimesat}, None),
+                       ("utime", {utime}, lambda p: (p, None)),
+                       ("utimensat", {utimensat}, lambda p: (-100, p, None, 0))]:
+    path = os.path.join(sys.argv[1], name).encode()
+    if args is None:  # futimesat(fd, NULL, NULL): the fd itself
+        fd = os.open(path, os.O_RDONLY)
+        r = libc.syscall(nr, fd, None, None)
+        os.close(fd)
+    else:
+        r = libc.syscall(nr, *args(path))
+    out.append(f"{{name}}={{r if r == 0 else -ctypes.get_errno()}}")
+print(" ".join(out))
+"""
+
+
+def legacy_code():
+    nums = {n: syscalls.number(n) for n in ("utimes", "futimesat", "utime", "utimensat")}
+    return TOUCH_LEGACY.format(**nums)
+
+
+@pytest.mark.parametrize("fs_rules", [True, False], ids=["metadata-guard", "no-fs-rules"])
+def test_legacy_utimes_futimesat_utime_with_null_times_follow_the_sandbox_clock(fs_rules):
+    import tempfile
+    d = tempfile.mkdtemp()
+    names = ("utimes", "futimesat", "futimesat_fd", "utime", "utimensat")
+    for name in names:
+        with open(os.path.join(d, name), "w") as f:
+            f.write("x")
+    fs = dict(fs_readable=BASE["fs_readable"], fs_writable=[d]) if fs_rules else {}
+    sb = Sandbox(Policy(**fs, time_start=Y2000, time_freeze=True))
+    r = sb.run([PY, "-I", "-S", "-c", legacy_code(), d], timeout=60)
+    assert r.exit_code == 0, r
+    assert r.stdout.decode().split() == [f"{n}=0" for n in names]
+    for name in names:
+        st = os.stat(os.path.join(d, name))
+        assert st.st_mtime == Y2000 and st.st_atime == Y2000, name
+    # explicit times are still the program's own (the metadata guard or the kernel sets them)
+    r = sb.run([PY, "-I", "-S", "-c", f"import os; os.utime({os.path.join(d, 'utimes')!r}, (5, 7))"], timeout=60)
+    assert r.exit_code == 0 and os.stat(os.path.join(d, "utimes")).st_mtime == 7, r
+
+
+def test_now_timestamps_outside_the_writable_trees_are_refused_as_nobody():
+    """time_start must not open a way around the metadata guard: "now" on a read-only tree is EACCES."""
+    import tempfile
+    from support import run_as_nobody
+    ro, rw = tempfile.mkdtemp(), tempfile.mkdtemp()
+    for d in (ro, rw):
+        os.chmod(d, 0o777)
+        for name in ("utimes", "futimesat", "futimesat_fd", "utime", "utimensat"):
+            p = os.path.join(d, name)
+            with open(p, "w") as f:
+                f.write("x")
+            os.chmod(p, 0o666)
+            os.chown(p, 65534, 65534)
+            os.utime(p, (1000, 1000))
+    code = textwrap.dedent(f"""
+        import sys
+        from sandlock_core import Policy, Sandbox
+        sb = Sandbox(Policy(fs_readable={BASE['fs_readable'] + [ro]!r}, fs_writable=[{rw!r}], time_start={Y2000},
+                            time_freeze=True))
+        for d in ({ro!r}, {rw!r}):
+            r = sb.run([{PY!r}, "-I", "-S", "-c", sys.argv[1], d], timeout=60)
+            print(r.exit_code, r.stdout.decode().strip())
+    """)
+    r = run_as_nobody(code, legacy_code())
+    assert r.returncode == 0, r.stderr
+    ro_line, rw_line = r.stdout.splitlines()
+    assert ro_line == "0 utimes=-13 futimesat=-13 futimesat_fd=-13 utime=-13 utimensat=-13"
+    assert rw_line == "0 utimes=0 futimesat=0 futimesat_fd=0 utime=0 utimensat=0"
+    for name in ("utimes", "futimesat", "futimesat_fd", "utime", "utimensat"):
+        assert os.stat(os.path.join(ro, name)).st_mtime == 1000
+        assert os.stat(os.path.join(rw, name)).st_mtime == Y2000
