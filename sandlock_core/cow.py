@@ -2,28 +2,39 @@
 
 The child's filesystem syscalls that name a path under the workdir are notified; the supervisor resolves the
 path itself in the *merged* view (upper over lower, whiteouts, symlinks followed component by component,
-``..``, dirfds, ``/proc/<pid>/{cwd,fd,root}``) and then:
+``..``, dirfds, ``/proc/<pid>/{cwd,fd,root}``; ``cow_view``) and then:
 
 * read-only opens and stat-like calls of an untouched lower entry CONTINUE: the kernel does them on the lower
-  file at full speed (the fast path; when nothing was written yet the path is not even resolved);
+  file at full speed (the fast path; when nothing was written yet the path is not even read). "Untouched":
+  no component the walk went through is an upper entry other than a plain copy of the lower directory (those
+  are made to hold copied-up children, and the kernel walking the lower finds the same names), and the entry
+  itself has no upper copy or whiteout. The lower is cached per run (it does not change while the sandbox
+  runs), so deciding costs no system call once a directory was seen; fstat through AT_EMPTY_PATH is one byte
+  read;
 * opens that write, create or truncate copy the file up and inject an fd on the upper file (ADDFD|SEND), so
   later reads and writes run at kernel speed;
 * unlink/rmdir/mkdir/rename/link/symlink/chmod/chown/utimensat/truncate/mknod are done in the upper and
-  recorded (whiteouts for deletions);
+  recorded (whiteouts for deletions; ``cow_mutate``);
 * stat/statx/access/readlink of touched entries are answered from the upper (written into the child's
   buffer); getdents64 on a directory whose content changed returns a merged listing (the file position is the
   index into it); chdir into a directory that exists only in the upper gives the process a *virtual cwd*
   (getcwd answers it; relative paths resolve against it; forks inherit it).
-* exec of a binary that exists only in the upper: the fd is injected and the path argument rewritten to
-  ``/proc/self/fd/N`` when the original string is long enough to hold it (otherwise EACCES, recorded).
+* exec of a binary that exists only in the upper (``cow_exec``): the fd is injected and the path string
+  rewritten in place to ``/dev/fd/N``; a shorter string (``./prog``) takes it by running over the bytes after
+  its NUL, once every argv/envp string starting there (argv[0] too: shells pass it as the path, and a venv's
+  python finds itself through it) was moved below the thread's stack pointer. A ``#!`` interpreter that exists
+  only in the upper cannot be found by the kernel: ENOENT, recorded with the way out (``interp script``).
 
 Rename or link between the workdir and the outside answers EXDEV (programs fall back to copy + delete).
+Commit is journaled (``cow_commit``): a commit killed half way is rolled forward by the next one.
 
-Residual risks (documented, by design):
-* CONTINUE decisions re-read the child's path: a racing thread can make the kernel act on another path. Under
-  a Landlock policy that does not let the child write the workdir this reaches nothing the child could not
-  reach anyway (reads of lower files; writes into the workdir are refused by Landlock). If the policy *does*
-  make the workdir (or a parent) writable, a racing child could write the host tree directly: COW is then a
+What is a boundary and what is not:
+* Decisions to CONTINUE depend on the path bytes, which a racing thread can change before the kernel reads
+  them. For reads and stat-like calls this only changes which *view* the racer gets (the lower, pre-run file,
+  which it could read before it changed it; Landlock judges the kernel's open). For writes it matters: the
+  kernel could be made to write the lower. That is refused by Landlock when the policy has filesystem rules
+  that do not make the workdir writable (``tests/test_cow_race.py``). A policy without filesystem rules (the
+  child may write the whole host anyway) or one that makes the workdir or a parent writable gets COW as a
   convenience, not a boundary.
 * For reads, a path that is lexically outside the workdir is not resolved: a symlink elsewhere that points
   into the workdir reads the lower (pre-run) file. Writes are always resolved.
