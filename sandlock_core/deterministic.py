@@ -952,7 +952,26 @@ class Deterministic:
         entries.sort(key=lambda e: e[2])
         return entries
 
+    @staticmethod
+    def _dirent64(ino: int, off: int, dtype: int, name: bytes) -> bytes:
+        """struct linux_dirent64: ino, off, reclen, type, name NUL, padded to 8."""
+        reclen = (19 + len(name) + 1 + 7) & ~7
+        return (struct.pack("<QqHB", ino, off, reclen, dtype) + name).ljust(reclen, b"\0")
+
+    @staticmethod
+    def _dirent_legacy(ino: int, off: int, dtype: int, name: bytes) -> bytes:
+        """struct linux_dirent (getdents): ino, off, reclen, name NUL, padded to 8, type in the last byte."""
+        reclen = (18 + len(name) + 2 + 7) & ~7
+        rec = (struct.pack("<QQH", ino, off, reclen) + name).ljust(reclen - 1, b"\0")
+        return rec + bytes((dtype,))
+
     def h_getdents64(self, sup, n):
+        return self._getdents(sup, n, self._dirent64)
+
+    def h_getdents(self, sup, n):
+        return self._getdents(sup, n, self._dirent_legacy)
+
+    def _getdents(self, sup, n, record):
         a = n.data.args
         fd, addr, count = s32(a[0]), a[1], a[2] & 0xFFFFFFFF
         dup = sup.dup_child_fd(n, fd)
@@ -972,11 +991,10 @@ class Deterministic:
             i = pos
             while 0 <= i < len(entries):
                 ino, dtype, name = entries[i]
-                reclen = (19 + len(name) + 1 + 7) & ~7
-                if len(out) + reclen > count:
+                rec = record(ino, i + 1, dtype, name)
+                if len(out) + len(rec) > count:
                     break
-                rec = struct.pack("<QqHB", ino, i + 1, reclen, dtype) + name
-                out += rec.ljust(reclen, b"\0")
+                out += rec
                 i += 1
             if not out and 0 <= pos < len(entries):
                 return Errno(errno.EINVAL)  # the buffer cannot hold the next entry
@@ -988,7 +1006,6 @@ class Deterministic:
             return Value(len(out))
         finally:
             os.close(dup)
-
 
 def install(builder) -> None:
     policy = builder.policy
@@ -1026,4 +1043,5 @@ def install(builder) -> None:
         builder.notify("uname", d.h_uname)
     if policy.deterministic_dirs:
         builder.notify("getdents64", d.h_getdents64)
+        builder.notify("getdents", d.h_getdents)  # the legacy call (x86_64): sorted the same way
     builder.on_supervisor(d.setup)

@@ -237,7 +237,7 @@ def names_of(policy):
 def test_only_active_fields_are_notified():
     assert not names_of(Policy()) & {"clock_gettime", "getrandom", "getdents64", "uname", "arch_prctl"}
     assert names_of(Policy(hostname="h")) == {"uname", "open", "openat", "openat2"}
-    assert names_of(Policy(deterministic_dirs=True)) == {"getdents64"}
+    assert names_of(Policy(deterministic_dirs=True)) == {"getdents64", "getdents"}
     assert names_of(Policy(random_seed=1)) == {"getrandom", "open", "openat", "openat2", "arch_prctl"}
     t = names_of(Policy(time_start=0))
     assert {"clock_gettime", "gettimeofday", "time", "arch_prctl", "utimensat"} <= t and "newfstatat" not in t
@@ -509,3 +509,52 @@ def test_now_timestamps_outside_the_writable_trees_are_refused_as_nobody():
     for name in ("utimes", "futimesat", "futimesat_fd", "utime", "utimensat"):
         assert os.stat(os.path.join(ro, name)).st_mtime == 1000
         assert os.stat(os.path.join(rw, name)).st_mtime == Y2000
+
+
+LEGACY_GETDENTS = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+buf = ctypes.create_string_buffer(int(sys.argv[2]))
+for rnd in range(2):  # twice: rewinding starts a fresh sorted listing
+    got = []
+    while True:
+        r = libc.syscall({nr}, fd, buf, len(buf))
+        if r < 0:
+            print("err", ctypes.get_errno()); sys.exit(0)
+        if r == 0:
+            break
+        data, off = buf.raw[:r], 0
+        while off < r:
+            ino, _doff, reclen = struct.unpack_from("<QQH", data, off)
+            name = data[off + 18:off + reclen].split(b"\\0", 1)[0].decode()
+            got.append(f"{{name}}:{{data[off + reclen - 1]}}")
+            off += reclen
+    print(" ".join(got))
+    os.lseek(fd, 0, 0)
+"""
+
+
+def test_legacy_getdents_is_sorted_too(tmp_path):
+    d = tmp_path / "legacy"
+    d.mkdir()
+    names = [f"n{i:03d}" + "y" * (i % 13) for i in range(120)]
+    import random
+    for name in random.sample(names, len(names)):
+        (d / name).write_text("")
+    (d / "sub").mkdir()
+    os.symlink("n000", d / "link")
+    code = LEGACY_GETDENTS.format(nr=syscalls.number("getdents"))
+    bare = subprocess.run([PY, "-I", "-S", "-c", code, str(d), "512"], capture_output=True, text=True, check=True)
+    bare_entries = bare.stdout.split("\n")[0].split()
+    assert sorted(bare_entries) != bare_entries  # the kernel's own order is not sorted here
+    sb = Sandbox(Policy(**BASE, deterministic_dirs=True))
+    r = sb.run([PY, "-I", "-S", "-c", code, str(d), "512"], timeout=30)
+    assert r.exit_code == 0, r
+    first, again = r.stdout.decode().splitlines()
+    boxed = first.split()
+    assert boxed == sorted(bare_entries, key=lambda e: e.split(":")[0].encode()) and again == first
+    types = dict(e.split(":") for e in boxed)
+    assert (types["sub"], types["link"], types["n000"]) == ("4", "10", "8")  # DT_DIR, DT_LNK, DT_REG
+    r = sb.run([PY, "-I", "-S", "-c", code, str(d), "16"], timeout=30)  # too small for one record: EINVAL
+    assert r.stdout.decode().split() == ["err", "22"], r
