@@ -61,12 +61,14 @@ MAKE_ROOT = textwrap.dedent('''
             os.chmod(d, 0o755)
         return root
 ''')
-exec(MAKE_ROOT)
+_defs: dict = {}
+exec(MAKE_ROOT, _defs)
+make_root = _defs["make_root"]
 
 
 @pytest.fixture
 def root(tmp_path):
-    return make_root(str(tmp_path / "root"), PROGS)  # noqa: F821 (defined by exec above)
+    return make_root(str(tmp_path / "root"), PROGS)
 
 
 def run(policy, script, **kw):
