@@ -186,3 +186,16 @@ def test_as_nobody():
         assert out[0] == uid and "etc" in out and owner == 65534, (out, err)
         assert f"cat: {res['base']}/root/etc/marker: No such file or directory" in err  # host path: not there
     assert res["dry"] == [0, [["D", "etc"], ["D", "etc/marker"], ["A", "x"]], True]
+
+
+def test_privileged_with_the_seccomp_copy_on_write(tmp_path):
+    """Without chroot the paths are the caller's: the supervisor's COW works for a uid-0-inside sandbox."""
+    w = tmp_path / "w"
+    (w / "d").mkdir(parents=True)
+    (w / "a").write_text("a\n")
+    ro = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
+    d = Sandbox(Policy(fs_readable=ro, workdir=str(w), cwd=str(w), privileged=True)).dry_run(
+        ["sh", "-c", "id -u; echo b > b; echo aa >> a; rm -r d; chmod 600 a"])
+    assert d.stdout == b"0\n", d.stderr
+    assert [(c.kind, c.path) for c in d.changes] == [("M", "a"), ("A", "b"), ("D", "d")]
+    assert (w / "a").read_text() == "a\n" and (w / "d").is_dir()
