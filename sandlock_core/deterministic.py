@@ -6,8 +6,12 @@ patching of an interpreter). Which syscalls are notified depends only on the act
 Time (``time_start``, ``time_freeze``)
     *Sandbox clock*: CLOCK_REALTIME as the sandbox sees it is ``real + offset`` with ``offset = time_start -
     real_now`` taken when the run starts (nanoseconds), or exactly ``time_start`` when frozen. Monotonic,
-    boot-time and CPU clocks are never touched (they stay monotonic); ``/proc/uptime`` is boot-time based
-    and stays real.
+    boot-time and CPU clocks are never touched (they stay monotonic). ``/proc/uptime`` stays real on
+    purpose: it is CLOCK_BOOTTIME, which stays real, and programs combine it with the boot-relative start
+    times in ``/proc/<pid>/stat`` (``ps``, ``top`` ages); a sandbox-relative uptime would contradict both.
+    It is a duration, so ``time_start`` does not change its meaning (``uptime -s`` = sandbox now - uptime
+    is on the sandbox clock). ``btime`` in ``/proc/stat`` stays real too (serving it would mean notifying
+    every open under ``time_start`` alone).
 
     * vDSO: ``clock_gettime``/``gettimeofday``/``time`` are patched in each process's own vDSO
       (``vdso.py``): reads cost no supervisor round trip. The root of a run and the confined test body are
@@ -23,8 +27,12 @@ Time (``time_start``, ``time_freeze``)
       the caller's ``itimerspec`` is rewritten to real time before the kernel reads it (the caller's copy
       keeps the rewritten value). Relative sleeps (``sleep 1``, ``nanosleep``) are untouched: they take
       real time.
-    * ``utimensat``/``futimens`` with ``UTIME_NOW`` or NULL times set the sandbox clock's "now" (done on
-      behalf, checked against the caller's uid like the kernel's UTIME_NOW rule).
+    * ``utimensat``/``futimens`` with ``UTIME_NOW`` or NULL times, and the legacy ``utimes``,
+      ``futimesat`` and (x86_64) ``utime`` with NULL times, set the sandbox clock's "now": done on behalf,
+      checked against the caller's uid like the kernel's rules (a writer may set "now", only the owner an
+      explicit time). With a filesystem policy the change goes through the metadata guard
+      (``metadata.py``: inside ``fs_writable`` only, not ``fs_denied``, on its Landlock-confined thread);
+      without one the object is looked up as the child names it, absolute paths inside its root.
     * The times the kernel stamps by itself (a write's mtime, a creation's ctime) are real. With
       ``normalize_mtime`` the stat family (``stat``, ``lstat``, ``fstat``, ``newfstatat``, ``statx``) is
       answered on behalf and any timestamp at or after the run's real start is shown on the sandbox clock
@@ -41,12 +49,19 @@ Randomness (``random_seed``)
     ``/dev/urandom``/``/dev/random`` in that process. What is deterministic: everything a process reads,  as
     long as pids are handed out in fork order (no pid wrap-around during the run), no sibling forked
     before it exits unnoticed while others race (a shell pipeline, parallel make jobs are fine), and its
-    own threads do not race each other for bytes. The vDSO
+    own threads do not race each other for bytes. Serving: a thread's first ``getrandom`` goes to Python,
+    which gives the process a slot in ``FastPath`` holding the next 4096 bytes of its stream; the
+    supervisor's receive loop (``sl_det_wait_recv`` in native.c) then answers that thread's calls itself
+    (``ID_VALID``, ``process_vm_writev``, ``SEND``: no Python), and hands a call back to Python when the
+    slot runs short; Python always takes the slot's bytes first, so the bytes are the same either way.
+    Errors are the kernel's: EINVAL for unknown flags or ``GRND_RANDOM|GRND_INSECURE``, EFAULT for an
+    unwritable buffer, a short count when the buffer ends early (the bytes asked for are used up). The vDSO
     ``getrandom`` (glibc 2.41+) is made to report ENOSYS so libc uses the syscall. ``/dev/urandom`` opens
     get a pipe fed from the stream by one feeder thread (endless, unlike a file; ``fstat`` shows a FIFO).
     ``/proc/sys/kernel/random/uuid`` gives a UUID4 from the stream.
 
-Listings (``deterministic_dirs``): ``getdents64`` is answered on behalf with the whole directory sorted by
+Listings (``deterministic_dirs``): ``getdents64`` and the legacy ``getdents`` (x86_64; its own record
+    layout, ``d_type`` in the last byte) are answered on behalf with the whole directory sorted by
     name bytes, served in chunks as the caller's buffer allows; the directory offset is the index into the
     sorted list, so ``rewinddir``/``seekdir``/``telldir`` keep working. A listing is read afresh when a
     reader starts at offset 0.
