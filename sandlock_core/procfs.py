@@ -46,6 +46,7 @@ AT_FDCWD = -100
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
 OUTSIDE = "(not on /proc or /sys)"
+MISSING = "(absent, unless the child's /proc/self says otherwise)"
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 AT_NO_AUTOMOUNT = 0x800
@@ -257,12 +258,18 @@ class ProcFs:
                                    os.O_PATH | os.O_CLOEXEC)
                 except OSError:
                     return None
-            fd = self._openat2(base, path, self._hows[nofollow, False])
+            # First without leaving the starting mount: most names (libraries, modules) live on the root
+            # file system, which is not /proc: found there, they are outside; missing there, exactly absent.
+            fd = self._openat2(base, path, self._hows[nofollow, True])
             if fd == -errno.ENOENT:
-                fd = self._openat2(base, path, self._hows[nofollow, True])
-                if fd >= 0:
-                    os.close(fd)
-                return False if fd == -errno.ENOENT else None
+                return False
+            if fd >= 0 and base < 0:
+                os.close(fd)
+                return OUTSIDE
+            if fd == -errno.EXDEV:
+                fd = self._openat2(base, path, self._hows[nofollow, False])
+                if fd == -errno.ENOENT:
+                    return MISSING  # exact unless the walk went through /proc/self: the caller resolves
             if fd < 0:
                 return None
             try:
@@ -317,10 +324,13 @@ class ProcFs:
             # Answered here, not continued: the kernel's own lookup would come later, when a link could
             # have appeared (pointing into /proc/<another pid>).
             return Errno(errno.ENOENT)
-        if name and not (name.startswith("/proc") or name.startswith("/sys")):
+        missing = name is MISSING
+        if name and not missing and not (name.startswith("/proc") or name.startswith("/sys")):
             return None
         name = self.resolve(n, dirfd, path)
         if name is None or not (name.startswith("/proc") or name.startswith("/sys")):
+            if missing and not flags & os.O_CREAT:
+                return Errno(errno.ENOENT)  # answered now: see the False case above
             return None
         if _sensitive(name):
             sup.record(name_syscall, n.pid, errno.EACCES, name, "a sensitive kernel file: always refused")
@@ -379,21 +389,28 @@ class ProcFs:
     # ---- stat and access of /proc/<pid>: the same answer as open (ENOENT for another process) ----
     def _name_of(self, n, dirfd: int, path: bytes, nofollow: bool):
         """What ``path`` names for the child: OUTSIDE, False (absent), or a name (None: cannot tell)."""
-        name = self._fast(n, dirfd, path, nofollow)
-        if name is OUTSIDE or name is False:
-            return name
+        fast = self._fast(n, dirfd, path, nofollow)
+        if fast is OUTSIDE or fast is False:
+            return fast
         if not nofollow:
-            return self.resolve(n, dirfd, path)
-        head, _, tail = path.rpartition(b"/")
-        parent = self.resolve(n, dirfd, head or (b"/" if path.startswith(b"/") else b"."))
-        return None if parent is None else os.path.join(parent, os.fsdecode(tail))
+            name = self.resolve(n, dirfd, path)
+        else:
+            head, _, tail = path.rpartition(b"/")
+            parent = self.resolve(n, dirfd, head or (b"/" if path.startswith(b"/") else b"."))
+            name = None if parent is None else os.path.join(parent, os.fsdecode(tail))
+        if fast is MISSING and not (name and (name.startswith("/proc") or name.startswith("/sys"))):
+            return False
+        return name
 
-    def _stat_like(self, sup, n, syscall: str, dirfd: int, path_index: int, nofollow: bool, buf=None):
+    def _stat_like(self, sup, n, syscall: str, dirfd: int, path_index: int, nofollow: bool, buf=None,
+                   empty_ok: bool = False):
         """``buf``: (kind, address) where the answer goes when it is made on behalf (a sandbox pid's entry:
         stat'ed here on the object the name resolved to, never re-resolved by the kernel)."""
+        if empty_ok and sup.read_mem(n, n.data.args[path_index], 1) == b"\0":
+            return None  # fstat(fd) through AT_EMPTY_PATH: an fd the child holds (one byte read, not a page)
         path = sup.path_arg(n, path_index)
         if not path:
-            return None  # AT_EMPTY_PATH: an fd the child holds (or ENOENT from the kernel)
+            return None  # ENOENT from the kernel
         name = self._name_of(n, dirfd, path, nofollow)
         if name is False:
             return Errno(errno.ENOENT)  # answered now, as for open (a link appearing later changes nothing)
@@ -448,13 +465,13 @@ class ProcFs:
         if flags & ~(AT_SYMLINK_NOFOLLOW | AT_EMPTY_PATH | AT_NO_AUTOMOUNT):
             return None  # the kernel answers EINVAL
         return self._stat_like(sup, n, "newfstatat", s32(a[0]), 1, bool(flags & AT_SYMLINK_NOFOLLOW),
-                               ("stat", a[2], 0))
+                               ("stat", a[2], 0), bool(flags & AT_EMPTY_PATH))
 
     def h_statx(self, sup, n):
         a = n.data.args
         flags = s32(a[2])
         return self._stat_like(sup, n, "statx", s32(a[0]), 1, bool(flags & AT_SYMLINK_NOFOLLOW),
-                               ("statx", a[4], a[3] & 0xFFFFFFFF))
+                               ("statx", a[4], a[3] & 0xFFFFFFFF), bool(flags & AT_EMPTY_PATH))
 
     def h_access(self, sup, n):
         return self._stat_like(sup, n, "access", AT_FDCWD, 0, False)
