@@ -72,7 +72,8 @@ class NsSetup:
         cfg.ns_privileged = int(p.privileged)
         cfg.ns_readonly = int(self.readonly)
         if self.readonly and p.fs_writable:
-            arr = ffi.new("char *[]", [cstr(w) for w in p.fs_writable])
+            # resolved: move_mount does not follow a symlink in its last component (Landlock's rule does)
+            arr = ffi.new("char *[]", [cstr(os.path.realpath(w)) for w in p.fs_writable])
             keep.append(arr)
             cfg.ns_writable, cfg.n_ns_writable = arr, len(p.fs_writable)
         if p.chroot is not None:

@@ -226,6 +226,16 @@ def test_fs_writable_outside_the_workdir_stays_writable(tmp_path):
     assert r.changes == []
 
 
+def test_fs_writable_given_as_a_symlink(tmp_path):
+    w = make_tree(tmp_path / "w")
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    r = Sandbox(overlay_policy(w, fs_writable=[str(tmp_path / "link")])).run(
+        ["sh", "-c", f"echo x > {tmp_path}/link/f"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "real" / "f").read_text() == "x\n"
+
+
 def test_inherited_cwd_inside_the_workdir_sees_the_overlay(tmp_path):
     w = make_tree(tmp_path / "w")
     pol = Policy(fs_readable=SYSTEM_RO, workdir=str(w), fs_isolation=OVERLAY)
