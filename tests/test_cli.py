@@ -115,3 +115,46 @@ def test_a_field_this_build_cannot_enforce_is_refused(monkeypatch):
     monkeypatch.setattr(plan, "UNSUPPORTED", [*plan.UNSUPPORTED, ("max_cpu", lambda p: p.max_cpu is not None)])
     with pytest.raises(PolicyError, match="max_cpu: 50 is not supported by this build yet"):
         Sandbox(Policy(max_cpu=50))
+
+
+# ---- the hand parser of `run` gives argparse's answer, or defers to it ----------------------------------
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from sandlock_core import cli  # noqa: E402
+
+_OPTIONS = sorted(cli._BY_OPTION) + ["--help", "-h", "--fs-r", "--bogus", "-ir", "-r=/x", "--clean-env=1", "-"]
+_WORDS = ["--", "/usr", "x", "0", "5", "-1", "0.5", "udp", "raw", "tcp", "keep", "none", "A=1", "", "a b",
+          "1_0", " 7", "nan"]
+_tokens = st.lists(st.sampled_from(_OPTIONS) | st.sampled_from(_WORDS)
+                   | st.sampled_from(sorted(cli._BY_OPTION)).map(lambda o: o + "=7"), max_size=8)
+
+
+def _argparse_view(argv):
+    """argparse's namespace as a dict (cmd without its leading "--", as cmd_run reads it), or "error"."""
+    out = io.StringIO()
+    with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+        try:
+            ns = vars(cli.build_parser().parse_args(argv))
+        except SystemExit:
+            return "error"
+    ns["cmd"] = ns["cmd"][1:] if ns["cmd"][:1] == ["--"] else ns["cmd"]
+    return ns
+
+
+@settings(max_examples=400, deadline=None)
+@given(tokens=_tokens)
+def test_fast_run_parser_agrees_with_argparse_or_defers(tokens):
+    argv = ["run", *tokens]
+    fast = cli._fast_run_args(argv)
+    if fast is not None:
+        assert vars(fast) == _argparse_view(argv), argv
+
+
+def test_fast_run_parser_takes_the_usual_spellings():
+    a = cli._fast_run_args(["run", "-r", "/usr", "--fs-read=/lib", "-t", "2.5", "--clean-env", "--", "ls", "-l"])
+    assert (a.fs_read, a.timeout, a.clean_env, a.cmd) == (["/usr", "/lib"], 2.5, True, ["ls", "-l"])
+    assert cli._fast_run_args(["run", "--help"]) is None and cli._fast_run_args(["check"]) is None

@@ -1,0 +1,124 @@
+"""`sandlock run` start-up stays lean (issue #2: within 25 ms of a bare exec): what it imports, as a set.
+
+No timings here (they would flake on a busy machine): benchmarks/startup.py measures. These tests pin the
+design that makes the time: the run path imports neither ``dataclasses`` (``_records`` writes the records'
+methods, ``policy_spec.LeanPolicy`` carries the policy) nor ``argparse`` (``cli._fast_run_args``), nor any of
+the heavy modules those used to pull in.
+"""
+import dataclasses
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+
+from sandlock_core._records import dataclass, field
+
+RO = sum((["-r", p] for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.isdir(p)), [])
+# What the console script does (``python -m`` would add runpy's own imports).
+SCRIPT = "import sys; from sandlock_core.cli import main; sys.exit(main())"
+HEAVY = {"dataclasses", "argparse", "inspect", "datetime", "shutil", "re", "typing", "logging", "gettext",
+         "locale", "copy", "difflib", "tomllib", "importlib.metadata", "sandlock_core.learn",
+         "sandlock_core.policy", "sandlock_core.profile"}
+
+
+def imported_by(*argv: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", SCRIPT, *argv], capture_output=True,
+                          text=True, timeout=60)
+    names = set(re.findall(r"^import time:\s+\d+ \|\s+\d+ \| +(\S+)$", proc.stderr, re.MULTILINE))
+    assert "sandlock_core.cli" in names, proc.stderr  # the parse worked
+    return proc, names
+
+
+@pytest.mark.parametrize("argv", [
+    [*RO, "--", "/bin/true"],  # the benchmark's command
+    ["--", "/bin/true"],
+    ["--clean-env", "--env", "A=1", "-t", "30", "--net-bind", "8000-8002", "--max-open-files", "64",
+     "--cpu-cores", "0", "--fs-read=/usr", "--no-coredump", "--", "/bin/true"],
+])
+def test_the_run_path_imports_nothing_heavy(argv):
+    proc, names = imported_by("run", *argv)
+    assert proc.returncode == 0, proc.stderr
+    assert names & HEAVY == set()
+
+
+def test_the_full_path_still_serves_what_the_lean_one_leaves():
+    proc, names = imported_by("run", "--bogus-flag", "--", "/bin/true")
+    assert proc.returncode == 2 and "unrecognized arguments: --bogus-flag" in proc.stderr
+    assert "argparse" in names
+    proc, names = imported_by("run", "--max-memory", "12Q", "--", "/bin/true")
+    assert proc.returncode == 2 and "sandlock: error: max_memory: '12Q' is not a size" in proc.stderr
+    assert "dataclasses" not in names  # a policy error is found by the same validators, on the lean path
+
+
+# ---- _records: the dataclass stand-in keeps dataclass behaviour -------------------------------------------
+
+@dataclass
+class Rec:
+    a: int
+    b: str = "x"
+    c: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Key:
+    arch: str
+    nrs: frozenset = frozenset()
+
+
+def test_records_behave_like_dataclasses():
+    r = Rec(1)
+    assert (r.a, r.b, r.c) == (1, "x", []) and Rec(1).c is not r.c
+    assert r == Rec(1, "x", []) and r != Rec(2) and r != (1, "x", [])
+    assert repr(r) == "Rec(a=1, b='x', c=[])"
+    with pytest.raises(TypeError):
+        hash(r)  # eq without frozen: unhashable, as with dataclasses
+    with pytest.raises(TypeError):
+        Rec()  # a is required
+    k = Key("x86_64", frozenset({1}))
+    assert hash(k) == hash(Key("x86_64", frozenset({1}))) and {k: 1}[Key("x86_64", frozenset({1}))] == 1
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'arch'"):
+        k.arch = "arm"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        del k.arch
+    assert Rec.__match_args__ == ("a", "b", "c")
+
+
+def test_records_answer_the_dataclasses_api():
+    r = Rec(1, c=[2])
+    assert dataclasses.is_dataclass(Rec) and dataclasses.is_dataclass(r)
+    assert [f.name for f in dataclasses.fields(Rec)] == ["a", "b", "c"]
+    assert dataclasses.fields(Rec)[2].default_factory is list
+    assert dataclasses.asdict(r) == {"a": 1, "b": "x", "c": [2]}
+    assert dataclasses.astuple(Key("a")) == ("a", frozenset())
+    assert dataclasses.replace(r, b="y") == Rec(1, "y", [2])
+    assert dataclasses.fields(Key("a"))[0].name == "arch" and Key.__dataclass_params__.frozen
+    assert pickle.loads(pickle.dumps(Key("a"))) == Key("a")
+
+
+def test_records_leave_anything_richer_to_dataclasses():
+    @dataclass(order=True)
+    class Ordered:
+        a: int
+    assert Ordered(1) < Ordered(2)
+    with pytest.raises(ValueError, match="mutable default"):
+        @dataclass
+        class Mutable:
+            a: list = []
+    with pytest.raises(TypeError, match="non-default argument"):
+        @dataclass
+        class Order:
+            a: int = 0
+            b: int
+
+
+def test_the_sandbox_records_are_dataclasses():
+    from sandlock_core.sandbox import Change, Result
+    from sandlock_core.seccomp import FilterSpec
+    assert [f.name for f in dataclasses.fields(Result)][:6] == ["success", "exit_code", "stdout", "stderr",
+                                                                  "error", "signal"]
+    assert dataclasses.replace(Result(True, 0), exit_code=3).exit_code == 3
+    assert hash(FilterSpec("x86_64")) == hash(FilterSpec(arch="x86_64"))
+    assert dataclasses.asdict(Change("A", "f")) == {"kind": "A", "path": "f"}
