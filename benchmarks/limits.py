@@ -5,8 +5,12 @@
 2. 10,000 ``mmap``/``munmap`` pairs (private anonymous, 64 KiB, one page touched) under ``-m 512M`` vs bare,
    timed inside the program (the loop only), medians over rounds.
 
+The supervised syscalls of one run are counted by name (a counting handler put in front of every chain).
+
 Usage: .venv/bin/python benchmarks/limits.py [ROUNDS]
 """
+import collections
+import os
 import statistics
 import subprocess
 import sys
@@ -34,12 +38,32 @@ def timed(fn) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def notified_by_name(policy, cmd) -> collections.Counter:
+    """Which syscalls reach the supervisor in one run of ``cmd``."""
+    counts = collections.Counter()
+    sb = Sandbox(policy)
+    plan = sb._plan
+
+    def counter(name):
+        def h(sup, n):
+            counts[name] += 1
+        return h
+    plan.handlers = {nr: (counter(plan.names.get(nr, str(nr))), *chain) for nr, chain in plan.handlers.items()}
+    r = sb.run(cmd)
+    assert r.success, r.stderr
+    return counts
+
+
 def main():
-    full = Sandbox(Policy(max_memory="512M", max_processes=64, num_cpus=2, isolate_pids=True))
+    policy = Policy(max_memory="512M", max_processes=64, num_cpus=2, isolate_pids=True)
+    full = Sandbox(policy)
     mem = Sandbox(Policy(max_memory="512M"))
     r = full.run(IMPORT)
     assert r.success, r.stderr
     notifs = r.notifications
+    by_name = notified_by_name(policy, IMPORT)
+    print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print("supervised:", ", ".join(f"{k} {v}" for k, v in by_name.most_common()))
     bare_t, sand_t = [], []
     for _ in range(ROUNDS):
         bare_t.append(timed(lambda: subprocess.run(IMPORT, stdout=subprocess.DEVNULL)))
@@ -55,6 +79,7 @@ def main():
         ls.append(float(r.stdout))
     b, s = statistics.median(lb), statistics.median(ls)
     print(f"mmap+munmap pair: bare {b:.2f} us, -m 512M {s:.2f} us, ratio {s / b:.1f}x")
+    print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":
