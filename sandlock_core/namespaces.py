@@ -44,11 +44,6 @@ def active(policy) -> bool:
     return policy.chroot is not None or policy.privileged or policy.fs_isolation is FsIsolation.OVERLAYFS
 
 
-def uses_metadata_guard(policy) -> bool:
-    """plan.py: the metadata supervisor is needed only without the kernel's read-only view."""
-    return bool(policy.fs_readable or policy.fs_writable) and not active(policy)
-
-
 class NsSetup:
     """What one plan asks of the C child; ``overlay`` (cow_overlay) adds the per-run overlay mount."""
 
