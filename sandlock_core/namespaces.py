@@ -40,10 +40,6 @@ MOUNT_SYSCALLS = ("chroot", "mount_setattr", "open_tree", "move_mount", "fsopen"
 MAX_WRITABLE = 64  # SL_NS_MAX_WRITABLE in native.c
 
 
-def active(policy) -> bool:
-    return policy.chroot is not None or policy.privileged or policy.fs_isolation is FsIsolation.OVERLAYFS
-
-
 class NsSetup:
     """What one plan asks of the C child; ``overlay`` (cow_overlay) adds the per-run overlay mount."""
 
