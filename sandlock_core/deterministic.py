@@ -438,22 +438,24 @@ class Deterministic:
         self._metadata = None  # a metadata.Metadata judge, built when the metadata guard is active
 
     # ---- per run ----
-    def setup(self, sup) -> None:
+    def setup(self, sup, getrandom_route=None) -> None:
+        """Per run (one Deterministic per supervisor): ``getrandom_route`` is the handler routed to
+        ``h_getrandom``; the C fast path is used only when it is the whole chain."""
         self._reset()
         self.lineage.root = sup.root_pid
         if self.clock is not None:
             self.clock.begin()
         sup.on_close(self.close)
-        self.fast = self._fast_path(sup)
+        self.fast = self._fast_path(sup, getrandom_route)
         if sup.root_pid:
             self._patch(sup, sup.root_pid)  # the confined test body never execs: patch it now
 
-    def _fast_path(self, sup) -> FastPath | None:
+    def _fast_path(self, sup, route) -> FastPath | None:
         """getrandom answered in C by the supervisor's receive loop, unless another handler also decides on it."""
-        if self.seed is None:
+        if self.seed is None or route is None:
             return None
         nr = syscalls.number("getrandom", self.arch)
-        if nr is None or sup.handlers.get(nr) != (self.h_getrandom,):
+        if nr is None or sup.handlers.get(nr) != (route,):
             return None
         from ._native import lib
         fast = FastPath(nr, syscalls.AUDIT_ARCH[self.arch])
@@ -1033,37 +1035,41 @@ def install(builder) -> None:
     if policy.time_start is not None and arch != "x86_64":
         from .errors import PolicyError
         raise PolicyError("time_start: time virtualization on aarch64 is not supported yet (x86_64 only)")
-    d = Deterministic(policy, arch)
+    routes: dict[str, object] = {}
+
+    def notify(syscall: str, method: str) -> None:
+        """Route ``syscall`` to ``method`` of this run's Deterministic: every run (overlapping runs of one
+        Sandbox, the stages of a pipeline) has its own clock offset, lineage, streams and listings."""
+        if method not in routes:
+            fn = getattr(Deterministic, method)
+            routes[method] = lambda sup, n: fn(sup.state["deterministic"], sup, n)
+        builder.notify(syscall, routes[method])
+
+    normalize = bool(getattr(policy, "normalize_mtime", False)) and policy.time_start is not None
     if policy.time_start is not None or policy.random_seed is not None:
-        builder.notify("arch_prctl", d.h_arch_prctl)
+        notify("arch_prctl", "h_arch_prctl")
     if policy.time_start is not None:
-        builder.notify("clock_gettime", d.h_clock_gettime)
-        builder.notify("gettimeofday", d.h_gettimeofday)
-        builder.notify("time", d.h_time)
-        builder.notify("clock_nanosleep", d.h_clock_nanosleep)
-        builder.notify("timerfd_settime", d.h_timerfd_settime)
-        builder.notify("timer_settime", d.h_timer_settime)
-        builder.notify("utimensat", d.h_utimensat)
-        builder.notify("utimes", d.h_utimes)
-        builder.notify("futimesat", d.h_futimesat)
-        builder.notify("utime", d.h_utime)  # x86_64 only: False elsewhere
-        if d.normalize:
-            builder.notify("newfstatat", d.h_newfstatat)
-            builder.notify("stat", d.h_stat)
-            builder.notify("lstat", d.h_lstat)
-            builder.notify("fstat", d.h_fstat)
-            builder.notify("statx", d.h_statx)
+        for name in ("clock_gettime", "gettimeofday", "time", "clock_nanosleep", "timerfd_settime",
+                     "timer_settime", "utimensat", "utimes", "futimesat", "utime"):  # utime: x86_64 only
+            notify(name, "h_" + name)
+        if normalize:
+            for name in ("newfstatat", "stat", "lstat", "fstat", "statx"):
+                notify(name, "h_" + name)
     if policy.random_seed is not None:
-        builder.notify("getrandom", d.h_getrandom)
+        notify("getrandom", "h_getrandom")
     if policy.random_seed is not None or policy.hostname is not None:
-        builder.notify("open", d.h_open)
-        builder.notify("openat", d.h_openat)
-        builder.notify("openat2", d.h_openat2)
+        for name in ("open", "openat", "openat2"):
+            notify(name, "h_" + name)
     if policy.hostname is not None:
-        builder.notify("uname", d.h_uname)
+        notify("uname", "h_uname")
     if policy.deterministic_dirs:
-        builder.notify("getdents64", d.h_getdents64)
-        builder.notify("getdents", d.h_getdents)  # the legacy call (x86_64): sorted the same way
-    builder.on_supervisor(d.setup)
+        notify("getdents64", "h_getdents64")
+        notify("getdents", "h_getdents")  # the legacy call (x86_64): sorted the same way
+
+    def setup(sup) -> None:
+        run = sup.state["deterministic"] = Deterministic(policy, arch)
+        run.setup(sup, routes.get("h_getrandom"))
+
+    builder.on_supervisor(setup)
     if policy.random_seed is not None:
-        builder.on_finish(d.finish)
+        builder.on_finish(lambda sup, result: sup.state["deterministic"].finish(sup, result))

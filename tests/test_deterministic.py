@@ -562,3 +562,13 @@ def test_legacy_getdents_is_sorted_too(tmp_path):
     assert (types["sub"], types["link"], types["n000"]) == ("4", "10", "8")  # DT_DIR, DT_LNK, DT_REG
     r = sb.run([PY, "-I", "-S", "-c", code, str(d), "16"], timeout=30)  # too small for one record: EINVAL
     assert r.stdout.decode().split() == ["err", "22"], r
+
+
+def test_pipeline_stages_of_one_sandbox_each_get_their_own_run_state(rndprog):
+    """Each stage is a run with its own supervisor: its root is ``r`` of its own lineage and clock."""
+    sb = Sandbox(Policy(fs_readable=["/usr", "/lib", "/lib64", "/bin", os.path.dirname(rndprog)], random_seed=11,
+                        time_start=Y2000, time_freeze=True))
+    r = (sb.cmd([rndprog, "16"]) | sb.cmd(["cat"])).run(timeout=60)
+    assert r.exit_code == 0, r
+    count, hexdata = r.stdout.decode().split()
+    assert bytes.fromhex(hexdata) == documented_stream(11, "r", "getrandom", 24)[8:]
