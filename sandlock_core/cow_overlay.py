@@ -170,13 +170,13 @@ def run_ruleset(policy):
     """This run's own Landlock ruleset (the plan's, rebuilt) and the rights the child adds on the overlay's root.
 
     The child adds a rule for an inode that exists only in its mount namespace; on the plan's shared ruleset
-    such rules would pile up run after run. ``best_effort=True`` yields exactly what the plan built (it either
-    succeeded without skipping anything, or skipped the same things)."""
+    such rules would pile up run after run. Built by the plan's own code, so the two cannot drift apart;
+    ``best_effort=True`` yields exactly what the plan built (it either succeeded without skipping anything, or
+    skipped the same things)."""
+    import types
     from . import landlock
-    info = landlock.build_ruleset(
-        readable=tuple(policy.fs_readable) + (policy.workdir,), writable=policy.fs_writable,
-        bind_ports=policy.net_bind, connect_ports=policy.net_connect, isolate_ipc=policy.isolate_ipc,
-        isolate_signals=policy.isolate_signals, best_effort=True)
-    if info.fd < 0 or not info.handled_fs:
+    from .plan import Plan
+    info = Plan._build_landlock(types.SimpleNamespace(best_effort=True, missing=[]), policy)
+    if info is None or info.fd < 0 or not info.handled_fs:
         return info, 0
     return info, landlock.rights_for(landlock.write_rights(info.abi) & info.handled_fs, True)

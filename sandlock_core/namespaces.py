@@ -73,8 +73,9 @@ class NsSetup:
             from .cow_overlay import run_ruleset
             if cfg.landlock_fd >= 0:
                 info, rights = run_ruleset(p)
-                keep.append(info)  # closed when the spawn is done with cfg (the child has its copy)
-                cfg.landlock_fd, cfg.ov_landlock_rights = info.fd, rights
+                if info is not None and info.fd >= 0:  # else the plan's ruleset stays (fail closed)
+                    keep.append(info)  # closed when the spawn is done with cfg (the child has its copy)
+                    cfg.landlock_fd, cfg.ov_landlock_rights = info.fd, rights
             target, options = self.overlay.prepare_run()
             cfg.ov_target, cfg.ov_options = cstr(target), cstr(options)
 
