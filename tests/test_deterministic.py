@@ -572,3 +572,18 @@ def test_pipeline_stages_of_one_sandbox_each_get_their_own_run_state(rndprog):
     assert r.exit_code == 0, r
     count, hexdata = r.stdout.decode().split()
     assert bytes.fromhex(hexdata) == documented_stream(11, "r", "getrandom", 24)[8:]
+
+
+def test_c_fast_path_only_when_getrandom_has_no_other_handler():
+    """Another handler on getrandom (a user's, or a mechanism's) keeps every call in the Python chain."""
+    def fast_of(**kw):
+        plan = Plan(Policy(random_seed=1), **kw)
+        sup = plan.make_supervisor(-1, 0)
+        try:
+            return sup.recv_fast
+        finally:
+            sup.close()
+            plan.close()
+
+    assert fast_of() is not None
+    assert fast_of(handlers={"getrandom": lambda sup, n: None}) is None
