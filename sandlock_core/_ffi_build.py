@@ -64,6 +64,8 @@ long sl_spawn(const struct sl_cfg *cfg);
 long sl_fork_with_reaper(const struct sl_cfg *cfg);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
+void sl_clone_exit(int code);
+long sl_fork_env_slot(void);
 /* deterministic execution (native.h): getrandom answered in C */
 #define SL_DET_SLOTS 256
 #define SL_DET_BUF 4096

@@ -39,7 +39,7 @@ import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import spawn as _spawn
 from .errors import SandboxError
@@ -48,6 +48,7 @@ _HDR = struct.Struct("=cxxxII")   # kind, start, count; followed by count int32
 _BATCH = struct.Struct("=cxxxIII")  # 'B' (from C): start, count, stride; the read ends ride along
 _MAX_FDS = 250                     # SCM_RIGHTS carries at most 253 fds per message
 _MSG_CAP = 1 << 16
+_CLONE_BATCH = 16                  # clones per SCM_RIGHTS batch (a clone closes its batch's write ends)
 
 
 class ForkError(SandboxError):
@@ -70,35 +71,57 @@ class Clone:
         return self.exit_code == 0
 
 
-@dataclass
 class ForkResult:
-    """The clones of one ``fork(n)``, in clone order (iterable, indexable, ``len``)."""
+    """The clones of one ``fork(n)``, in clone order (iterable, indexable, ``len``). The ``Clone`` objects are
+    made on first access: ``success`` and ``stdout`` are answered from the raw wait statuses and outputs."""
 
-    clones: list = field(default_factory=list)
-    wall_time: float = 0.0
+    def __init__(self, pids=(), statuses=(), outputs=(), wall_time: float = 0.0):
+        self._pids, self._statuses, self._outputs = pids, statuses, outputs
+        self._clones: list | None = None
+        self.wall_time = wall_time
+
+    @property
+    def clones(self) -> list:
+        if self._clones is None:
+            self._clones = [_make_clone(i, pid, st, out) for i, (pid, st, out)
+                            in enumerate(zip(self._pids, self._statuses, self._outputs))]
+        return self._clones
 
     def __iter__(self):
         return iter(self.clones)
 
     def __len__(self):
-        return len(self.clones)
+        return len(self._pids)
 
     def __getitem__(self, i):
         return self.clones[i]
 
+    def __repr__(self):
+        return f"ForkResult({len(self)} clones, success={self.success}, wall_time={self.wall_time:.3f})"
+
     @property
     def success(self) -> bool:
-        return all(c.success for c in self.clones)
+        return all(st == 0 for st in self._statuses)
 
     @property
     def stdout(self) -> bytes:
-        return clone_output(self.clones)
+        return b"".join(self._outputs)
+
+
+def _make_clone(i: int, pid: int, status, output: bytes) -> Clone:
+    if status is None or status < 0:
+        code, sig = -9, 9  # never made, or its status was lost: reported as killed
+    else:
+        code, sig = _spawn.describe_status(status)
+    return Clone(i, pid, code, output, sig)
 
 
 def clone_output(clones) -> bytes:
     """The clones' stdout concatenated in clone order (what ``reduce`` feeds to the reducer)."""
     if isinstance(clones, (bytes, bytearray)):
         return bytes(clones)
+    if isinstance(clones, ForkResult):
+        return clones.stdout
     return b"".join(c.stdout for c in clones)
 
 
@@ -120,6 +143,50 @@ def _raise_nofile(need: int) -> None:
     if soft != resource.RLIM_INFINITY and soft < need:
         new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+
+
+class _OutputReader:
+    """The caller's end of every clone's stdout pipe: one epoll set, a read per wake-up. A pipe is done when
+    the kernel reports the writer gone (EPOLLHUP) and a read returned less than asked (nothing left), or
+    returned nothing; closing the fd drops it from the epoll set."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, outputs: list):
+        self.outputs = outputs
+        self.fds: dict[int, int] = {}
+        self.ep = select.epoll()
+        self._parts: dict[int, list] = {}
+
+    def add(self, fds, first: int, stride: int) -> None:
+        register, index = self.ep.register, self.fds
+        for k, fd in enumerate(fds):
+            index[fd] = first + k * stride
+            register(fd, select.EPOLLIN)
+
+    def read(self, fd: int, ev: int) -> None:
+        data = os.read(fd, self.CHUNK)
+        i = self.fds[fd]
+        if data:
+            parts = self._parts.get(i)
+            if parts is not None:
+                parts.append(data)
+            elif self.outputs[i]:
+                self._parts[i] = [self.outputs[i], data]
+            else:
+                self.outputs[i] = data
+        if not data or (ev & select.EPOLLHUP and len(data) < self.CHUNK):
+            del self.fds[fd]
+            os.close(fd)
+            parts = self._parts.pop(i, None)
+            if parts is not None:
+                self.outputs[i] = b"".join(parts)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self.ep.close()
 
 
 class Template:
@@ -184,82 +251,58 @@ class Template:
         start = time.monotonic()
         deadline = None if timeout is None else start + timeout
         if n == 0:
-            return ForkResult([], 0.0)
+            return ForkResult([], [], [], 0.0)
         _raise_nofile(min(n, 4 * _MAX_FDS) + 256)
         self._sock.send(_pack(b"F", 0, [n]))
-        pids = [0] * n
+        pids: list = [0] * n
         statuses: list = [None] * n
-        bufs: list = [None] * n
-        fd_index: dict[int, int] = {}
-        ep = select.epoll()
+        outputs: list = [b""] * n
+        reader = _OutputReader(outputs)
         sock_fd = self._sock.fileno()
-        ep.register(sock_fd, select.EPOLLIN)
+        reader.ep.register(sock_fd, select.EPOLLIN)
         finished = False
         error = None
         try:
-            while not finished or fd_index:
+            while not finished or reader.fds:
                 wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-                events = ep.poll(wait)
+                events = reader.ep.poll(wait)
                 if not events and deadline is not None and time.monotonic() >= deadline:
                     self._proc.kill()
                     self._proc.wait()
                     raise TimeoutError(f"fork({n}): clones still running after {timeout} s (the template and "
                                        "its clones were killed)")
-                for fd, _ev in events:
-                    if fd == sock_fd:
-                        msg, fds = self._recv_ctl(0)
-                        if msg is None:
-                            continue
-                        if not msg:
-                            for f in fds:
-                                os.close(f)
-                            error = error or "the template died"
-                            ep.unregister(sock_fd)
-                            finished = True  # nothing more will come
-                            continue
-                        kind, first, count, values, text = _unpack(msg)
-                        if kind == b"B":
-                            stride = _BATCH.unpack_from(msg)[3]
-                            for k, rfd in enumerate(fds):
-                                i = first + k * stride
-                                bufs[i] = []
-                                fd_index[rfd] = i
-                                ep.register(rfd, select.EPOLLIN)
-                        elif kind == b"P":
-                            pids[first:first + count] = values
-                        elif kind == b"S":
-                            for k, st in enumerate(values):
-                                statuses[first + k] = st
-                        elif kind == b"E":
-                            error = text.decode(errors="replace")
-                        elif kind == b"D":
-                            finished = True
-                    else:
-                        i = fd_index[fd]
-                        data = os.read(fd, 1 << 16)
-                        if data:
-                            bufs[i].append(data)
-                        else:
-                            ep.unregister(fd)
-                            os.close(fd)
-                            del fd_index[fd]
+                for fd, ev in events:
+                    if fd != sock_fd:
+                        reader.read(fd, ev)
+                        continue
+                    msg, fds = self._recv_ctl(0)
+                    if msg is None:
+                        continue
+                    if not msg:
+                        for f in fds:
+                            os.close(f)
+                        error = error or "the template died"
+                        reader.ep.unregister(sock_fd)
+                        finished = True  # nothing more will come
+                        continue
+                    kind, first, count, values, text = _unpack(msg)
+                    if kind == b"B":
+                        reader.add(fds, first, _BATCH.unpack_from(msg)[3])
+                    elif kind == b"P":
+                        pids[first:first + count] = values
+                    elif kind == b"S":
+                        statuses[first:first + count] = values
+                    elif kind == b"E":
+                        error = text.decode(errors="replace")
+                    elif kind == b"D":
+                        finished = True
         finally:
-            for fd in fd_index:
-                os.close(fd)
-            ep.close()
+            reader.close()
         if error is not None and not any(pids):
             raise ForkError(f"fork({n}) failed: {error}")
-        clones = []
-        for i in range(n):
-            st = statuses[i]
-            if st is None or st < 0:
-                code, sig = -9, 9
-            else:
-                code, sig = _spawn.describe_status(st)
-            clones.append(Clone(i, pids[i], code, b"".join(bufs[i] or ()), sig))
         if error is not None:
             raise ForkError(f"fork({n}): {error} ({sum(1 for p in pids if p)} clones were made)")
-        return ForkResult(clones, time.monotonic() - start)
+        return ForkResult(pids, statuses, outputs, time.monotonic() - start)
 
     def close(self) -> None:
         """End the template and every clone (the sandbox's reaper kills them), close the socket."""
@@ -332,6 +375,7 @@ def _template_main(init_fn, work_fn, sock_fd: int, parent_end: int, cloexec) -> 
             sock.send(_pack(b"E", 0, []) + b"init_fn left threads running; a fork would copy their locks")
             os._exit(1)
         import gc
+        _bind_clone_calls()
         gc.collect()
         gc.freeze()  # the template's objects go to the permanent generation: a clone's collections skip them
         sock.send(_pack(b"R", 0, []))
@@ -379,25 +423,51 @@ def _serve(sock, sock_fd: int, work_fn, n: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         workers = int(os.environ.get("SANDLOCK_FORK_WORKERS", min(cpus, 8) if cnt >= 64 else 1))
-        r = lib.sl_fork_clones(first, cnt, sock_fd, workers, 32, pids, statuses)
+        env = _clone_id_slot(lib)
+        r = lib.sl_fork_clones(first, cnt, sock_fd, workers, _CLONE_BATCH, pids, statuses)
         if 0 <= r < cnt:
-            _clone_main(work_fn, first + r)  # never returns
+            _clone_main(work_fn, first + r, env, lib.sl_clone_exit)  # never returns
         if r < 0:
             sock.send(_pack(b"E", first, []) + f"fork: {os.strerror(-r)}".encode())
             break
+        raw_pids, raw_statuses = ffi.buffer(pids), ffi.buffer(statuses)
         for k in range(0, cnt, 1024):
             m = min(1024, cnt - k)
-            sock.send(_pack(b"P", first + k, [pids[k + x] for x in range(m)]))
-            sock.send(_pack(b"S", first + k, [statuses[k + x] for x in range(m)]))
+            sock.send(_HDR.pack(b"P", first + k, m) + raw_pids[4 * k:4 * (k + m)])
+            sock.send(_HDR.pack(b"S", first + k, m) + raw_statuses[4 * k:4 * (k + m)])
         if any(pids[k] <= 0 for k in range(cnt)):
             sock.send(_pack(b"E", first, []) + b"fork failed for some clones")
     sock.send(_pack(b"D", n, []))
 
 
-def _clone_main(work_fn, i: int) -> None:
+def _bind_clone_calls() -> None:
+    """Make, once in the template, the libc calls every clone makes (write, for its output): libraries here
+    are bound lazily, and a call first made in a clone would be bound in each clone (a symbol lookup and a
+    copied GOT page apiece)."""
+    try:
+        os.write(-1, b"")  # EBADF: bound, nothing written
+    except OSError:
+        pass
+
+
+def _clone_id_slot(lib):
+    """os.environ's backing dict when C can write each clone's CLONE_ID in place (see sl_fork_env_slot in
+    native.c), else None (each clone then sets os.environ["CLONE_ID"] itself)."""
+    data = getattr(os.environ, "_data", None)
+    if not isinstance(data, dict) or os.environ.get("CLONE_ID") != "0" * 10:
+        os.environ["CLONE_ID"] = "0" * 10  # room for any clone number
+    if not isinstance(data, dict) or data.get(b"CLONE_ID") != b"0" * 10 or lib.sl_fork_env_slot() != 10:
+        return None
+    return data
+
+
+def _clone_main(work_fn, i: int, env, exit_now) -> None:
     code = 0
     try:
-        os.environ["CLONE_ID"] = str(i)
+        if env is not None:
+            env[b"CLONE_ID"] = b"%d" % i  # C already wrote it in the C environment
+        else:
+            os.environ["CLONE_ID"] = str(i)
         ret = work_fn(i)
         code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
     except SystemExit as exc:
@@ -415,4 +485,4 @@ def _clone_main(work_fn, i: int) -> None:
             sys.stderr.flush()
         except BaseException:
             pass
-        os._exit(code & 0xFF)
+        exit_now(code & 0xFF)  # exit_group, nothing else (os._exit would be bound lazily in every clone)

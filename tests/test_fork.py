@@ -151,3 +151,35 @@ def test_close_ends_template():
     assert os.path.exists(f"/proc/{pid}")
     sb.close()
     assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_clone_id_in_python_and_c_environment_and_fds_closed():
+    """CLONE_ID is written in place by C (no setenv per clone): Python's os.environ, libc's getenv and a
+    program the clone runs all see the clone's own number. A clone's fd table is the template's plus its own
+    stdout: no other clone's pipe (the batch's write ends are closed in one close_range)."""
+    def work(i):
+        import ctypes
+        import subprocess
+        libc = ctypes.CDLL(None)
+        libc.getenv.restype = ctypes.c_char_p
+        child = subprocess.run(["sh", "-c", "echo $CLONE_ID"], capture_output=True).stdout.strip().decode()
+        fds = {}
+        for f in os.listdir("/proc/self/fd"):
+            try:
+                fds[int(f)] = os.readlink(f"/proc/self/fd/{f}")
+            except OSError:
+                pass  # listdir's own fd, closed by now
+        print(os.environ["CLONE_ID"], libc.getenv(b"CLONE_ID").decode(), child, repr(fds))
+
+    with Sandbox(Policy(fs_readable=[*SYS, "/proc", "/dev"]), work_fn=work) as sb:
+        for n in (12, 3):
+            res = sb.fork(n, timeout=60)
+            assert res.success, [c.stdout for c in res]
+            lines = [c.stdout.decode().split(" ", 3) for c in res]
+            assert [ln[:3] for ln in lines] == [[str(i)] * 3 for i in range(n)]
+            tables = [eval(ln[3]) for ln in lines]
+            stdouts = {t[1] for t in tables}
+            assert len(stdouts) == n and all(t[1].startswith("pipe:") for t in tables)
+            for t in tables:
+                assert set(t) == set(tables[0])
+                assert not {v for fd, v in t.items() if fd != 1} & stdouts

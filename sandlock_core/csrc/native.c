@@ -699,15 +699,17 @@ long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status)
     return w < 0 ? -errno : 1;
 }
 
+/* ==== COW fork section (forking.py; owner: the fork work) ================================================ */
 /*
- * COW fork (forking.py): called in the single-threaded template. Makes n clones with the raw fork syscall (no
- * glibc or Python fork handlers: nothing to run for a single-threaded process; fork(2) itself is never a
- * notified syscall). The work is spread over `nworkers` forkers (the template and nworkers-1 helpers forked
- * from it) so the page-table copies use every CPU; forker w makes clones w, w+nworkers, ... and reaps them.
+ * Called in the single-threaded template. Makes n clones with the raw fork syscall (no glibc or Python fork
+ * handlers: nothing to run for a single-threaded process; fork(2) itself is never a notified syscall). The
+ * work is spread over `nworkers` forkers (the template and nworkers-1 helpers forked from it) so the
+ * page-table copies use every CPU; forker w makes clones w, w+nworkers, ... and reaps them.
  *
- * Clone i gets out_fds[i] as its stdout, closes close_fds[0..nclose-1] and returns i (it goes on in Python).
  * The template returns n once every clone is reaped, with pids[i] and statuses[i] (raw wait status; -1 if
  * clone i could not be made) filled, or -errno if the bookkeeping could not be set up. Helpers never return.
+ * Everything a clone runs here is a raw syscall: a libc call first made in a clone would be bound lazily
+ * there (a symbol lookup and a copied GOT page per clone).
  */
 static pid_t raw_fork(void)
 {
@@ -716,6 +718,39 @@ static pid_t raw_fork(void)
 #else
     return (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
 #endif
+}
+
+/* The end of a clone (after Python flushed its streams): exit_group without libc's atexit work. */
+void sl_clone_exit(int code)
+{
+    for (;;) syscall(SYS_exit_group, code & 0xff);
+}
+
+/*
+ * CLONE_ID in the C environment without setenv in every clone (setenv mallocs and rebalances glibc's tree of
+ * known values: dozens of copied pages per clone). The template sets CLONE_ID to a run of zeros; this keeps a
+ * pointer to that value, and each clone writes its decimal id over it (one page).
+ */
+static char *clone_id_slot;
+static size_t clone_id_room;
+
+long sl_fork_env_slot(void)
+{
+    char *v = getenv("CLONE_ID");
+    clone_id_slot = v;
+    clone_id_room = v ? strlen(v) : 0;
+    return v ? (long)clone_id_room : -1;
+}
+
+static void put_clone_id(int id)
+{
+    char digits[12];
+    int nd = 0;
+    unsigned u = (unsigned)id;
+    do { digits[nd++] = (char)('0' + u % 10); u /= 10; } while (u && nd < 11);
+    if (!clone_id_slot || (size_t)nd > clone_id_room) return;
+    for (int k = 0; k < nd; k++) clone_id_slot[k] = digits[nd - 1 - k];
+    clone_id_slot[nd] = '\0';
 }
 
 struct sl_batch_msg { char kind; char pad[3]; uint32_t start; uint32_t count; uint32_t stride; };
@@ -735,10 +770,39 @@ static long send_fds(int sock, const void *data, size_t len, const int *fds, int
     return r < 0 ? -errno : 0;
 }
 
+/* The batch's write ends as one fd range lo..hi when nothing but the batch's own pipes lies inside it (lowest-
+ * free allocation packs them unless the template's fd table has holes): 1, else 0 (close them one by one). */
+static int batch_range(const int *rd, const int *wr, int cnt, int *lo, int *hi)
+{
+    int a = wr[0], b = wr[0], all_lo = wr[0], all_hi = wr[0];
+    for (int k = 0; k < cnt; k++) {
+        if (wr[k] < a) a = wr[k];
+        if (wr[k] > b) b = wr[k];
+        if (rd[k] < all_lo) all_lo = rd[k];
+        if (rd[k] > all_hi) all_hi = rd[k];
+    }
+    if (a < all_lo) all_lo = a;
+    if (b > all_hi) all_hi = b;
+    *lo = a; *hi = b;
+    return all_hi - all_lo + 1 == 2 * cnt;
+}
+
+/* In clone k of a batch: its pipe becomes stdout, every other descriptor of the fork machinery goes. */
+static void clone_setup(const int *wr, int cnt, int k, int contiguous, int lo, int hi, int sock, void *shm,
+                        size_t len)
+{
+    if (syscall(SYS_dup3, wr[k], 1, 0) < 0) syscall(SYS_exit_group, 126);
+    if (!contiguous || syscall(SYS_close_range, (unsigned)lo, (unsigned)hi, 0) < 0)
+        for (int j = 0; j < cnt; j++) syscall(SYS_close, wr[j]);
+    syscall(SYS_close, sock);
+    syscall(SYS_munmap, shm, len);
+}
+
 /*
  * Clones `first`..`first+n-1`. Forker w makes clones w, w+nworkers, ... in batches of at most `batch` (<= 64):
  * a pipe per clone, the batch's read ends sent to the caller on `sock` (one 'B' message: start, count,
- * stride), then the forks; so a clone inherits only its own batch's descriptors. Clone first+i returns i.
+ * stride) and closed, then the forks; so a clone inherits only its own batch's write ends (one close_range).
+ * Clone first+i returns i.
  */
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses)
 {
@@ -771,13 +835,12 @@ long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pi
         struct sl_batch_msg m = { 'B', { 0, 0, 0 }, (uint32_t)(first + i), (uint32_t)cnt, (uint32_t)nworkers };
         if (send_fds(sock, &m, sizeof(m), rd, cnt) < 0) stop = 1;
         for (int k = 0; k < cnt; k++) close(rd[k]);
+        int lo, hi, contiguous = batch_range(rd, wr, cnt, &lo, &hi);
         for (int k = 0; k < cnt && !stop; k++) {
             pid_t pid = raw_fork();
             if (pid == 0) {
-                if (dup2(wr[k], 1) < 0) _exit(126);
-                for (int j = 0; j < cnt; j++) close(wr[j]);
-                close(sock);
-                munmap(shm, len);
+                clone_setup(wr, cnt, k, contiguous, lo, hi, sock, shm, len);
+                put_clone_id(first + idx[k]);
                 return idx[k];
             }
             if (pid < 0) { stop = 1; break; }
@@ -802,6 +865,7 @@ long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pi
     munmap(shm, len);
     return n;
 }
+/* ==== end of the COW fork section ======================================================================= */
 
 /* ==== deterministic execution (deterministic.py): getrandom answered in C ====================================
  *

@@ -100,6 +100,8 @@ long sl_spawn(const struct sl_cfg *cfg);
 long sl_fork_with_reaper(const struct sl_cfg *cfg);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
+void sl_clone_exit(int code);
+long sl_fork_env_slot(void);
 
 /* ---- deterministic execution (deterministic.py): getrandom answered in C; keep _ffi_build.py in step ---- */
 #define SL_DET_SLOTS 256          /* processes whose next stream bytes are kept here */
