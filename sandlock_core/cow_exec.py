@@ -26,6 +26,7 @@ class CowExec:
         if self._outside_lexically(path):
             return None
         r = self.resolve(sup, n, dirfd, path, True)
+        in_upper = False
         if r.rel is None:
             if not r.touched:
                 return None
@@ -39,19 +40,25 @@ class CowExec:
             if stat.S_ISDIR(look[1].st_mode):
                 return Errno(errno.EACCES)
             real = self._real(r.rel, look)
+            in_upper = look[0] == "U"
         fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if r.rel is not None else 0))
         try:
             head = os.pread(fd, 256, 0)
+            st = os.fstat(fd)
             script = head.startswith(b"#!")
             if script and self._interpreter_in_upper(sup, n, head):
                 return Errno(errno.ENOENT)  # what the kernel would answer; recorded with the way out
+            # Only a file the kernel will run may have the child's memory rearranged for it (see _make_room).
+            runnable = stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 and (script or head[:4] == b"\x7fELF")
+            if in_upper and self.exec_by_copy:
+                fd = _swap(fd, _sealed_copy(fd, st.st_size))
             newfd = lib.sl_notif_addfd(sup.listener, n.id, fd, 0, 0 if script else os.O_CLOEXEC, 0)
         finally:
             os.close(fd)
         if newfd < 0:
             return Errno(-newfd)
         new = f"{self.fd_dir}{newfd}".encode()
-        if not self._make_room(sup, n, idx, path, len(new)):
+        if not (self._make_room(sup, n, idx, path, len(new)) if runnable else len(new) <= len(path)):
             return self._exec_path_too_short(sup, n, r.vpath)
         _write(sup, n, n.data.args[idx], new + b"\0")
         return None  # CONTINUE: the kernel now execs the injected fd (Landlock still checks EXECUTE)
@@ -135,3 +142,26 @@ class CowExec:
     def h_execveat(self, sup, n):
         a = n.data.args
         return self._wrap(self._exec, sup, n, 1, s32(a[0]), s32(a[4]))
+
+
+def _swap(old: int, new: int) -> int:
+    os.close(old)
+    return new
+
+
+def _sealed_copy(fd: int, size: int) -> int:
+    """A read-only fd on a memfd copy of ``fd``'s file. Under a Landlock policy the child may not execute (or
+    its interpreter reopen) a file in the branch storage, which no rule covers, though it may run what it
+    wrote in the workdir: the copy, an anonymous file, is outside Landlock's path rules. Read-only, so that
+    the kernel finds no writer (ETXTBSY)."""
+    mfd = os.memfd_create("sandlock-cow-exec", os.MFD_CLOEXEC)
+    try:
+        off = 0
+        while off < size:
+            sent = os.sendfile(mfd, fd, off, size - off)
+            if sent == 0:
+                break
+            off += sent
+        return os.open(f"/proc/self/fd/{mfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(mfd)

@@ -66,6 +66,9 @@ class CowView:
         self.lower_cache: dict[str, tuple[str, str | None]] = {}
         # Exec of an upper file rewrites the path string in place to a name of the injected fd: /dev/fd/N is
         # the shortest, where it is the usual link to /proc/self/fd (and no chroot can hide it).
+        # Exec of an upper file under a Landlock filesystem policy goes through a memfd copy (cow_exec).
+        self.exec_by_copy = bool(policy.fs_readable or policy.fs_writable or policy.net_bind or policy.net_connect
+                                 or policy.isolate_ipc or policy.isolate_signals)
         self.fd_dir = "/dev/fd/" if not getattr(policy, "chroot", None) and _readlink("/dev/fd") in (
             "/proc/self/fd", "/proc/self/fd/") else "/proc/self/fd/"
 
@@ -163,8 +166,9 @@ class CowView:
 
     def _lower_entry(self, rel: str) -> tuple[str, str | None]:
         """(kind, symlink target) of the lower entry at rel, cached. Only the supervisor writes under the
-        workdir during a run (the child's writes go to the upper), so the lower is fixed until the commit;
-        if the policy also makes the workdir writable to the child, COW is documented as no boundary."""
+        workdir during a run (the child's writes go to the upper), so the lower is fixed until the commit
+        (a commit by another sandbox on the same workdir meanwhile is not seen by this run's resolution; if the
+        policy makes the workdir writable to the child, COW is documented as no boundary)."""
         ent = self.lower_cache.get(rel)
         if ent is not None:
             return ent

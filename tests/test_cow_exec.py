@@ -113,3 +113,41 @@ def test_script_whose_interpreter_exists_only_in_the_upper_fails_like_the_kernel
     sb = Sandbox(Policy(workdir=str(wd), cwd=str(wd)), record_denials=True)
     r = sb.dry_run(["sh", "-c", script])
     assert r.stdout.endswith(b"hi\n") and b"rc=127" in r.stdout, (r.stdout, r.stderr)
+
+
+LANDLOCKED = r"""
+import os, sys, tempfile
+from sandlock_core import Policy, Sandbox
+base = tempfile.mkdtemp()
+os.chmod(base, 0o755)
+wd = os.path.join(base, "wd")
+os.makedirs(wd + "/sub")
+ro = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
+script = ("cp /bin/echo sub/p && cd sub && ./p relative && cd .. && %s/sub/p absolute "
+          "&& printf '#!/bin/sh\\necho script\\n' > s && chmod +x s && ./s && cat /bin/echo > e && chmod +x e; "
+          "./e; echo rc=$?" % wd)
+r = Sandbox(Policy(workdir=wd, cwd=wd, fs_readable=ro)).dry_run(["sh", "-c", script])
+print(repr(r.stdout), r.exit_code)
+assert os.listdir(wd + "/sub") == []
+"""
+
+
+def _check_landlocked(out: str):
+    assert out.splitlines()[0] == repr(b"relative\nabsolute\nscript\n\nrc=0\n") + " 0", out
+
+
+def test_upper_binaries_run_under_a_landlock_filesystem_policy():
+    """No Landlock rule covers the branch storage: the supervisor hands the child a sealed copy to run."""
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", LANDLOCKED], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    _check_landlocked(r.stdout)
+
+
+def test_upper_binaries_run_under_a_landlock_filesystem_policy_unprivileged():
+    from support import run_as_nobody
+    r = run_as_nobody(LANDLOCKED, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _check_landlocked(r.stdout)
