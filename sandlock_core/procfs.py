@@ -39,6 +39,7 @@ import re
 import stat
 import struct
 
+from ._native import ffi, lib
 from .notif import Errno, Value, s32, serve_virtual, tgid_of
 from .resources import stat_fields
 
@@ -115,12 +116,13 @@ class ProcFs:
             self.proc_dev = -1
         self._cpuinfo: bytes | None = None
         self.kernel_devs = _kernel_devs()
-        from ._native import ffi
         # open_how for the fast resolution: [follow the last link?][stay on the starting mount?]
-        self._hows = {(nofollow, same): ffi.new("uint64_t[3]", [
+        self._how_bufs = [ffi.new("uint64_t[3]", [
             os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0), 0,
             RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_XDEV if same else 0)])
-            for nofollow in (False, True) for same in (False, True)}
+            for nofollow in (False, True) for same in (False, True)]
+        self._hows = {(nofollow, same): ffi.cast("long", self._how_bufs[2 * nofollow + same])
+                      for nofollow in (False, True) for same in (False, True)}
 
     # ---- the sandbox's pids ----
     def _pids(self, sup, fresh: bool = False) -> set[int]:
@@ -284,9 +286,8 @@ class ProcFs:
 
     def _openat2(self, base: int, path: bytes, how) -> int:
         """An O_PATH fd or -errno."""
-        from ._native import ffi, lib
         return lib.sl_raw_syscall6(self.nr_openat2, base if base >= 0 else AT_FDCWD,
-                                   ffi.cast("long", ffi.new("char[]", path)), ffi.cast("long", how), 24, 0, 0)
+                                   ffi.cast("long", ffi.new("char[]", path)), how, 24, 0, 0)
 
     # ---- /proc/<pid> of the sandbox: opened and read on behalf, decided on the object ----
     def behalf(self, sup) -> "ProcBehalf":
@@ -425,7 +426,6 @@ class ProcFs:
         return self._stat_on_behalf(sup, n, name, nofollow, buf) if buf is not None else None
 
     def _stat_on_behalf(self, sup, n, name: str, nofollow: bool, buf):
-        from ._native import ffi, lib
         try:
             fd = os.open(name, os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0))
         except OSError as exc:
@@ -485,7 +485,6 @@ class ProcFs:
 
     # ---- listings ----
     def _getdents(self, sup, n, nr: int, name_off: int):
-        from ._native import ffi, lib
         a = n.data.args
         fd, addr, count = s32(a[0]), a[1], a[2] & 0xFFFFFFFF
         try:
@@ -525,7 +524,6 @@ class ProcFs:
     def _sorted(self, sup, n, dup, nr, name_off, addr, count, is_proc, st):
         """deterministic_dirs together with isolate_pids: the whole listing, filtered, sorted by name, served
         by index (the file offset holds the index, as the deterministic mechanism does)."""
-        from ._native import ffi, lib
         pos = os.lseek(dup, 0, os.SEEK_CUR)
         key = ("procfs_listing", n.pid, s32(n.data.args[0]))
         cached = sup.state.get(key)
