@@ -297,7 +297,7 @@ def cmd_run(a) -> int:
     except PolicyError as exc:
         raise UsageError(str(exc)) from None
     from .sandbox import ExitReason, Sandbox
-    import signal as _signal
+    import _signal  # not signal: its enums cost start-up (names are looked up only on the error path)
     try:
         sb = Sandbox(policy)
     except PolicyError as exc:
@@ -339,7 +339,8 @@ def cmd_run(a) -> int:
     if res.reason is ExitReason.MEMORY:
         sys.stderr.write(f"sandlock: {res.error}\n")
     elif res.reason in (ExitReason.SIGNALED, ExitReason.KILLED) and res.signal:
-        name = _signal.Signals(res.signal).name if res.signal in _signal.valid_signals() else str(res.signal)
+        import signal
+        name = signal.Signals(res.signal).name if res.signal in signal.valid_signals() else str(res.signal)
         sys.stderr.write(f"sandlock: ended by signal {res.signal} ({name})\n")
     if a.status_fd is not None:
         import json

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-import signal
+import _signal as signal  # the C module: signal.py adds enums, ~0.6 ms of CLI start-up
 import struct
 import threading
 
