@@ -407,8 +407,11 @@ class ProcFs:
                    empty_ok: bool = False):
         """``buf``: (kind, address) where the answer goes when it is made on behalf (a sandbox pid's entry:
         stat'ed here on the object the name resolved to, never re-resolved by the kernel)."""
-        if empty_ok and sup.read_mem(n, n.data.args[path_index], 1) == b"\0":
-            return None  # fstat(fd) through AT_EMPTY_PATH: an fd the child holds (one byte read, not a page)
+        addr = n.data.args[path_index]
+        if addr == 0 or (empty_ok and sup.read_mem(n, addr, 1) == b"\0"):
+            # fstat(fd) through AT_EMPTY_PATH (a NULL path means the same since 6.11): an fd the child holds;
+            # one byte read, not a page
+            return None
         path = sup.path_arg(n, path_index)
         if not path:
             return None  # ENOENT from the kernel

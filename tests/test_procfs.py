@@ -274,6 +274,28 @@ print(sorted(seen))
     assert str(os.getpid()) not in seen and seen, (r.stdout, r.stderr)
 
 
+def test_ordinary_stat_access_and_open_are_unchanged_under_isolate_pids(tmp_path):
+    code = f"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+d = {str(tmp_path)!r}
+fd = os.open(d + "/new", os.O_CREAT | os.O_WRONLY, 0o600)
+buf = ctypes.create_string_buffer(256)
+print(os.stat(d + "/new").st_size, os.fstat(fd).st_mode & 0o777, os.access(d + "/new", os.W_OK),
+      libc.syscall(262, fd, None, buf, 0x1000), libc.syscall(262, fd, b"", buf, 0x1000))
+for f in (os.stat, os.lstat, lambda p: os.open(p, os.O_RDONLY)):
+    try:
+        f(d + "/missing")
+    except OSError as e:
+        print(e.errno)
+os.symlink(d + "/new", d + "/lnk")
+print(os.lstat(d + "/lnk").st_size == len(d + "/new"), os.stat(d + "/lnk").st_size)
+"""
+    r = run(Policy(isolate_pids=True), code)
+    assert r.stdout.decode().split() == ["0", "384", "True", "0", "0"] + [str(errno.ENOENT)] * 3 + ["True", "0"], \
+        r.stderr
+
+
 @pytest.fixture
 def shared_tmp():
     import shutil
