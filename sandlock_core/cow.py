@@ -85,7 +85,7 @@ class Cow(CowView, CowMutations, CowExec):
         rel = r.rel
         if not write and not r.touched and not b.touched(rel):
             return None  # an untouched lower entry (or none): the kernel's answer is the merged one
-        look = b.lookup(rel)
+        look = self._lookup(rel)
         if not write:
             if look is None:
                 return Errno(errno.ENOENT)

@@ -187,6 +187,13 @@ class CowView:
         self.lower_cache[rel] = ent
         return ent
 
+    def _lookup(self, rel: str):
+        """Branch.lookup, without a system call for a name the (cached) lower does not have."""
+        b = self.branch
+        if rel and rel not in b.present and self._lower_entry(rel)[0] is _MISSING:
+            return None
+        return b.lookup(rel)
+
     def _transparent(self, rel: str) -> bool:
         """Is the upper directory at rel a plain copy of a lower directory (made to hold copied-up
         children), so that the kernel, walking the lower, finds every name not in the upper just as we do?"""
