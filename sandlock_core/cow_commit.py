@@ -112,11 +112,12 @@ def commit(branch) -> None:
     w = branch.workdir
     with commit_lock(w):
         _roll_forward_stale(w)
-        write_manifest(branch.root, branch.deleted, branch.opaque)
-        _write_synced(os.path.join(branch.root, JOURNAL), json.dumps({"workdir": w, "upper": branch.upper}).encode())
         pointer = pointer_path(w)
-        _write_synced(pointer, os.fsencode(branch.root))
         try:
+            write_manifest(branch.root, branch.deleted, branch.opaque)
+            _write_synced(os.path.join(branch.root, JOURNAL),
+                          json.dumps({"workdir": w, "upper": branch.upper}).encode())
+            _write_synced(pointer, os.fsencode(branch.root))
             apply_tree(w, branch.upper, branch.deleted, branch.opaque)
             remove_temporaries(w, branch.upper)
         except OSError as exc:
