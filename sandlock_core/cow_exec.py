@@ -50,6 +50,8 @@ class CowExec:
                 return Errno(errno.ENOENT)  # what the kernel would answer; recorded with the way out
             # Only a file the kernel will run may have the child's memory rearranged for it (see _make_room).
             runnable = stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 and (script or head[:4] == b"\x7fELF")
+            if not runnable and len(self.fd_dir) + 1 > len(path):
+                return self._exec_path_too_short(sup, n, r.vpath)  # before injecting an fd it would not use
             if in_upper and self.exec_by_copy:
                 fd = _swap(fd, _sealed_copy(fd, st.st_size))
             newfd = lib.sl_notif_addfd(sup.listener, n.id, fd, 0, 0 if script else os.O_CLOEXEC, 0)

@@ -25,7 +25,6 @@ MAX_HOPS = 40
 ARGV0_GAP = 16384  # below the stack pointer: past the red zone and any signal frame (see _make_room)
 
 
-
 def _fsdecode(b: bytes) -> str:
     return os.fsdecode(b)
 
