@@ -80,6 +80,11 @@ class Overlay:
     def finish(self, sup, result) -> None:
         """Commit, discard or keep the run's upper (or list its changes in a dry run), as cow.Cow does."""
         b = self.take_branch()
+        while b is not None and result.exit_code == 0 and not _was_mounted(b):
+            # A run that exited 0 mounted its overlay: this branch is a spawn that failed after its
+            # preparation (fork refused), left first in the queue. Nothing was written there.
+            b.discard()
+            b = self.take_branch()
         if b is None:
             return
         _clear_ovl_work(os.path.join(b.root, "ovl-work"))
@@ -140,6 +145,14 @@ def _take_opaque(path: str) -> bool:
         with contextlib.suppress(OSError):
             os.removexattr(path, attr, follow_symlinks=False)
     return opaque
+
+
+def _was_mounted(b) -> bool:
+    """The overlay makes ``work/`` in its workdir at mount time."""
+    try:
+        return bool(os.listdir(os.path.join(b.root, "ovl-work")))
+    except OSError:
+        return False
 
 
 def _clear_ovl_work(work: str) -> None:
