@@ -424,9 +424,10 @@ def _serve(sock, sock_fd: int, work_fn, n: int) -> None:
         sys.stderr.flush()
         workers = int(os.environ.get("SANDLOCK_FORK_WORKERS", min(cpus, 8) if cnt >= 64 else 1))
         env = _clone_id_slot(lib)
+        exit_now = lib.sl_clone_exit  # looked up here: cffi builds a lib attribute on first use (in each clone)
         r = lib.sl_fork_clones(first, cnt, sock_fd, workers, _CLONE_BATCH, pids, statuses)
         if 0 <= r < cnt:
-            _clone_main(work_fn, first + r, env, lib.sl_clone_exit)  # never returns
+            _clone_main(work_fn, first + r, env, exit_now)  # never returns
         if r < 0:
             sock.send(_pack(b"E", first, []) + f"fork: {os.strerror(-r)}".encode())
             break
