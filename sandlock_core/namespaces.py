@@ -45,7 +45,10 @@ class NsSetup:
 
     def __init__(self, policy):
         self.policy = policy
-        self.readonly = bool(policy.fs_readable or policy.fs_writable or policy.workdir)
+        # Made only under a filesystem policy, and not when "/" itself is writable (nothing would stay read-only;
+        # and a mount moved onto "/" would not be seen: a walk from the root does not cross mounts on it).
+        self.readonly = (bool(policy.fs_readable or policy.fs_writable or policy.workdir)
+                         and "/" not in (os.path.realpath(w) for w in policy.fs_writable))
         self.overlay = None   # cow_overlay.Overlay when fs_isolation=overlayfs
         self.policy_fn_check = None
 

@@ -199,3 +199,11 @@ def test_privileged_with_the_seccomp_copy_on_write(tmp_path):
     assert d.stdout == b"0\n", d.stderr
     assert [(c.kind, c.path) for c in d.changes] == [("M", "a"), ("A", "b"), ("D", "d")]
     assert (w / "a").read_text() == "a\n" and (w / "d").is_dir()
+
+
+def test_whole_filesystem_writable_stays_writable(tmp_path):
+    """fs_writable=["/"]: no read-only view at all (a mount moved onto "/" would not be seen)."""
+    r = Sandbox(Policy(fs_writable=["/"], privileged=True)).run(
+        ["sh", "-c", f"echo x > {tmp_path}/f; chmod 600 {tmp_path}/f"])
+    assert r.exit_code == 0, r.stderr
+    assert (tmp_path / "f").read_text() == "x\n"
