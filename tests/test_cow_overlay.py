@@ -347,7 +347,8 @@ NOBODY_CODE = textwrap.dedent("""
     out = os.path.join(base, "out")
     os.mkdir(out)
     ro = ["/usr", "/lib", "/lib64", "/bin", "/etc"]
-    script = "sed -i s/hello/bye/ README && rm -rf src/deep && mv src/a.c b.c && echo n > new && id -u && touch " + out + "/made"
+    script = ("sed -i s/hello/bye/ README && rm -rf src/deep && mv src/a.c b.c && echo n > new && id -u && "
+              "touch " + out + "/made")
     res = {}
     for priv in (False, True):
         pol = Policy(fs_readable=[p for p in ro if os.path.exists(p)], fs_writable=[out], workdir=w, cwd=w,
