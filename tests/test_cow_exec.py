@@ -110,9 +110,13 @@ def test_script_whose_interpreter_exists_only_in_the_upper_fails_like_the_kernel
     wd.mkdir()
     script = (f"ln -s {shutil.which('sh')} {wd}/mysh && printf '#!{wd}/mysh\\necho hi\\n' > {wd}/s "
               f"&& chmod +x {wd}/s && {wd}/s; echo rc=$? && {wd}/mysh {wd}/s")
+    from sandlock_core.cow import dry_run_call
     sb = Sandbox(Policy(workdir=str(wd), cwd=str(wd)), record_denials=True)
-    r = sb.dry_run(["sh", "-c", script])
+    r, changes = dry_run_call(lambda: sb.run(["sh", "-c", script]))
     assert r.stdout.endswith(b"hi\n") and b"rc=127" in r.stdout, (r.stdout, r.stderr)
+    why = [d for d in r.denials if d.syscall == "execve"]
+    assert why and "interpreter" in why[0].detail and why[0].hint.startswith(f"run it as: {wd}/mysh"), r.denials
+    assert not (wd / "s").exists() and sorted(p for _kind, p in changes) == ["mysh", "s"]
 
 
 LANDLOCKED = r"""
