@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from sandlock_core import Policy, Sandbox
+from sandlock_core import Policy, Sandbox, syscalls
 from sandlock_core.plan import Plan
 from support import run_as_nobody
 
@@ -162,6 +162,7 @@ def test_foreign_processes_are_hidden_and_refused(tmp_path):
 
 PID_CALLS = """
 import ctypes, os, resource, sys, time
+NR_TKILL, NR_TGKILL = TKILL, TGKILL
 host, victim, host_pgid = (int(x) for x in sys.argv[1:4])
 libc = ctypes.CDLL(None, use_errno=True)
 def sc(*a):
@@ -181,8 +182,8 @@ if kid == 0:
     os._exit(0)
 for who, pid in (("host", host), ("victim", victim), ("me", me), ("kid", kid)):
     attempt(f"{who} kill0", lambda: os.kill(pid, 0))
-    attempt(f"{who} tkill0", lambda: sc(200, pid, 0))
-    attempt(f"{who} tgkill0", lambda: sc(234, pid, pid, 0))
+    attempt(f"{who} tkill0", lambda: sc(NR_TKILL, pid, 0))
+    attempt(f"{who} tgkill0", lambda: sc(NR_TGKILL, pid, pid, 0))
     attempt(f"{who} pidfd", lambda: os.close(os.pidfd_open(pid)))
     attempt(f"{who} getpriority", lambda: os.getpriority(os.PRIO_PROCESS, pid))
     attempt(f"{who} getpgid", lambda: os.getpgid(pid))
@@ -197,7 +198,7 @@ attempt("host group", lambda: os.killpg(host_pgid, 0))
 attempt("broadcast", lambda: os.kill(-1, 0))
 attempt("own group", lambda: os.killpg(os.getpgid(0), 0))
 print("\\n".join(out))
-"""
+""".replace("TKILL, TGKILL", f'{syscalls.number("tkill")}, {syscalls.number("tgkill")}')
 E, S = errno.ESRCH, errno.ENOENT
 PID_EXPECT = (
     [f"{who} {x} {E}" for who in ("host", "victim") for x in ("kill0", "tkill0", "tgkill0", "pidfd", "getpriority",
@@ -274,6 +275,9 @@ print(sorted(seen))
     assert str(os.getpid()) not in seen and seen, (r.stdout, r.stderr)
 
 
+NR_FSTATAT = syscalls.number("newfstatat") or syscalls.number("fstatat64")
+
+
 def test_ordinary_stat_access_and_open_are_unchanged_under_isolate_pids(tmp_path):
     code = f"""
 import ctypes, errno, os
@@ -282,7 +286,7 @@ d = {str(tmp_path)!r}
 fd = os.open(d + "/new", os.O_CREAT | os.O_WRONLY, 0o600)
 buf = ctypes.create_string_buffer(256)
 print(os.stat(d + "/new").st_size, os.fstat(fd).st_mode & 0o777, os.access(d + "/new", os.W_OK),
-      libc.syscall(262, fd, None, buf, 0x1000), libc.syscall(262, fd, b"", buf, 0x1000))
+      libc.syscall({NR_FSTATAT}, fd, None, buf, 0x1000), libc.syscall({NR_FSTATAT}, fd, b"", buf, 0x1000))
 for f in (os.stat, os.lstat, lambda p: os.open(p, os.O_RDONLY)):
     try:
         f(d + "/missing")

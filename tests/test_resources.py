@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sandlock_core import Policy, Sandbox
+from sandlock_core import Policy, Sandbox, syscalls
 from sandlock_core.plan import Plan
 from sandlock_core.sandbox import ExitReason
 from support import run_as_nobody
@@ -382,8 +382,8 @@ for i in range(int(sys.argv[1])):
     p = libc.mmap(None, 1 << 16, mmap.PROT_READ, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     libc.mprotect(ctypes.c_void_p(p), 1 << 16, mmap.PROT_READ)
     libc.munmap(ctypes.c_void_p(p), 1 << 16)
-    libc.syscall(12, 0)  # brk(0)
-"""
+    libc.syscall(NR_BRK, 0)  # brk(0)
+""".replace("NR_BRK", str(syscalls.number("brk")))
     sb = Sandbox(Policy(max_memory="256M"))
     none, many = (sb.run([*PY, code, k]) for k in ("0", "1000"))
     assert none.success and many.success, many.stderr
