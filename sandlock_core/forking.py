@@ -415,7 +415,7 @@ def _serve(sock, sock_fd: int, work_fn, n: int) -> None:
         cpus = len(os.sched_getaffinity(0))
     except OSError:
         cpus = 1
-    chunk = 1 << 16
+    chunk = 4096  # clones per C call: bounds the template's per-chunk lists (copied by every fork)
     for first in range(0, n, chunk):
         cnt = min(chunk, n - first)
         pids = ffi.new("int[]", cnt)
@@ -424,10 +424,13 @@ def _serve(sock, sock_fd: int, work_fn, n: int) -> None:
         sys.stderr.flush()
         workers = int(os.environ.get("SANDLOCK_FORK_WORKERS", min(cpus, 8) if cnt >= 64 else 1))
         env = _clone_id_slot(lib)
+        # Made here, once: each clone only picks its own (formatting in a clone copies the allocator's pages).
+        ids = [b"%d" % k for k in range(first, first + cnt)] if env is not None else None
         exit_now = lib.sl_clone_exit  # looked up here: cffi builds a lib attribute on first use (in each clone)
         r = lib.sl_fork_clones(first, cnt, sock_fd, workers, _CLONE_BATCH, pids, statuses)
         if 0 <= r < cnt:
-            _clone_main(work_fn, first + r, env, exit_now)  # never returns
+            _clone_main(work_fn, first + r, env, ids[r] if ids else None, exit_now)  # never returns
+        ids = None
         if r < 0:
             sock.send(_pack(b"E", first, []) + f"fork: {os.strerror(-r)}".encode())
             break
@@ -462,15 +465,16 @@ def _clone_id_slot(lib):
     return data
 
 
-def _clone_main(work_fn, i: int, env, exit_now) -> None:
+def _clone_main(work_fn, i: int, env, env_id, exit_now) -> None:
     code = 0
     try:
         if env is not None:
-            env[b"CLONE_ID"] = b"%d" % i  # C already wrote it in the C environment
+            env[b"CLONE_ID"] = env_id  # C already wrote it in the C environment
         else:
             os.environ["CLONE_ID"] = str(i)
         ret = work_fn(i)
-        code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
+        if ret is not None:
+            code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
