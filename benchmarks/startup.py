@@ -1,9 +1,13 @@
 """Start-up cost: Sandbox.run(["/bin/echo"]) vs subprocess.run, and `sandlock run -- /bin/echo` vs /bin/echo.
 
 Both pairs are timed in the same process, interleaved (A, B, A, B, ...) to cancel machine drift; medians.
+On a busy machine wall times swing; the load average is printed, and so is a measure that load barely moves:
+the sum of the CLI's import times (``-X importtime``, each module's fastest of several runs) next to that of a
+bare ``python -c pass``, with the list of what the CLI imports beyond it.
 Usage: .venv/bin/python benchmarks/startup.py [ROUNDS]
 """
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -31,6 +35,21 @@ def pairs(a, b, rounds):
     return statistics.median(ta), statistics.median(tb)
 
 
+def import_times(argv: list, runs: int = 7) -> dict:
+    """{module: fastest self time in us} over ``runs`` runs of ``argv`` with -X importtime."""
+    best: dict = {}
+    for _ in range(runs):
+        err = subprocess.run(argv, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}).stderr
+        for us, name in re.findall(r"^import time:\s+(\d+) \|\s+\d+ \| +(\S+)$", err, re.MULTILINE):
+            best[name] = min(best.get(name, 1 << 60), int(us))
+    return best
+
+
+def cli_argv() -> list:
+    return [SANDLOCK, "run", *sum((["-r", p] for p in RO), []), "--", *ECHO]
+
+
 def main():
     plain = Sandbox(Policy())
     confined = Sandbox(Policy(fs_readable=RO))
@@ -43,12 +62,22 @@ def main():
     rows.append(("Sandbox(fs_readable=...).run(echo) vs subprocess.run", bare, api))
     n = max(20, ROUNDS // 5)
     bare, cli = pairs(lambda: subprocess.run(ECHO, stdout=subprocess.DEVNULL),
-                      lambda: subprocess.run([SANDLOCK, "run", *sum((["-r", p] for p in RO), []), "--", *ECHO],
-                                             stdout=subprocess.DEVNULL), n)
+                      lambda: subprocess.run(cli_argv(), stdout=subprocess.DEVNULL), n)
     rows.append(("sandlock run -r ... -- echo vs echo", bare, cli))
-    print(f"{'workload':55} {'bare ms':>8} {'sandlock ms':>12} {'ratio':>6} {'delta ms':>9}")
+    python, cli = pairs(lambda: subprocess.run([sys.executable, "-c", "pass"]),
+                        lambda: subprocess.run(cli_argv(), stdout=subprocess.DEVNULL), n)
+    rows.append(("(for scale) sandlock run -r ... -- echo vs python -c pass", python, cli))
+    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{'workload':58} {'bare ms':>8} {'sandlock ms':>12} {'ratio':>6} {'delta ms':>9}")
     for name, b, s in rows:
-        print(f"{name:55} {b:8.2f} {s:12.2f} {s / b:6.2f} {s - b:9.2f}")
+        print(f"{name:58} {b:8.2f} {s:12.2f} {s / b:6.2f} {s - b:9.2f}")
+    base = import_times([sys.executable, "-c", "pass"])
+    ours = import_times([sys.executable, *cli_argv()])
+    extra = {m: us for m, us in ours.items() if m not in base}
+    print(f"imports (-X importtime, sum of self times): python -c pass {sum(base.values()) / 1000:.1f} ms, "
+          f"sandlock run {sum(ours.values()) / 1000:.1f} ms: +{sum(extra.values()) / 1000:.1f} ms in "
+          f"{len(extra)} modules")
+    print("  " + ", ".join(f"{m} {us / 1000:.2f}" for m, us in sorted(extra.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":
