@@ -145,25 +145,36 @@ class ChangesServer:
         return self.req_w, self.resp_r
 
     def _serve(self) -> None:
-        while True:
-            try:
-                if not os.read(self.req_r, 1):
-                    return
+        """Owns req_r and resp_w (closes them itself: close() never closes an fd this thread may still use)."""
+        try:
+            while os.read(self.req_r, 1):
                 try:
-                    data = [[c.kind, c.path] for c in self.sandbox.changes()]
+                    data = [[c.kind, c.path] for c in self._changes()]
                 except Exception as exc:  # answer, never leave the child waiting
                     data = {"error": repr(exc)}
                 _write_all(self.resp_w, json.dumps(data).encode() + b"\n")
-            except OSError:
-                return
+        except OSError:
+            pass
+        finally:
+            os.close(self.req_r)
+            os.close(self.resp_w)
+
+    def _changes(self) -> list:
+        """The sandbox's processes may be writing while the upper layer is walked: retry a walk that lost a
+        file under it."""
+        for attempt in range(3):
+            try:
+                return self.sandbox.changes()
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
+        return []
 
     def close(self) -> None:
         """After the run (the child's tree is gone): EOF for the reader, EPIPE for a blocked writer."""
-        for fd in (self.req_w, self.resp_r):
-            os.close(fd)
+        os.close(self.req_w)
+        os.close(self.resp_r)
         self.thread.join(5)
-        for fd in (self.req_r, self.resp_w):
-            os.close(fd)
 
 
 def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str] | None = None,
