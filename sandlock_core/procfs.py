@@ -29,7 +29,9 @@ Residual risk: a name that resolves *outside* /proc and /sys when checked is con
 it again: a symlink swapped in between can still reach a foreign ``/proc/<pid>`` entry (Landlock still refuses the
 ptrace-guarded ones) or a sensitive file. Existence probes other than the ones above (``chdir``, ``statfs``,
 xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
-Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250).
+Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). The sandbox's
+own ``/proc/<pid>/ns/*`` files cannot be opened under ``isolate_pids`` (the on-behalf open refuses magic links to
+namespaces; ``setns`` is blocked anyway).
 """
 from __future__ import annotations
 

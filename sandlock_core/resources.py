@@ -14,9 +14,10 @@ sandbox, plus anonymous shared mappings and SysV segments, which that field leav
   lets the others through unnotified (read-only or executable mappings, ``brk(0)``: an argument filter).
   The ledger (last measure + everything approved since; ``munmap`` is not notified, so it only over-counts)
   decides alone while the sandbox is far from the limit; within ``margin()`` of it, or once a process was
-  approved ``drift()`` since its last measure, the requester's usage is measured afresh from statm, so unmapping
-  tricks cannot launder usage near the limit and ``munmap``, ``exec`` and exit are credited. A request that would cross the limit fails with
-  ``ENOMEM``, which programs handle (``malloc`` returns NULL, Python raises ``MemoryError``).
+  approved ``drift()`` since its last measure, the requester's usage is measured afresh from statm, so
+  unmapping tricks cannot launder usage near the limit and ``munmap``, ``exec`` and exit are credited. A
+  request that would cross the limit fails with ``ENOMEM``, which programs handle (``malloc`` returns NULL,
+  Python raises ``MemoryError``).
 * A process that gets over the limit without a request that could fail (stack growth, memory the kernel gives
   at exec) is SIGKILLed, that process only, by the watcher (every 100 ms) or at its next request.
 * Anonymous *shared* memory (``MAP_SHARED|MAP_ANONYMOUS``) is not in that field: it is measured from
