@@ -876,7 +876,7 @@ class Deterministic:
         """The Python path: a thread's first getrandom, a slot running dry, odd sizes or flags. Later calls of
         a bound thread are answered in C (``FastPath``), from the same stream."""
         a = n.data.args
-        count, flags = a[1], a[2]
+        count, flags = a[1], a[2] & 0xFFFFFFFF  # flags is an unsigned int for the kernel
         if flags & ~GRND_FLAGS or flags & GRND_RANDOM_INSECURE == GRND_RANDOM_INSECURE:
             return Errno(errno.EINVAL)
         count = min(count, GETRANDOM_MAX)

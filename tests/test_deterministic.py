@@ -387,11 +387,11 @@ def test_getrandom_bytes_are_the_documented_stream_in_every_size_and_thread(rndp
 
 
 def test_getrandom_errors_match_the_kernel(rndprog):
-    args = ["f0x100", "f6", "f1", "null", "readonly", "edge", "0"]
+    args = ["f0x100", "f6", "f1", "f0x100000000", "null", "readonly", "edge", "0"]  # flags: an unsigned int
     bare = subprocess.run([rndprog, *args], capture_output=True, text=True, check=True).stdout.splitlines()
     boxed = rnd_run(rndprog, *args)
     shape = [line if line.startswith(("err", "readonly")) else line.split()[0] for line in boxed]
-    assert shape == ["err 22", "err 22", "16", "err 14", "readonly -1 14 0", "8", "0"]  # EINVAL, EFAULT, short
+    assert shape == ["err 22", "err 22", "16", "16", "err 14", "readonly -1 14 0", "8", "0"]  # EINVAL, EFAULT, short
     assert shape == [line if line.startswith(("err", "readonly")) else line.split()[0] for line in bare]
 
 

@@ -943,8 +943,10 @@ long sl_det_answer(int listener, const struct seccomp_notif *n, const void *data
 static struct sl_det_slot *det_slot_for(struct sl_det_fast *f, const struct seccomp_notif *n)
 {
     if (n->data.nr != f->nr || n->data.arch != f->arch) return NULL;
-    uint64_t count = n->data.args[1], flags = n->data.args[2];
-    if (flags & ~(uint64_t)SL_DET_GRND_FLAGS || (flags & 6) == 6 || count == 0) return NULL;  /* Python: EINVAL, 0 */
+    uint64_t count = n->data.args[1];
+    uint32_t flags = (uint32_t)n->data.args[2];  /* an unsigned int for the kernel: upper bits ignored */
+    /* unknown flags, GRND_RANDOM|GRND_INSECURE (EINVAL) and count 0 are Python's to answer */
+    if (flags & ~(uint32_t)SL_DET_GRND_FLAGS || (flags & 6) == 6 || count == 0) return NULL;
     int h = det_find(f, n->pid);
     if (h < 0) return NULL;
     struct sl_det_slot *s = &f->slots[f->map[h].slot];
