@@ -177,7 +177,8 @@ def hint(step: str, err: int) -> str:
                 "Landlock sandbox that may not write /proc, or AppArmor's apparmor_restrict_unprivileged_userns "
                 "forbids it)")
     if "private" in step and err == errno.EPERM:
-        return " (mounts are refused: this process runs inside a Landlock sandbox, which forbids mount changes)"
+        return (" (mounts are refused: this process runs inside a Landlock sandbox, which forbids mount changes, "
+                "or AppArmor's apparmor_restrict_unprivileged_userns left the new namespace without capabilities)")
     if "overlay" in step:
         return (" (the kernel refused an OverlayFS mount in a user namespace: it needs Linux 5.11+, and the upper "
                 "directory (fs_storage) must be on a filesystem that supports user xattrs, e.g. not another "
