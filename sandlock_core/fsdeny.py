@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import queue
 import stat
 import struct
 import threading
@@ -133,6 +132,7 @@ class Opener:
     """A thread confined by the sandbox's Landlock ruleset that performs opens on the child's behalf."""
 
     def __init__(self, ruleset_fd: int):
+        import queue  # here: a read-only policy imports this module but never opens on behalf (CLI start-up)
         self._q: queue.Queue = queue.Queue()
         self._ruleset_fd = os.dup(ruleset_fd) if ruleset_fd >= 0 else -1
         self._ready = threading.Event()
