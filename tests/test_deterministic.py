@@ -600,3 +600,27 @@ def test_more_processes_than_c_slots_stay_deterministic(rndprog):
     assert len(values) == 600 and len(set(values)) == 600
     for k in range(300):  # the k-th child of the shell is r.k; 8 bytes go to its malloc first
         assert bytes.fromhex(values[2 * k] + values[2 * k + 1]) == documented_stream(3, f"r.{k}", "getrandom", 40)[8:]
+
+
+def test_touch_inside_a_chroot_changes_the_file_the_child_names(tmp_path):
+    """Without the metadata guard (mount namespaces), "now" is set on the object looked up from the child's
+    root: /tmp/x inside the chroot, never the host's /tmp/x; read-only mounts still refuse."""
+    import test_chroot
+    if test_chroot._userns_works() is not None:
+        pytest.skip(test_chroot._userns_works())
+    root = test_chroot.make_root(str(tmp_path / "root"), test_chroot.PROGS)
+    inside = os.path.join(root, "tmp", "stamp")
+    host = "/tmp/stamp"
+    for p in (inside, host):
+        with open(p, "w") as f:
+            f.write("x")
+        os.utime(p, (1000, 1000))
+    try:
+        sb = Sandbox(Policy(chroot=root, fs_readable=[root], fs_writable=[os.path.join(root, "tmp")],
+                            time_start=Y2000, time_freeze=True))
+        r = sb.run(["/bin/sh", "-c", "touch /tmp/stamp; cd /tmp && touch ../tmp/stamp; touch /etc/marker"], timeout=60)
+        assert b"touch: cannot touch '/etc/marker': Read-only file system" in r.stderr, r
+        assert os.stat(inside).st_mtime == Y2000
+        assert os.stat(host).st_mtime == 1000
+    finally:
+        os.unlink(host)
