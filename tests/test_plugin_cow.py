@@ -149,3 +149,27 @@ def test_sandbox_changes_needs_a_workdir(pytester):
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines(["*sandbox_changes needs a workdir in the test's policy*",
                                  "*sandbox_changes needs a confined test with a workdir*"])
+
+
+def test_xdist_workers_each_have_their_own_layer(pytester):
+    """Two workers write the same file of the same workdir at the same time: each test sees only its own."""
+    pytest.importorskip("xdist")
+    repo = make_repo(pytester.path / "repo")
+    pytester.makepyfile(textwrap.dedent(f"""
+        import time
+        import pytest
+        from sandlock_core import Change
+
+        @pytest.mark.parametrize("n", range(4))
+        @pytest.mark.sandbox(workdir={repo!r})
+        def test_worker(n, sandbox_changes):
+            with open({repo!r} + "/edit.txt", "w") as f:
+                f.write(f"test {{n}}\\n")
+            time.sleep(0.3)                                  # overlap with the other worker's test
+            with open({repo!r} + "/edit.txt") as f:
+                assert f.read() == f"test {{n}}\\n"
+            assert sandbox_changes() == [Change("M", "edit.txt")]
+    """))
+    result = pytester.runpytest_subprocess("-n", "2")
+    result.assert_outcomes(passed=4)
+    assert tree(repo) == ORIGINAL
