@@ -3,7 +3,8 @@
 Both pairs are timed in the same process, interleaved (A, B, A, B, ...) to cancel machine drift; medians.
 On a busy machine wall times swing; the load average is printed, and so is a measure that load barely moves:
 the sum of the CLI's import times (``-X importtime``, each module's fastest of several runs) next to that of a
-bare ``python -c pass``, with the list of what the CLI imports beyond it.
+bare ``python -c pass``, with the list of what the CLI imports beyond it (-X importtime leaves out the modules
+loaded through importlib.import_module, i.e. plan.py's mechanisms such as metadata, though not what they import).
 Usage: .venv/bin/python benchmarks/startup.py [ROUNDS]
 """
 import os
