@@ -358,6 +358,7 @@ def _template_main(init_fn, work_fn, sock_fd: int, parent_end: int, cloexec) -> 
     try:
         os.close(parent_end)
         _close_cloexec_fds(*cloexec, sock_fd)
+        _fill_std_fds()
         # Fresh standard streams on fds 1/2 (the caller's sys.stdout may be a capture object, not fd 1).
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
@@ -395,6 +396,25 @@ def _template_main(init_fn, work_fn, sock_fd: int, parent_end: int, cloexec) -> 
         except BaseException:
             pass
     os._exit(code)
+
+
+def _fill_std_fds() -> None:
+    """A caller with fd 1 or 2 closed: the template gets a placeholder there (/dev/null, else a pipe nobody
+    reads), so its streams can be made and no clone's pipe lands on a standard fd by accident."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            pass
+        try:
+            new = os.open("/dev/null", os.O_RDWR)
+        except OSError:
+            r, new = os.pipe()
+            os.close(r)
+        if new != fd:
+            os.dup2(new, fd)
+            os.close(new)
 
 
 def _threads() -> int:

@@ -183,3 +183,19 @@ def test_clone_id_in_python_and_c_environment_and_fds_closed():
             for t in tables:
                 assert set(t) == set(tables[0])
                 assert not {v for fd, v in t.items() if fd != 1} & stdouts
+
+
+def test_clones_get_a_stdout_when_the_caller_closed_fd_1():
+    """The template inherits no fd 1 (the caller closed its stdout): a clone's pipe may land on fd 1 itself."""
+    import subprocess
+    import sys
+    code = ("import os, sys\n"
+            "from sandlock_core import Policy, Sandbox\n"
+            "os.close(1)\n"
+            "with Sandbox(Policy(), work_fn=lambda i: print('clone', i)) as sb:\n"
+            "    res = sb.fork(20)\n"
+            "sys.stderr.write(repr(res.stdout) + ' ' + str(res.success))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    expected = b"".join(b"clone %d\n" % i for i in range(20))
+    assert r.stderr.strip() == f"{expected!r} True", r.stderr

@@ -791,9 +791,11 @@ static int batch_range(const int *rd, const int *wr, int cnt, int *lo, int *hi)
 static void clone_setup(const int *wr, int cnt, int k, int contiguous, int lo, int hi, int sock, void *shm,
                         size_t len)
 {
-    if (syscall(SYS_dup3, wr[k], 1, 0) < 0) syscall(SYS_exit_group, 126);
-    if (!contiguous || syscall(SYS_close_range, (unsigned)lo, (unsigned)hi, 0) < 0)
-        for (int j = 0; j < cnt; j++) syscall(SYS_close, wr[j]);
+    /* fd 1 is normally open (the template's stdout), so no write end is 1; if it was closed, one may be. */
+    if (wr[k] == 1) syscall(SYS_fcntl, 1, F_SETFD, 0);
+    else if (syscall(SYS_dup3, wr[k], 1, 0) < 0) syscall(SYS_exit_group, 126);
+    if (lo <= 2 || !contiguous || syscall(SYS_close_range, (unsigned)lo, (unsigned)hi, 0) < 0)
+        for (int j = 0; j < cnt; j++) if (wr[j] != 1) syscall(SYS_close, wr[j]);
     syscall(SYS_close, sock);
     syscall(SYS_munmap, shm, len);
 }
