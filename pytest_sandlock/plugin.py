@@ -754,9 +754,10 @@ def _add_changes(item, report, changes, policy) -> None:
         text = "\n".join(f"  {k} {p}" for k, p in changes[:200]) or "  (none)"
         if len(changes) > 200:
             text += f"\n  ... and {len(changes) - 200} more"
-    action = policy.on_exit if report.passed else policy.on_error
-    report.sections.append(("sandlock changes", f"under {policy.workdir} ({getattr(action, 'value', action)}):\n"
-                            + text))
+    field = "on_error" if report.failed else "on_exit"   # the child's exit status chose the same way
+    action = getattr(getattr(policy, field), "value", getattr(policy, field))
+    fate = {"abort": "discarded", "commit": "committed", "keep": "kept"}.get(action, action)
+    report.sections.append(("sandlock changes", f"under {policy.workdir}, {fate} ({field}={action}):\n" + text))
     if not isinstance(changes, str):
         import json
         item.user_properties.append(("sandlock_changes", json.dumps(changes[:200])))

@@ -61,8 +61,8 @@ def test_changes_are_listed_and_the_host_tree_is_untouched(pytester):
     result = pytester.runpytest_subprocess("-rA", "--junitxml=out.xml")
     result.assert_outcomes(passed=1)
     assert tree(repo) == ORIGINAL   # default for tests: on_exit="abort"
-    result.stdout.fnmatch_lines(["*- sandlock changes -*", f"under {repo} (abort):", "  M edit.txt",
-                                 "  D gone.txt", "  A out.txt"])
+    result.stdout.fnmatch_lines(["*- sandlock changes -*", f"under {repo}, discarded (on_exit=abort):",
+                                 "  M edit.txt", "  D gone.txt", "  A out.txt"])
     props = {p.get("name"): p.get("value") for p in ET.parse(pytester.path / "out.xml").iter("property")}
     assert json.loads(props["sandlock_changes"]) == [["M", "edit.txt"], ["D", "gone.txt"], ["A", "out.txt"]]
 
@@ -91,8 +91,9 @@ def test_changes_so_far_grow_during_the_test(pytester):
 def test_on_exit_commit_applies_the_changes_of_a_passing_test(pytester):
     repo = make_repo(pytester.path / "repo")
     pytester.makepyfile(cow_test(repo, ', on_exit="commit"'))
-    result = pytester.runpytest_subprocess()
+    result = pytester.runpytest_subprocess("-rA")
     result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines([f"under {repo}, committed (on_exit=commit):"])
     assert tree(repo) == {"edit.txt": "changed\n", "keep.txt": "same\n", "out.txt": "new\n"}
 
 
@@ -104,8 +105,8 @@ def test_a_failing_test_follows_on_error(pytester):
     result = pytester.runpytest_subprocess()
     result.assert_outcomes(failed=1)
     assert tree(repo) == ORIGINAL
-    result.stdout.fnmatch_lines(["*AssertionError: boom*", "*- sandlock changes -*", f"under {repo} (abort):",
-                                 "  M edit.txt"])
+    result.stdout.fnmatch_lines(["*AssertionError: boom*", "*- sandlock changes -*",
+                                 f"under {repo}, discarded (on_error=abort):", "  M edit.txt"])
 
 
 def test_workdir_placeholder_tmp_path(pytester):
