@@ -8,7 +8,7 @@ only syscalls that some handler registered are notified.
 from __future__ import annotations
 
 import errno
-import importlib
+from . import _imports as importlib  # import_module without the importlib package (warnings: CLI start-up)
 import os
 from collections.abc import Callable
 
