@@ -26,7 +26,7 @@ SCRIPT = ("import sys\n"
           "    f.write('\\n'.join(names))\n"
           "sys.exit(code)\n")
 HEAVY = {"dataclasses", "argparse", "inspect", "datetime", "shutil", "re", "typing", "logging", "gettext",
-         "locale", "copy", "difflib", "tomllib", "importlib.metadata", "signal", "queue",
+         "locale", "copy", "difflib", "tomllib", "importlib", "warnings", "signal", "queue",
          "sandlock_core.learn", "sandlock_core.policy", "sandlock_core.profile"}
 
 
