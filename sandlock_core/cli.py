@@ -307,6 +307,7 @@ def cmd_run(a) -> int:
         return 127
     for what in sb.missing:
         sys.stderr.write(f"sandlock: best effort: not in force: {what}\n")
+    _resume_gc()
     # Like system(3): while the command runs, terminal signals are its business.
     old = {s: _signal.signal(s, _signal.SIG_IGN) for s in (_signal.SIGINT, _signal.SIGQUIT)}
     try:
@@ -422,10 +423,35 @@ def main(argv: list[str] | None = None) -> int:
 
     Run as the script itself (``argv`` None, ``sys.argv[0]`` named sandlock), it leaves through
     ``exit_without_teardown`` once the command is over."""
+    script = argv is None and os.path.basename(sys.argv[0]) == "sandlock"
+    if script:
+        _pause_gc()
     code = _dispatch(sys.argv[1:] if argv is None else list(argv))
-    if argv is None and os.path.basename(sys.argv[0]) == "sandlock":
+    if script:
         exit_without_teardown(code)
     return code
+
+
+_gc_paused = False
+
+
+def _pause_gc() -> None:
+    """No cyclic garbage collection while starting: imports allocate much and free little, so collections
+    then cost ~1 ms and reclaim nothing. ``_resume_gc`` turns it back on before the command runs (a
+    supervisor serving a long run must collect)."""
+    global _gc_paused
+    import gc
+    if gc.isenabled():
+        gc.disable()
+        _gc_paused = True
+
+
+def _resume_gc() -> None:
+    global _gc_paused
+    if _gc_paused:
+        import gc
+        gc.enable()
+        _gc_paused = False
 
 
 def exit_without_teardown(code: int) -> None:
@@ -453,6 +479,8 @@ def _dispatch(argv: list[str]) -> int:
     if args is None:  # anything but the common `run` spellings: argparse, with its --help and its errors
         parser = build_parser()
         args = parser.parse_args(argv)
+    if args.command != "run":
+        _resume_gc()  # only `run`'s start-up is worth it; learn supervises a whole command
     try:
         if args.command == "run":
             return cmd_run(args)
@@ -477,6 +505,7 @@ def _dispatch(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
+    _pause_gc()
     exit_code = main()
     exit_without_teardown(exit_code)
     sys.exit(exit_code)
