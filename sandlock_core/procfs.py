@@ -832,5 +832,7 @@ def install(builder) -> None:
             builder.notify(name, calls.by_which(name), when=(WHICH_WHO[name][0] + 1, PID_MASK))
         builder.notify("kill", calls.h_kill, when=(0, PID_MASK))
         builder.notify("setpgid", calls.h_setpgid)
-        for name in ("stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2"):
+        for name in ("stat", "lstat", "access"):
             builder.notify(name, getattr(fs, f"h_{name}"))
+        for name in ("newfstatat", "statx", "faccessat", "faccessat2"):  # a NULL path names no /proc entry
+            builder.notify(name, getattr(fs, f"h_{name}"), when=(1, (1 << 64) - 1))
