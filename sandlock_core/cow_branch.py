@@ -56,13 +56,14 @@ def storage_base(fs_storage: str | None) -> str:
 
 
 class Branch:
-    def __init__(self, workdir: str, storage: str, quota: int | None = None):
+    def __init__(self, workdir: str, storage: str, quota: int | None = None, *, lazy: bool = False):
+        """``lazy``: make the directories on the first write (a run that writes nothing costs no mkdir/rmtree)."""
         self.workdir = os.path.realpath(workdir)
         self.root = os.path.join(storage, "branch-" + uuid.uuid4().hex[:16])
-        os.mkdir(self.root, 0o700)
         self.upper = os.path.join(self.root, "upper")
-        os.mkdir(self.upper, 0o755)
-        self.upper_fd = os.open(self.upper, DIRFLAGS)
+        self._upper_fd = -1
+        if not lazy:
+            self.ensure()
         self.present: set[str] = set()
         self.deleted: set[str] = set()
         self.opaque: set[str] = set()
@@ -71,6 +72,18 @@ class Branch:
         self.sizes: dict[str, int] = {}     # bytes counted against the quota, per upper file
         self.open_rw: set[str] = set()      # upper files handed out writable: their size may have grown
         self.closed = False
+
+    def ensure(self) -> None:
+        """Make the branch's directories (once)."""
+        if self._upper_fd < 0:
+            os.mkdir(self.root, 0o700)
+            os.mkdir(self.upper, 0o755)
+            self._upper_fd = os.open(self.upper, DIRFLAGS)
+
+    @property
+    def upper_fd(self) -> int:
+        self.ensure()
+        return self._upper_fd
 
     # ---- path classification ----
     def rel_of(self, path: str) -> str | None:
@@ -390,13 +403,15 @@ class Branch:
         commit(self)
 
     def keep(self) -> None:
+        self.ensure()
         self.write_manifest()
         self.close()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            os.close(self.upper_fd)
+            if self._upper_fd >= 0:
+                os.close(self._upper_fd)
 
     def discard(self) -> None:
         self.close()

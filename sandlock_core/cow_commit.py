@@ -110,6 +110,10 @@ def read_manifest(root: str) -> tuple[set[str], set[str]]:
 def commit(branch) -> None:
     """Apply ``branch`` (a cow_branch.Branch) to its workdir; on failure keep it and say where."""
     w = branch.workdir
+    if branch.clean:  # nothing written, nothing deleted: nothing to apply
+        branch.discard()
+        return
+    branch.ensure()
     with commit_lock(w):
         _roll_forward_stale(w)
         pointer = pointer_path(w)

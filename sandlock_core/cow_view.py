@@ -76,7 +76,7 @@ class CowView:
         storage = storage_base(self.policy.fs_storage)
         check_storage(self.workdir, storage)
         cow_commit.recover(self.workdir)  # a commit killed half way: finish it before reading the tree
-        self.branch = Branch(self.workdir, storage, self.policy.max_disk)
+        self.branch = Branch(self.workdir, storage, self.policy.max_disk, lazy=True)
         self.vcwd = {}
         self.tgids = {}
         self.dir_cache = {}

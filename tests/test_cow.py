@@ -340,3 +340,14 @@ def test_merged_view_through_copied_up_directories_and_lower_symlinks(tmp_path):
         cat dl/../a.c; cat src/deep/../../README; test -d dl/er && test -f src/a.c
         ls -la src | wc -l; cd dl && cat new.txt && cd er && ls && cd ../.. && pwd
     """), tree=tree)
+
+
+def test_a_run_that_writes_nothing_makes_no_branch(tmp_path):
+    from sandlock_core import BranchAction
+    wd, st = make_tree(tmp_path / "wd"), tmp_path / "st"
+    st.mkdir(mode=0o700)
+    sb = Sandbox(Policy(workdir=str(wd), cwd=str(wd), fs_storage=str(st)))
+    r = sb.run(["sh", "-c", f"cat README src/a.c >/dev/null && ls -R >/dev/null && ls -A {st}"])
+    assert r.exit_code == 0 and r.stdout == b"" and os.listdir(st) == []  # nothing made, during the run or after
+    r = Sandbox(Policy(workdir=str(wd), cwd=str(wd), fs_storage=str(st), on_exit=BranchAction.KEEP)).run(["true"])
+    assert os.path.isdir(r.cow_upper) and os.listdir(r.cow_upper) == []  # a kept branch is always there
