@@ -78,7 +78,7 @@ long sl_det_map_put(struct sl_det_fast *f, uint32_t tid, int32_t slot);
 long sl_det_map_del(struct sl_det_fast *f, uint32_t tid);
 void sl_det_map_clear(struct sl_det_fast *f);
 long sl_det_answer(int listener, const struct seccomp_notif *n, const void *data, size_t count);
-long sl_det_wait_recv(int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n, struct sl_det_fast *f);
+long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 """
 
 ffibuilder = FFI()

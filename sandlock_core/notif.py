@@ -171,9 +171,9 @@ class Supervisor:
         listener, wake = self.listener, self._wake_r
         handlers = self.handlers
         wait_recv, cont = lib.sl_notif_wait_recv, lib.sl_notif_continue
-        if self.recv_fast is not None:  # e.g. deterministic getrandom: returns only what it leaves to Python
-            fast_recv, fast_ctx = self.recv_fast
-            wait_recv = lambda fd, wake_fd, timeout, notif: fast_recv(fd, wake_fd, timeout, notif, fast_ctx)  # noqa: E731
+        if self.recv_fast is not None:  # e.g. deterministic getrandom: fn(ctx, ...) returns what it leaves to us
+            from functools import partial
+            wait_recv = partial(*self.recv_fast)
         count = 0
         while True:
             r = wait_recv(listener, wake, -1, n)

@@ -956,7 +956,7 @@ static struct sl_det_slot *det_slot_for(struct sl_det_fast *f, const struct secc
     return s;
 }
 
-long sl_det_wait_recv(int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n, struct sl_det_fast *f)
+long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n)
 {
     for (;;) {
         long r = sl_notif_wait_recv(listener, wake_fd, timeout_ms, n);
