@@ -22,8 +22,11 @@ path itself in the *merged* view (upper over lower, whiteouts, symlinks followed
 * exec of a binary that exists only in the upper (``cow_exec``): the fd is injected and the path string
   rewritten in place to ``/dev/fd/N``; a shorter string (``./prog``) takes it by running over the bytes after
   its NUL, once every argv/envp string starting there (argv[0] too: shells pass it as the path, and a venv's
-  python finds itself through it) was moved below the thread's stack pointer. A ``#!`` interpreter that exists
-  only in the upper cannot be found by the kernel: ENOENT, recorded with the way out (``interp script``).
+  python finds itself through it) was moved below the thread's stack pointer (only for an ELF or ``#!`` file
+  with an x bit, which the kernel will run: the old memory is never used again). Under a Landlock filesystem
+  policy no rule covers the branch storage, so the child gets a sealed memfd copy to run. A ``#!`` interpreter
+  that exists only in the upper cannot be found by the kernel: ENOENT, recorded with the way out
+  (``interp script``; for a venv, ``venv/bin/python -m pip``).
 
 Rename or link between the workdir and the outside answers EXDEV (programs fall back to copy + delete).
 Commit is journaled (``cow_commit``): a commit killed half way is rolled forward by the next one.
@@ -39,6 +42,8 @@ What is a boundary and what is not:
 * For reads, a path that is lexically outside the workdir is not resolved: a symlink elsewhere that points
   into the workdir reads the lower (pre-run) file. Writes are always resolved.
 * A file opened read-only before it was copied up keeps showing the lower content (as old OverlayFS).
+* A script run from the upper sees ``$0`` as ``/dev/fd/N`` (the kernel passes the exec path to the
+  interpreter); the branch directories are made on the first write (a read-only run costs no mkdir).
 * xattrs under the workdir cannot be changed (ENOTSUP); legacy utime/utimes/futimesat there answer ENOSYS.
 """
 from __future__ import annotations
