@@ -105,7 +105,9 @@ class CowExec:
         out: list[int] = []
         while addr and len(out) < limit:
             chunk = sup.read_mem(n, addr + 8 * len(out), 8 * 64)
-            for i in range(0, len(chunk), 8):
+            if len(chunk) < 8:
+                raise ValueError("argv/envp array runs into unreadable memory")
+            for i in range(0, len(chunk) - 7, 8):
                 p = int.from_bytes(chunk[i:i + 8], "little")
                 if p == 0:
                     return out
