@@ -229,7 +229,8 @@ def default_paths(rootdir: str | None, cache_dir: str | None, coverage_dir: str 
     readable: the interpreter's prefixes (``sys.prefix``, ``sys.base_prefix``, exec prefixes, the directory of
     ``sys.executable``), every existing ``sys.path`` entry (site-packages, editable installs, the project),
     the directories of the shared libraries mapped into pytest, the rootdir, and a few files every process
-    touches (``/etc/ld.so.cache``, ``/etc/localtime``, ``/etc/locale.alias``, ``/dev/urandom``, ``/dev/random``, ``/dev/zero``).
+    touches (``/etc/ld.so.cache``, ``/etc/localtime``, ``/etc/locale.alias``, ``/dev/urandom``,
+    ``/dev/random``, ``/dev/zero``).
     writable: ``/dev/null``, pytest's cache directory, and the coverage data directory when coverage is
     measuring. Per test, the plugin adds ``tmp_path`` (writable) and the test file's directory (readable).
     pytest's capture files need nothing: they are open before the test is confined, and Landlock checks at
