@@ -25,8 +25,9 @@ path itself in the *merged* view (upper over lower, whiteouts, symlinks followed
   python finds itself through it) was moved below the thread's stack pointer (only for an ELF or ``#!`` file
   with an x bit, which the kernel will run: the old memory is never used again). Under a Landlock filesystem
   policy no rule covers the branch storage, so the child gets a sealed memfd copy to run. A ``#!`` interpreter
-  that exists only in the upper cannot be found by the kernel: ENOENT, recorded with the way out
-  (``interp script``; for a venv, ``venv/bin/python -m pip``).
+  that exists only in the upper (a venv's ``bin/pip``) cannot be found by the kernel, which looks it up in the
+  lower: the child runs a sealed ``#!/bin/sh`` memfd that execs the interpreter with the argv the kernel would
+  have built, and that exec comes back here.
 
 Rename or link between the workdir and the outside answers EXDEV (programs fall back to copy + delete).
 Commit is journaled (``cow_commit``): a commit killed half way is rolled forward by the next one.

@@ -46,10 +46,14 @@ class CowExec:
             head = os.pread(fd, 256, 0)
             st = os.fstat(fd)
             script = head.startswith(b"#!")
-            if script and self._interpreter_in_upper(sup, n, head):
-                return Errno(errno.ENOENT)  # what the kernel would answer; recorded with the way out
             # Only a file the kernel will run may have the child's memory rearranged for it (see _make_room).
             runnable = stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 and (script or head[:4] == b"\x7fELF")
+            if script and runnable:
+                tramp = self._interpreter_trampoline(sup, n, head, path if dirfd == AT_FDCWD else r.vpath)
+                if isinstance(tramp, Errno):
+                    return tramp
+                if tramp is not None:
+                    fd, in_upper = _swap(fd, tramp), False
             if not runnable and len(self.fd_dir) + 1 > len(path):
                 return self._exec_path_too_short(sup, n, r.vpath)  # before injecting an fd it would not use
             if in_upper and self.exec_by_copy:
@@ -122,23 +126,33 @@ class CowExec:
                    "argv/envp right after it)")
         return Errno(errno.EACCES)
 
-    def _interpreter_in_upper(self, sup, n, head: bytes) -> bool:
-        """Does the script's #! interpreter exist only in the merged view? The kernel looks it up itself, in
-        the lower, and cannot find it (ENOENT); record why and how to run the script instead."""
+    def _interpreter_trampoline(self, sup, n, head: bytes, script_path):
+        """A script whose #! interpreter exists only in the merged view (a venv's ``bin/pip``, whose python is
+        an upper symlink): the kernel looks interpreters up itself, in the lower, and would answer ENOENT. So
+        the child runs a sealed memfd ``#!/bin/sh`` that execs the interpreter by its path, with the
+        interpreter's optional argument, the script's path and the arguments: the very argv the kernel would
+        have built, and that exec comes back here (argv[0] kept, so a venv's python finds its pyvenv.cfg).
+        None when the kernel can find the interpreter itself."""
         line = head[2:].split(b"\n", 1)[0].strip()
-        interp = line.split(None, 1)[0] if line else b""
+        interp, _, arg = line.partition(b" ")
+        interp, arg = interp.split(b"\t", 1)[0], arg.strip()
         if not interp.startswith(b"/") or self._outside_lexically(interp):
-            return False
+            return None
         try:
             r = self.resolve(sup, n, AT_FDCWD, interp, True)
         except OSError:
-            return False
+            return None
         if not r.touched and (r.rel is None or not self.branch.touched(r.rel)):
-            return False
-        sup.record("execve", n.pid, errno.ENOENT,
-                   f"#! interpreter {os.fsdecode(interp)} exists only in the copy-on-write layer (the kernel "
-                   "resolves interpreters itself)", f"run it as: {os.fsdecode(interp)} SCRIPT ARGS")
-        return True
+            return None
+        if not os.path.exists(TRAMPOLINE_SHELL):
+            sup.record("execve", n.pid, errno.ENOENT,
+                       f"#! interpreter {os.fsdecode(interp)} exists only in the copy-on-write layer (the kernel "
+                       f"resolves interpreters itself) and there is no {TRAMPOLINE_SHELL} to relay it",
+                       f"run it as: {os.fsdecode(interp)} SCRIPT ARGS")
+            return Errno(errno.ENOENT)
+        words = [interp] + ([arg] if arg else []) + [os.fsencode(script_path)]
+        text = b"#!" + TRAMPOLINE_SHELL.encode() + b"\nexec " + b" ".join(map(_shq, words)) + b' "$@"\n'
+        return _sealed_bytes(text)
 
     def h_execve(self, sup, n):
         return self._wrap(self._exec, sup, n, 0, AT_FDCWD, 0)
@@ -166,6 +180,23 @@ def _sealed_copy(fd: int, size: int) -> int:
             if sent == 0:
                 break
             off += sent
+        return os.open(f"/proc/self/fd/{mfd}", os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(mfd)
+
+
+TRAMPOLINE_SHELL = "/bin/sh"
+
+
+def _shq(word: bytes) -> bytes:
+    return b"'" + word.replace(b"'", b"'\\''") + b"'"
+
+
+def _sealed_bytes(data: bytes) -> int:
+    mfd = os.memfd_create("sandlock-cow-exec", os.MFD_CLOEXEC)
+    try:
+        os.write(mfd, data)
+        os.fchmod(mfd, 0o755)
         return os.open(f"/proc/self/fd/{mfd}", os.O_RDONLY | os.O_CLOEXEC)
     finally:
         os.close(mfd)
