@@ -66,6 +66,13 @@ long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
 void sl_clone_exit(int code);
 long sl_fork_env_slot(void);
+struct sl_out { char *data; size_t len; size_t cap; int fd; };
+#define SL_FORK_CTL 0x40000000
+#define SL_FORK_IDLE 0x20000000
+long sl_fork_watch_ctl(int epfd, int fd);
+long sl_fork_watch(int epfd, const int *fds, int nfds, int first, int stride, struct sl_out *outs, int n);
+long sl_fork_drain(int epfd, int timeout_ms, struct sl_out *outs, int n);
+void sl_fork_outputs_free(struct sl_out *outs, int n);
 /* deterministic execution (native.h): getrandom answered in C */
 #define SL_DET_SLOTS 256
 #define SL_DET_BUF 4096

@@ -10,19 +10,23 @@ The template
 
 The clones
     For a request of n clones the template makes them in batches: one pipe per clone, then a C loop
-    (``sl_fork_clones``) that calls the raw ``fork`` syscall n times. Clone i dup2s its pipe onto stdout,
-    closes the batch's other descriptors and the control socket, and returns to Python, where it sets
-    ``CLONE_ID=i``, runs ``work_fn(i)``, flushes and ``_exit``s (status: work_fn's int result, 0 for None, 1 if
-    it raised). Clones share every page of the template until one of them writes it (copy-on-write), inherit
-    its Landlock domain and seccomp filter (and supervisor), and are children of the template, inside the
-    sandbox's reaper: killing the sandbox kills them all. The template passes each batch's read ends to the
-    caller (SCM_RIGHTS), reaps every clone and sends the wait statuses.
+    (``sl_fork_clones``) that calls the raw ``fork`` syscall n times. In C, clone i moves its pipe onto
+    stdout, closes the batch's other write ends (one ``close_range``) and the control socket, and writes its
+    number over the ``CLONE_ID`` value the template put in the C environment; back in Python it sets
+    ``os.environ``'s entry to the same bytes, runs ``work_fn(i)``, flushes and exits (exit_group; status:
+    work_fn's int result, 0 for None, 1 if it raised). Clones share every page of the template until one of
+    them writes it (copy-on-write), inherit its Landlock domain and seccomp filter (and supervisor), and are
+    children of the template, inside the sandbox's reaper: killing the sandbox kills them all. The template
+    passes each batch's read ends to the caller (SCM_RIGHTS), reaps every clone and sends the wait statuses.
+    Cost: a clone's fork copies the template's page tables and every page it writes is copied; everything a
+    clone runs before ``work_fn`` is prepared in the template so that it touches as few pages as possible.
 
 The caller
-    ``fork(n)`` drains every clone's stdout while they run (a clone printing more than a pipe holds never
-    blocks) and returns once every clone is reaped: a ``ForkResult``, one ``Clone`` (id, pid, exit code,
-    stdout) per clone, in clone order. ``reduce(cmd, clones)`` runs ``cmd`` in *its* sandbox with the clones'
-    outputs, concatenated in clone order, on stdin.
+    ``fork(n)`` drains every clone's stdout while they run (one epoll set read in C, ``sl_fork_drain``; a clone
+    printing more than a pipe holds never blocks) and returns once every clone is reaped: a ``ForkResult``
+    (``success`` and ``stdout`` straight from the statuses and outputs; one ``Clone`` (id, pid, exit code,
+    stdout) per clone, in clone order, made on first access). ``reduce(cmd, clones)`` runs ``cmd`` in *its*
+    sandbox with the clones' outputs, concatenated in clone order, on stdin.
 
 Python state in a clone: the fork bypasses Python's fork hooks (``os.register_at_fork``), which is what makes it
 fast; the template is single-threaded so no lock can be held, but e.g. ``random`` is not reseeded: seed from
@@ -146,46 +150,54 @@ def _raise_nofile(need: int) -> None:
 
 
 class _OutputReader:
-    """The caller's end of every clone's stdout pipe: one epoll set, a read per wake-up. A pipe is done when
-    the kernel reports the writer gone (EPOLLHUP) and a read returned less than asked (nothing left), or
-    returned nothing; closing the fd drops it from the epoll set."""
+    """The caller's end of every clone's stdout pipe: one epoll set drained in C (sl_fork_drain reads whatever
+    is ready into per-clone buffers and closes finished pipes), returning to Python only for the control
+    socket or a timeout."""
 
-    CHUNK = 1 << 16
-
-    def __init__(self, outputs: list):
-        self.outputs = outputs
-        self.fds: dict[int, int] = {}
+    def __init__(self, n: int, ctl_fd: int):
+        from ._native import ffi, lib
+        self.ffi, self.lib, self.n = ffi, lib, n
+        self.outs = ffi.new("struct sl_out[]", n)
+        for i in range(n):
+            self.outs[i].fd = -1
+        self.open = 0
         self.ep = select.epoll()
-        self._parts: dict[int, list] = {}
+        r = lib.sl_fork_watch_ctl(self.ep.fileno(), ctl_fd)
+        if r < 0:
+            self.ep.close()
+            raise OSError(-r, f"fork: watching the control socket: {os.strerror(-r)}")
 
     def add(self, fds, first: int, stride: int) -> None:
-        register, index = self.ep.register, self.fds
-        for k, fd in enumerate(fds):
-            index[fd] = first + k * stride
-            register(fd, select.EPOLLIN)
+        arr = self.ffi.new("int[]", fds)
+        r = self.lib.sl_fork_watch(self.ep.fileno(), arr, len(fds), first, stride, self.outs, self.n)
+        self.open += len(fds)
+        if r < 0:
+            for fd in fds:  # registered or not, none is drained now: close them all
+                os.close(fd)
+            for k in range(len(fds)):
+                self.outs[first + k * stride].fd = -1
+            self.open -= len(fds)
+            raise OSError(-r, f"fork: watching the clones' pipes: {os.strerror(-r)}")
 
-    def read(self, fd: int, ev: int) -> None:
-        data = os.read(fd, self.CHUNK)
-        i = self.fds[fd]
-        if data:
-            parts = self._parts.get(i)
-            if parts is not None:
-                parts.append(data)
-            elif self.outputs[i]:
-                self._parts[i] = [self.outputs[i], data]
-            else:
-                self.outputs[i] = data
-        if not data or (ev & select.EPOLLHUP and len(data) < self.CHUNK):
-            del self.fds[fd]
-            os.close(fd)
-            parts = self._parts.pop(i, None)
-            if parts is not None:
-                self.outputs[i] = b"".join(parts)
+    def wait(self, timeout: float | None) -> tuple[bool, bool]:
+        """(control socket readable, nothing happened within timeout)."""
+        ms = -1 if timeout is None else int(timeout * 1000) + 1  # never a busy loop before the deadline
+        r = self.lib.sl_fork_drain(self.ep.fileno(), ms, self.outs, self.n)
+        if r < 0:
+            raise OSError(-r, f"fork: reading the clones' output: {os.strerror(-r)}")
+        self.open -= r & 0xFFFFFFF
+        return bool(r & self.lib.SL_FORK_CTL), bool(r & self.lib.SL_FORK_IDLE)
+
+    def outputs(self) -> list:
+        unpack, outs = self.ffi.unpack, self.outs
+        return [unpack(outs[i].data, outs[i].len) if outs[i].len else b"" for i in range(self.n)]
 
     def close(self) -> None:
-        for fd in self.fds:
-            os.close(fd)
-        self.fds.clear()
+        for i in range(self.n):
+            if self.outs[i].fd >= 0:
+                os.close(self.outs[i].fd)
+                self.outs[i].fd = -1
+        self.lib.sl_fork_outputs_free(self.outs, self.n)
         self.ep.close()
 
 
@@ -256,46 +268,43 @@ class Template:
         self._sock.send(_pack(b"F", 0, [n]))
         pids: list = [0] * n
         statuses: list = [None] * n
-        outputs: list = [b""] * n
-        reader = _OutputReader(outputs)
-        sock_fd = self._sock.fileno()
-        reader.ep.register(sock_fd, select.EPOLLIN)
+        reader = _OutputReader(n, self._sock.fileno())
         finished = False
         error = None
         try:
-            while not finished or reader.fds:
-                wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
-                events = reader.ep.poll(wait)
-                if not events and deadline is not None and time.monotonic() >= deadline:
+            while not finished or reader.open:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ctl, idle = reader.wait(wait)
+                if idle and deadline is not None and time.monotonic() >= deadline:
                     self._proc.kill()
                     self._proc.wait()
                     raise TimeoutError(f"fork({n}): clones still running after {timeout} s (the template and "
                                        "its clones were killed)")
-                for fd, ev in events:
-                    if fd != sock_fd:
-                        reader.read(fd, ev)
-                        continue
-                    msg, fds = self._recv_ctl(0)
-                    if msg is None:
-                        continue
-                    if not msg:
-                        for f in fds:
-                            os.close(f)
-                        error = error or "the template died"
-                        reader.ep.unregister(sock_fd)
-                        finished = True  # nothing more will come
-                        continue
-                    kind, first, count, values, text = _unpack(msg)
-                    if kind == b"B":
-                        reader.add(fds, first, _BATCH.unpack_from(msg)[3])
-                    elif kind == b"P":
-                        pids[first:first + count] = values
-                    elif kind == b"S":
-                        statuses[first:first + count] = values
-                    elif kind == b"E":
-                        error = text.decode(errors="replace")
-                    elif kind == b"D":
-                        finished = True
+                if not ctl or finished:
+                    continue
+                msg, fds = self._recv_ctl(0)
+                if msg is None:
+                    continue
+                if not msg:
+                    for f in fds:
+                        os.close(f)
+                    error = error or "the template died"
+                    reader.ep.unregister(self._sock.fileno())
+                    finished = True  # nothing more will come
+                    continue
+                kind, first, count, values, text = _unpack(msg)
+                if kind == b"B":
+                    reader.add(fds, first, _BATCH.unpack_from(msg)[3])
+                elif kind == b"P":
+                    pids[first:first + count] = values
+                elif kind == b"S":
+                    statuses[first:first + count] = values
+                elif kind == b"E":
+                    error = text.decode(errors="replace")
+                elif kind == b"D":
+                    finished = True
+                    reader.ep.unregister(self._sock.fileno())
+            outputs = reader.outputs()
         finally:
             reader.close()
         if error is not None and not any(pids):

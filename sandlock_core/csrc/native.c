@@ -700,6 +700,8 @@ long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status)
 }
 
 /* ==== COW fork section (forking.py; owner: the fork work) ================================================ */
+#include <stdlib.h>      /* getenv, realloc */
+#include <sys/epoll.h>
 /*
  * Called in the single-threaded template. Makes n clones with the raw fork syscall (no glibc or Python fork
  * handlers: nothing to run for a single-threaded process; fork(2) itself is never a notified syscall). The
@@ -866,6 +868,76 @@ long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pi
     for (int i = 0; i < n; i++) { pids[i] = spids[i]; statuses[i] = sstat[i]; }
     munmap(shm, len);
     return n;
+}
+/*
+ * The caller's side of fork(n): every clone's stdout pipe in one epoll set, read here. A pipe's epoll data is
+ * (fd << 32 | clone index); the control socket's is its fd (high half 0), and
+ * sl_fork_drain returns when it is readable so Python handles the message. outs[i].fd is the open read end of
+ * clone i (-1 once closed), so Python can close what is left if it gives up.
+ */
+/* The control socket, with data = its fd and the high half 0 (Python's epoll.register leaves it unset). */
+long sl_fork_watch_ctl(int epfd, int fd)
+{
+    struct epoll_event ev = { .events = EPOLLIN, .data.u64 = (uint32_t)fd };
+    return epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0 ? -errno : 0;
+}
+
+long sl_fork_watch(int epfd, const int *fds, int nfds, int first, int stride, struct sl_out *outs, int n)
+{
+    for (int k = 0; k < nfds; k++) {
+        int i = first + k * stride;
+        if (i < 0 || i >= n) return -EINVAL;
+        outs[i].fd = fds[k];
+        struct epoll_event ev = { .events = EPOLLIN, .data.u64 = ((uint64_t)(uint32_t)fds[k] << 32) | (uint32_t)i };
+        if (epoll_ctl(epfd, EPOLL_CTL_ADD, fds[k], &ev) < 0) return -errno;
+    }
+    return 0;
+}
+
+/* Append what pipe `fd` holds to out; 1 when the pipe is finished (EOF, or writer gone and drained). */
+static int drain_pipe(int fd, uint32_t events, struct sl_out *out)
+{
+    for (;;) {
+        if (out->cap - out->len < 4096) {
+            size_t cap = out->cap ? out->cap * 2 : 4096;
+            char *p = realloc(out->data, cap);
+            if (!p) return -ENOMEM;
+            out->data = p; out->cap = cap;
+        }
+        size_t want = out->cap - out->len;
+        ssize_t got = read(fd, out->data + out->len, want);
+        if (got < 0) return errno == EINTR ? 0 : (errno == EAGAIN ? 0 : 1);
+        if (got == 0) return 1;
+        out->len += (size_t)got;
+        if ((size_t)got < want) return (events & EPOLLHUP) ? 1 : 0;  /* emptied; with no writer left: done */
+    }
+}
+
+/* One wait: >= 0 pipes closed meanwhile, plus SL_FORK_CTL if the control socket is readable and
+ * SL_FORK_IDLE if nothing happened within timeout_ms; -errno on failure. */
+long sl_fork_drain(int epfd, int timeout_ms, struct sl_out *outs, int n)
+{
+    struct epoll_event evs[128];
+    int r = epoll_wait(epfd, evs, 128, timeout_ms);
+    if (r < 0) return errno == EINTR ? 0 : -errno;
+    if (r == 0) return SL_FORK_IDLE;
+    long closed = 0, flags = 0;
+    for (int e = 0; e < r; e++) {
+        uint64_t d = evs[e].data.u64;
+        if ((d >> 32) == 0) { flags |= SL_FORK_CTL; continue; }
+        int fd = (int)(d >> 32);
+        uint32_t i = (uint32_t)d;
+        if (i >= (uint32_t)n || outs[i].fd != fd) continue;
+        int done = drain_pipe(fd, evs[e].events, &outs[i]);
+        if (done < 0) return done;
+        if (done) { close(fd); outs[i].fd = -1; closed++; }
+    }
+    return closed | flags;
+}
+
+void sl_fork_outputs_free(struct sl_out *outs, int n)
+{
+    for (int i = 0; i < n; i++) { free(outs[i].data); outs[i].data = NULL; outs[i].len = outs[i].cap = 0; }
 }
 /* ==== end of the COW fork section ======================================================================= */
 
