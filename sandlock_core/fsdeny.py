@@ -129,30 +129,44 @@ class DenySet:
 
 
 class Opener:
-    """A thread confined by the sandbox's Landlock ruleset that performs opens on the child's behalf."""
+    """A thread confined by the sandbox's Landlock ruleset that performs opens on the child's behalf.
+
+    The thread starts at the first ``call``: most runs (a confined test, a build that never touches a
+    gated path) never need it, and starting one costs about a millisecond and two thread hand-offs.
+    """
 
     def __init__(self, ruleset_fd: int):
-        import queue  # here: a read-only policy imports this module but never opens on behalf (CLI start-up)
-        self._q: queue.Queue = queue.Queue()
         self._ruleset_fd = os.dup(ruleset_fd) if ruleset_fd >= 0 else -1
+        self._start_lock = threading.Lock()
+        self._q = None
+        self._closed = False
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="sandlock-opener", daemon=True)
-        self._thread.start()
-        self._ready.wait(5)
+
+    def _start(self):
+        import queue  # here: a read-only policy imports this module but never opens on behalf (CLI start-up)
+        with self._start_lock:
+            if self._q is None:
+                if self._closed:
+                    raise OSError(errno.EACCES, "the sandbox is over")
+                self._q = queue.Queue()
+                threading.Thread(target=self._main, name="sandlock-opener", daemon=True).start()
+        if not self._ready.wait(5):
+            raise OSError(errno.EACCES, "the on-behalf thread did not start")
         if self._error is not None:
-            raise self._error
+            raise OSError(errno.EACCES, f"the on-behalf thread could not enter the sandbox: {self._error}")
 
     def _main(self):
         try:
             if self._ruleset_fd >= 0:
                 _sys.prctl(_sys.PR_SET_NO_NEW_PRIVS, 1)  # per thread: the caller's other threads are untouched
                 _sys.landlock_restrict_self(self._ruleset_fd)
-                os.close(self._ruleset_fd)
         except BaseException as exc:  # pragma: no cover - Landlock refused on this thread
             self._error = exc
             self._ready.set()
             return
+        finally:
+            self._close_ruleset()
         self._ready.set()
         while True:
             job = self._q.get()
@@ -167,8 +181,15 @@ class Opener:
                 box.append(("err", OSError(errno.EACCES, repr(exc))))
             done.set()
 
+    def _close_ruleset(self):
+        fd, self._ruleset_fd = self._ruleset_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
     def call(self, fn, timeout: float = OPEN_TIMEOUT):
         """Run fn on the confined thread; OSError(EACCES) if it does not finish in time (fail closed)."""
+        if not self._ready.is_set():
+            self._start()
         box: list = []
         done = threading.Event()
         self._q.put((fn, box, done))
@@ -180,6 +201,11 @@ class Opener:
         return val
 
     def close(self):
+        with self._start_lock:
+            self._closed = True
+            if self._q is None:
+                self._close_ruleset()  # never started: nothing else holds the fd
+                return
         self._q.put(None)
 
 
