@@ -43,8 +43,8 @@ What is a boundary and what is not:
 * For reads, a path that is lexically outside the workdir is not resolved: a symlink elsewhere that points
   into the workdir reads the lower (pre-run) file. Writes are always resolved.
 * A file opened read-only before it was copied up keeps showing the lower content (as old OverlayFS).
-* A script run from the upper sees ``$0`` as ``/dev/fd/N`` (the kernel passes the exec path to the
-  interpreter); the branch directories are made on the first write (a read-only run costs no mkdir).
+* A script run from the upper goes through a ``/bin/sh`` relay (one more exec, same argv and environment);
+  without /bin/sh it sees ``$0`` as ``/dev/fd/N``. The branch directories are made on the first write.
 * xattrs under the workdir cannot be changed (ENOTSUP); legacy utime/utimes/futimesat there answer ENOSYS.
 """
 from __future__ import annotations

@@ -127,32 +127,40 @@ class CowExec:
         return Errno(errno.EACCES)
 
     def _interpreter_trampoline(self, sup, n, head: bytes, script_path):
-        """A script whose #! interpreter exists only in the merged view (a venv's ``bin/pip``, whose python is
-        an upper symlink): the kernel looks interpreters up itself, in the lower, and would answer ENOENT. So
-        the child runs a sealed memfd ``#!/bin/sh`` that execs the interpreter by its path, with the
-        interpreter's optional argument, the script's path and the arguments: the very argv the kernel would
-        have built, and that exec comes back here (argv[0] kept, so a venv's python finds its pyvenv.cfg).
-        None when the kernel can find the interpreter itself."""
+        """A script that exists only in the merged view is run through a sealed memfd ``#!/bin/sh`` that execs
+        its interpreter by path, with the interpreter's optional argument, the script's path and the arguments:
+        the very argv the kernel would have built (so ``$0``/``sys.argv[0]`` is the script's path, not
+        /dev/fd/N). It is also the only way when the interpreter itself exists only in the merged view (a
+        venv's ``bin/pip``, whose python is an upper symlink): the kernel looks interpreters up itself, in the
+        lower. That exec comes back here (argv[0] kept, so a venv's python finds its pyvenv.cfg). None: the
+        kernel runs the script itself."""
         line = head[2:].split(b"\n", 1)[0].strip()
-        interp, _, arg = line.partition(b" ")
-        interp, arg = interp.split(b"\t", 1)[0], arg.strip()
-        if not interp.startswith(b"/") or self._outside_lexically(interp):
-            return None
-        try:
-            r = self.resolve(sup, n, AT_FDCWD, interp, True)
-        except OSError:
-            return None
-        if not r.touched and (r.rel is None or not self.branch.touched(r.rel)):
-            return None
+        cut = next((i for i, c in enumerate(line) if c in b" \t"), len(line))  # as binfmt_script splits it
+        interp, arg = line[:cut], line[cut:].strip(b" \t")
+        if not interp.startswith(b"/"):
+            return None  # relative to the cwd for the kernel, a PATH search for a shell: leave it to the kernel
         if not os.path.exists(TRAMPOLINE_SHELL):
+            if not self._in_merged_view_only(sup, n, interp):
+                return None  # the kernel finds it; the script runs as /dev/fd/N
             sup.record("execve", n.pid, errno.ENOENT,
                        f"#! interpreter {os.fsdecode(interp)} exists only in the copy-on-write layer (the kernel "
                        f"resolves interpreters itself) and there is no {TRAMPOLINE_SHELL} to relay it",
                        f"run it as: {os.fsdecode(interp)} SCRIPT ARGS")
             return Errno(errno.ENOENT)
         words = [interp] + ([arg] if arg else []) + [os.fsencode(script_path)]
+        if b"\0" in b"".join(words) or len(words[-1]) == 0:
+            return None
         text = b"#!" + TRAMPOLINE_SHELL.encode() + b"\nexec " + b" ".join(map(_shq, words)) + b' "$@"\n'
         return _sealed_bytes(text)
+
+    def _in_merged_view_only(self, sup, n, interp: bytes) -> bool:
+        if self._outside_lexically(interp):
+            return False
+        try:
+            r = self.resolve(sup, n, AT_FDCWD, interp, True)
+        except OSError:
+            return False
+        return r.touched or (r.rel is not None and self.branch.touched(r.rel))
 
     def h_execve(self, sup, n):
         return self._wrap(self._exec, sup, n, 0, AT_FDCWD, 0)

@@ -15,7 +15,7 @@ from sandlock_core import Policy, Sandbox
 from test_cow import ENV, PY, snapshot
 
 RELATIVE = ("cp /bin/echo sub/prog && cd sub && ./prog a b && cd .. && sub/prog c && ./sub/prog d "
-            "&& ln -s sub/prog lnk && ./lnk e && printf '#!/bin/sh\\necho script $1\\n' > s && chmod +x s "
+            "&& ln -s sub/prog lnk && ./lnk e && printf '#!/bin/sh\\necho script $0 $1\\n' > s && chmod +x s "
             "&& ./s f && cd sub && ../s g")
 
 
@@ -34,7 +34,7 @@ def test_upper_binaries_run_through_short_relative_paths(tmp_path):
             outs.append((r.exit_code, r.stdout))
             assert snapshot(wd) == before
             assert sorted(c.path for c in r.changes) == sorted(set(bare_tree) - set(before))
-    assert outs[0] == outs[1] == (0, b"a b\nc\nd\ne\nscript f\nscript g\n"), outs
+    assert outs[0] == outs[1] == (0, b"a b\nc\nd\ne\nscript ./s f\nscript ../s g\n"), outs
 
 
 def test_argv0_is_kept_when_a_shell_execs_an_upper_binary(tmp_path):
