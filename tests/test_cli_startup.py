@@ -131,3 +131,25 @@ def test_the_sandbox_records_are_dataclasses():
     assert dataclasses.replace(Result(True, 0), exit_code=3).exit_code == 3
     assert hash(FilterSpec("x86_64")) == hash(FilterSpec(arch="x86_64"))
     assert dataclasses.asdict(Change("A", "f")) == {"kind": "A", "path": "f"}
+
+
+# ---- every mechanism reads a LeanPolicy as it reads a Policy ----------------------------------------------
+
+READ_ONLY = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.isdir(p)]
+
+
+@pytest.mark.parametrize("fields", [
+    {"fs_readable": READ_ONLY, "fs_writable": ["/tmp"], "fs_denied": ["/etc/shadow"]},
+    {"max_memory": "256M", "max_processes": 10, "num_cpus": 1, "isolate_pids": True},
+    {"time_start": "2000-01-01T00:00:00Z", "random_seed": 7, "hostname": "box", "deterministic_dirs": True},
+    {"net_allow_hosts": ["127.0.0.1"], "port_remap": True, "net_bind": [8080], "net_connect": "443"},
+    {"clean_env": True, "env": {"A": "1"}, "max_open_files": 64, "no_coredump": True, "cpu_cores": "0"},
+])
+def test_the_sandbox_runs_a_lean_policy_like_a_policy(fields):
+    from sandlock_core import Policy, Sandbox
+    from sandlock_core.policy_spec import LeanPolicy
+    cmd = ["/bin/sh", "-c", "echo ${A:-none}; hostname; exit 3"]
+    lean, full = Sandbox(LeanPolicy(**fields)).run(cmd), Sandbox(Policy(**fields)).run(cmd)
+    assert (lean.exit_code, lean.stdout, lean.stderr) == (full.exit_code, full.stdout, full.stderr) == (
+        3, full.stdout, b"")
+    assert lean.stdout.startswith(b"1\n" if "env" in fields else b"none\n")
