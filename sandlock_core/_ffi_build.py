@@ -86,6 +86,19 @@ long sl_det_map_del(struct sl_det_fast *f, uint32_t tid);
 void sl_det_map_clear(struct sl_det_fast *f);
 long sl_det_answer(int listener, const struct seccomp_notif *n, const void *data, size_t count);
 long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
+/* procfs (native.h): stat/access/open of root-file-system names answered in C */
+#define SL_PROC_NRS 16
+#define SL_PK_STAT 1
+#define SL_PK_LSTAT 2
+#define SL_PK_ACCESS 3
+#define SL_PK_FSTATAT 4
+#define SL_PK_STATX 5
+#define SL_PK_FACCESSAT 6
+#define SL_PK_FACCESSAT2 7
+#define SL_PK_OPEN 8
+#define SL_PK_OPENAT 9
+struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served; };
+long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 """
 
 ffibuilder = FFI()

@@ -29,7 +29,9 @@ Residual risk: a name that resolves *outside* /proc and /sys when checked is con
 it again: a symlink swapped in between can still reach a foreign ``/proc/<pid>`` entry (Landlock still refuses the
 ptrace-guarded ones) or a sensitive file. Existence probes other than the ones above (``chdir``, ``statfs``,
 xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
-Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). The sandbox's
+Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
+whose walk stays on the root file system, and fstat through an empty path, are answered in C without a trip
+through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too). The sandbox's
 own ``/proc/<pid>/ns/*`` files cannot be opened under ``isolate_pids`` (the on-behalf open refuses magic links to
 namespaces; ``setns`` is blocked anyway).
 """
@@ -779,6 +781,47 @@ class ProcBehalf:
         return Value(len(data))
 
 
+# The C fast path (native.c, sl_proc_wait_recv): the syscalls it may answer, and how their arguments are laid out.
+FAST_KINDS = {"stat": 1, "lstat": 2, "access": 3, "newfstatat": 4, "statx": 5, "faccessat": 6, "faccessat2": 7,
+              "open": 8, "openat": 9}
+
+
+class FastPath:
+    """Absolute names whose walk stays on the root file system are answered in C (continue, or ENOENT when
+    absent): exactly what the Python handlers answer for them, without the trip through Python. Only for
+    syscalls whose whole handler chain is procfs's, and not under a mount namespace (the child's / differs)."""
+
+    def __init__(self, procfs: "ProcFs", policy, arch: str):
+        from . import syscalls
+        from .policy import FsIsolation
+        self.fs = procfs
+        self.audit_arch = syscalls.AUDIT_ARCH[arch]
+        self.nrs = {name: nr for name in FAST_KINDS if (nr := syscalls.number(name, arch)) is not None}
+        self.usable = not (policy.chroot is not None or policy.privileged
+                           or policy.fs_isolation is FsIsolation.OVERLAYFS)
+
+    def setup(self, sup) -> None:
+        if not self.usable or sup.recv_fast is not None:
+            return  # another mechanism's C path owns the receive loop: the Python handlers answer
+        ctx = ffi.new("struct sl_proc_fast *")
+        for name, nr in self.nrs.items():
+            chain = sup.handlers.get(nr)
+            if chain is None or len(chain) != 1 or chain[0] != getattr(self.fs, f"h_{name}"):
+                continue
+            ctx.nr[ctx.n], ctx.kind[ctx.n] = nr, FAST_KINDS[name]
+            ctx.n += 1
+        if ctx.n:
+            ctx.arch = self.audit_arch
+            sup.recv_fast = (lib.sl_proc_wait_recv, ctx)
+            sup.state["procfs.fast"] = ctx  # kept alive for the loop
+
+    @staticmethod
+    def finish(sup, result) -> None:
+        ctx = sup.state.get("procfs.fast") if sup is not None else None
+        if ctx is not None and hasattr(result, "notifications"):
+            result.notifications += ctx.served
+
+
 def _records(data: bytes, name_off: int):
     """(name, record bytes) of each dirent record."""
     off = 0
@@ -812,6 +855,9 @@ def install(builder) -> None:
     policy = builder.policy
     fs = ProcFs(policy, builder.arch)
     fs.ruleset_fd = builder.ruleset_fd
+    fast = FastPath(fs, policy, builder.arch)
+    builder.on_supervisor(fast.setup)
+    builder.on_finish(fast.finish)
     builder.notify("open", fs.h_open)
     builder.notify("openat", fs.h_openat)
     builder.notify("openat2", fs.h_openat2)

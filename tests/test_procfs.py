@@ -300,6 +300,44 @@ print(os.lstat(d + "/lnk").st_size == len(d + "/new"), os.stat(d + "/lnk").st_si
         r.stderr
 
 
+def test_the_c_fast_path_answers_as_the_python_handlers_do(tmp_path):
+    """Absolute names on the root file system are answered in C (native.c, sl_proc_wait_recv); a second handler
+    on the same syscalls sends everything to Python. Both must give the same answers."""
+    code = f"""
+import os, sys
+d, host = {str(tmp_path)!r}, sys.argv[1]
+open(d + "/f", "w").close()
+os.symlink(f"/proc/{{host}}/status", d + "/to-host")
+out = []
+for what, fn in (("stat", os.stat), ("lstat", os.lstat), ("access", lambda p: os.access(p, os.R_OK) or 1/0),
+                 ("open", lambda p: os.close(os.open(p, os.O_RDONLY)))):
+    for p in (d + "/f", d + "/missing", d + "/missing/x", d + "/to-host", f"/proc/{{host}}", "/proc/self/status",
+              d + "/../" + os.path.basename(d) + "/f", "f"):
+        try:
+            os.chdir(d)
+            fn(p)
+            out.append(f"{{what}} ok")
+        except (OSError, ZeroDivisionError) as e:
+            out.append(f"{{what}} {{getattr(e, 'errno', 'false')}}")
+fd = os.open(d + "/new", os.O_CREAT | os.O_WRONLY)
+out.append(f"creat {{os.fstat(fd).st_size}}")
+print(" ".join(out))
+"""
+    names = ("stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2", "open", "openat")
+    fast = Sandbox(Policy(isolate_pids=True)).run([*PY, code, str(os.getpid())])
+    os.unlink(tmp_path / "to-host")
+    os.unlink(tmp_path / "new")
+    slow = Sandbox(Policy(isolate_pids=True), handlers={n: (lambda sup, n: None) for n in names}).run(
+        [*PY, code, str(os.getpid())])
+    assert fast.stdout == slow.stdout and fast.stdout, (fast.stdout, slow.stdout, fast.stderr)
+    want = []
+    for what in ("stat", "lstat", "access", "open"):
+        no = "false" if what == "access" else str(errno.ENOENT)  # os.access answers False
+        to_host = "ok" if what == "lstat" else no
+        want += [f"{what} {x}" for x in ("ok", no, no, to_host, no, "ok", "ok", "ok")]
+    assert fast.stdout.decode().split() == " ".join(want + ["creat 0"]).split(), fast.stdout
+
+
 @pytest.fixture
 def shared_tmp():
     import shutil

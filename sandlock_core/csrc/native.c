@@ -1041,3 +1041,84 @@ long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int time
         f->served++;
     }
 }
+
+/* ---- procfs (procfs.py): stat/access/open answered in C when the name is absolute and its walk, refusing magic
+ * links, never leaves the root file system: then it is on no /proc or /sys mount (continue), or it is absent
+ * and no link can appear later in a walk the kernel would redo (ENOENT). Anything else (relative names, /proc,
+ * other mounts, long names) is left to the Python handlers. Only syscalls whose whole handler chain is procfs's
+ * are listed in f->nr. Answers to a notification that went stale fail in the kernel, so the path read needs no
+ * id check: if the notification is still pending, its task is alive and the pid was not reused. ---- */
+#ifndef RESOLVE_NO_XDEV
+#define RESOLVE_NO_XDEV 0x01
+#define RESOLVE_NO_MAGICLINKS 0x02
+#endif
+struct sl_open_how { uint64_t flags, mode, resolve; };
+
+/* The fields of one path syscall: path address, whether to follow the last link, whether it may create. */
+static int proc_layout(int kind, const __u64 *a, uint64_t *addr, int *nofollow, int *creat)
+{
+    *nofollow = 0;
+    *creat = 0;
+    switch (kind) {
+    case SL_PK_STAT: case SL_PK_ACCESS: *addr = a[0]; return 1;
+    case SL_PK_LSTAT: *addr = a[0]; *nofollow = 1; return 1;
+    case SL_PK_FSTATAT: case SL_PK_FACCESSAT2:
+        *addr = a[1];
+        *nofollow = ((uint32_t)a[3] & AT_SYMLINK_NOFOLLOW) != 0;
+        return 1;
+    case SL_PK_STATX: *addr = a[1]; *nofollow = ((uint32_t)a[2] & AT_SYMLINK_NOFOLLOW) != 0; return 1;
+    case SL_PK_FACCESSAT: *addr = a[1]; return 1;
+    case SL_PK_OPEN: *addr = a[0]; *creat = ((uint32_t)a[1] & O_CREAT) != 0; return 1;
+    case SL_PK_OPENAT: *addr = a[1]; *creat = ((uint32_t)a[2] & O_CREAT) != 0; return 1;
+    }
+    return 0;
+}
+
+static int proc_kernel_name(const char *p)
+{
+    return strncmp(p, "/proc", 5) == 0 || strncmp(p, "/sys", 4) == 0;
+}
+
+/* 1 if answered here, 0 if the Python handlers decide. */
+static int proc_try(struct sl_proc_fast *f, int listener, const struct seccomp_notif *n)
+{
+    int kind = 0, nofollow, creat;
+    uint64_t addr;
+    if (n->data.arch != f->arch) return 0;
+    for (int i = 0; i < f->n; i++)
+        if (f->nr[i] == n->data.nr) { kind = f->kind[i]; break; }
+    if (!kind || !proc_layout(kind, n->data.args, &addr, &nofollow, &creat) || addr == 0) return 0;
+    char path[4096];
+    size_t chunk = 4096 - (size_t)(addr % 4096);
+    struct iovec l = { path, chunk }, r = { (void *)(uintptr_t)addr, chunk };
+    ssize_t got = process_vm_readv((pid_t)n->pid, &l, 1, &r, 1, 0);
+    if (got <= 0) return 0;
+    if (memchr(path, 0, (size_t)got) == NULL) return 0;
+    if (path[0] == 0) {  /* fstat through AT_EMPTY_PATH (or ENOENT from the kernel): names nothing */
+        sl_notif_continue(listener, n->id);
+        f->served++;
+        return 1;
+    }
+    if (path[0] != '/') return 0;
+    struct sl_open_how how = { O_PATH | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0), 0,
+                               RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV };
+    long fd = syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
+    if (fd >= 0) {
+        close((int)fd);
+        sl_notif_continue(listener, n->id);
+    } else if (errno == ENOENT && !creat && !proc_kernel_name(path)) {
+        sl_notif_send(listener, n->id, 0, -ENOENT, 0);
+    } else {
+        return 0;
+    }
+    f->served++;
+    return 1;
+}
+
+long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n)
+{
+    for (;;) {
+        long r = sl_notif_wait_recv(listener, wake_fd, timeout_ms, n);
+        if (r != 1 || !proc_try(f, listener, n)) return r;
+    }
+}

@@ -132,4 +132,12 @@ void sl_det_map_clear(struct sl_det_fast *f);
 long sl_det_answer(int listener, const struct seccomp_notif *n, const void *data, size_t count);
 long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 
+/* ---- procfs (procfs.py): stat/access/open of absolute names that stay on the root file system, answered in C
+ * (continue, or ENOENT when absent); everything else goes to the Python handlers. Keep _ffi_build.py in step ---- */
+#define SL_PROC_NRS 16
+enum { SL_PK_STAT = 1, SL_PK_LSTAT, SL_PK_ACCESS, SL_PK_FSTATAT, SL_PK_STATX, SL_PK_FACCESSAT, SL_PK_FACCESSAT2,
+       SL_PK_OPEN, SL_PK_OPENAT };
+struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served; };
+long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
+
 #endif
