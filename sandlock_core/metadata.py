@@ -42,8 +42,9 @@ UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 XATTR_MAX = 64 * 1024
 # Bytes the kernel reads behind each chattr ioctl's argument (FS_IOC_SETFLAGS reads an int although its
-# number says long; struct fsxattr is 28 bytes).
-FILEATTR_ARG_SIZE = {seccomp.FS_IOC_SETFLAGS: 4, seccomp.FS_IOC32_SETFLAGS: 4, seccomp.FS_IOC_FSSETXATTR: 28}
+# number says long, and so does FS_IOC_SETVERSION; struct fsxattr is 28 bytes).
+FILEATTR_ARG_SIZE = {seccomp.FS_IOC_SETFLAGS: 4, seccomp.FS_IOC32_SETFLAGS: 4, seccomp.FS_IOC_FSSETXATTR: 28,
+                     seccomp.FS_IOC_SETVERSION: 4, seccomp.FS_IOC32_SETVERSION: 4}
 # Newer syscalls that change xattrs / file attributes by path: answered "no such call" (see the docstring).
 NEWER_METADATA_CALLS = ("setxattrat", "removexattrat", "file_setattr")
 HINT = "add its directory to fs_writable"

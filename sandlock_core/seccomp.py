@@ -11,6 +11,7 @@ Program layout (``build_filter``)::
                                                                         to clone(2), which the line above checks)
         ioctl   (u32)arg1 in {TIOCSTI, TIOCLINUX}    -> ERRNO(EPERM)
                 (u32)arg1 in FILEATTR_SET_IOCTLS     -> spec.fileattr_ioctl (when set: ERRNO or USER_NOTIF)
+                (u32)arg1 in FILEATTR_REFUSED_IOCTLS -> ERRNO(EPERM)           (when fileattr_ioctl is set)
         socket  arg0 in {AF_INET, AF_INET6} and (arg1 & 0xf) in {SOCK_RAW[, SOCK_DGRAM]} -> ERRNO(EPERM)
         prctl   arg0 == PR_SET_DUMPABLE              -> ERRNO(EPERM)
     errno_actions: nr == n                           -> ERRNO(e)
@@ -100,7 +101,15 @@ PR_SET_DUMPABLE = 4
 FS_IOC_SETFLAGS = 0x40086602
 FS_IOC32_SETFLAGS = 0x40046602
 FS_IOC_FSSETXATTR = 0x401C5820
-FILEATTR_SET_IOCTLS = (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR)
+FS_IOC_SETVERSION = 0x40087602      # the inode generation (and ctime)
+FS_IOC32_SETVERSION = 0x40047602
+FILEATTR_SET_IOCTLS = (FS_IOC_SETFLAGS, FS_IOC32_SETFLAGS, FS_IOC_FSSETXATTR, FS_IOC_SETVERSION, FS_IOC32_SETVERSION)
+# Refused outright wherever the rule above applies: enabling fs-verity makes a file immutable for good (it
+# asks for write permission on the inode, which Landlock does not mediate), and a filesystem label belongs
+# to the host.
+FS_IOC_ENABLE_VERITY = 0x40806685
+FS_IOC_SETFSLABEL = 0x41009432
+FILEATTR_REFUSED_IOCTLS = (FS_IOC_ENABLE_VERITY, FS_IOC_SETFSLABEL)
 
 # What sandlock's own C child does between seccomp() and execve() (csrc/native.c, sl_confine + exec):
 # read/write on the hand-off socket (and write for the error report), sendmsg for the listener (SCM_RIGHTS),
@@ -279,6 +288,8 @@ def build_filter(spec: FilterSpec) -> bytes:
                 attr = p.new_label("ioctl_fileattr")
                 for cmd in FILEATTR_SET_IOCTLS:
                     p.jeq(cmd, jt=attr)
+                for cmd in FILEATTR_REFUSED_IOCTLS:
+                    p.jeq(cmd, jt=deny)
             if spec.deny_tty_inject:
                 p.jeq(TIOCSTI, jt=deny)
                 p.jeq(TIOCLINUX, jt=deny)

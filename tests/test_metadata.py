@@ -55,6 +55,7 @@ def env(tmp_path):
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
 FS_IOC_FSGETXATTR, FS_IOC_FSSETXATTR = 0x801C581F, 0x401C5820
 FS_NOATIME_FL, FS_XFLAG_NOATIME = 0x80, 0x40
+FS_IOC_GETVERSION, FS_IOC_SETVERSION = 0x80087601, 0x40087602
 
 
 def inode_flags(p) -> int:
@@ -67,9 +68,20 @@ def inode_flags(p) -> int:
         os.close(fd)
 
 
+def inode_generation(p) -> int:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, FS_IOC_GETVERSION, buf)
+        return struct.unpack("=i", buf[:4])[0]
+    finally:
+        os.close(fd)
+
+
 def snapshot(p):
     st = os.stat(p)
-    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, sorted(os.listxattr(p)), inode_flags(p)
+    return (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, sorted(os.listxattr(p)),
+            inode_flags(p), inode_generation(p))
 
 
 # chattr +A through both of its ioctls: the kernel asks only for ownership, not for write access.
@@ -100,6 +112,9 @@ OPS = {
     "dirfd": "d = os.open(os.path.dirname(p), os.O_RDONLY); os.chmod(os.path.basename(p), 0o644, dir_fd=d)",
     "chattr": CHATTR,
     "fsxattr": FSXATTR,
+    # chattr -v: the inode generation (ownership is all the kernel asks for)
+    "setversion": f"import fcntl, struct\nfcntl.ioctl(os.open(p, os.O_RDONLY), {FS_IOC_SETVERSION}, "
+                  "struct.pack('=q', 123457))",
 }
 
 
