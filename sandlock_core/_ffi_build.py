@@ -97,7 +97,9 @@ long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int time
 #define SL_PK_FACCESSAT2 7
 #define SL_PK_OPEN 8
 #define SL_PK_OPENAT 9
-struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served; };
+#define SL_PROC_BUF 65536
+struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served;
+                      int nr_getdents64; uint64_t proc_dev, proc_ino; unsigned char buf[SL_PROC_BUF]; };
 long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 """
 

@@ -788,8 +788,9 @@ FAST_KINDS = {"stat": 1, "lstat": 2, "access": 3, "newfstatat": 4, "statx": 5, "
 
 class FastPath:
     """Absolute names whose walk stays on the root file system are answered in C (continue, or ENOENT when
-    absent): exactly what the Python handlers answer for them, without the trip through Python. Only for
-    syscalls whose whole handler chain is procfs's, and not under a mount namespace (the child's / differs)."""
+    absent), and listings of directories other than /proc's root are read on behalf in C: exactly what the Python
+    handlers answer for them, without the trip through Python. Only for syscalls whose whole handler chain is
+    procfs's, and not under a mount namespace (the child's / differs)."""
 
     def __init__(self, procfs: "ProcFs", policy, arch: str):
         from . import syscalls
@@ -797,6 +798,8 @@ class FastPath:
         self.fs = procfs
         self.audit_arch = syscalls.AUDIT_ARCH[arch]
         self.nrs = {name: nr for name in FAST_KINDS if (nr := syscalls.number(name, arch)) is not None}
+        # listings of directories other than /proc's root; not with deterministic_dirs (sorted in Python)
+        self.nr_getdents64 = None if policy.deterministic_dirs else syscalls.number("getdents64", arch)
         self.usable = not (policy.chroot is not None or policy.privileged
                            or policy.fs_isolation is FsIsolation.OVERLAYFS)
 
@@ -810,7 +813,10 @@ class FastPath:
                 continue
             ctx.nr[ctx.n], ctx.kind[ctx.n] = nr, FAST_KINDS[name]
             ctx.n += 1
-        if ctx.n:
+        nr = self.nr_getdents64
+        ctx.nr_getdents64 = nr if nr is not None and sup.handlers.get(nr) == (self.fs.h_getdents64,) else -1
+        ctx.proc_dev, ctx.proc_ino = max(self.fs.proc_dev, 0), PROC_ROOT_INO
+        if ctx.n or ctx.nr_getdents64 >= 0:
             ctx.arch = self.audit_arch
             sup.recv_fast = (lib.sl_proc_wait_recv, ctx)
             sup.state["procfs.fast"] = ctx  # kept alive for the loop

@@ -321,12 +321,33 @@ for what, fn in (("stat", os.stat), ("lstat", os.lstat), ("access", lambda p: os
             out.append(f"{{what}} {{getattr(e, 'errno', 'false')}}")
 fd = os.open(d + "/new", os.O_CREAT | os.O_WRONLY)
 out.append(f"creat {{os.fstat(fd).st_size}}")
+os.mkdir(d + "/many")
+for i in range(300):
+    open(f"{{d}}/many/{{i}}", "w").close()
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(200)
+for target in (d + "/many", d + "/f", None):
+    dfd = os.open(target, os.O_RDONLY) if target else 999
+    names = 0
+    while True:
+        got = libc.syscall(NR_GETDENTS64, dfd, buf, 200)
+        if got <= 0:
+            break
+        i = 0
+        while i < got:
+            names += 1
+            i += int.from_bytes(buf.raw[i + 16:i + 18], "little")
+    out.append(f"list {{names}} {{got}} {{ctypes.get_errno() if got < 0 else 0}}")
 print(" ".join(out))
-"""
-    names = ("stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2", "open", "openat")
+""".replace("NR_GETDENTS64", str(syscalls.number("getdents64")))
+    names = ("stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2", "open", "openat",
+             "getdents64")
     fast = Sandbox(Policy(isolate_pids=True)).run([*PY, code, str(os.getpid())])
+    import shutil
     os.unlink(tmp_path / "to-host")
     os.unlink(tmp_path / "new")
+    shutil.rmtree(tmp_path / "many")
     slow = Sandbox(Policy(isolate_pids=True), handlers={n: (lambda sup, n: None) for n in names}).run(
         [*PY, code, str(os.getpid())])
     assert fast.stdout == slow.stdout and fast.stdout, (fast.stdout, slow.stdout, fast.stderr)
@@ -335,7 +356,8 @@ print(" ".join(out))
         no = "false" if what == "access" else str(errno.ENOENT)  # os.access answers False
         to_host = "ok" if what == "lstat" else no
         want += [f"{what} {x}" for x in ("ok", no, no, to_host, no, "ok", "ok", "ok")]
-    assert fast.stdout.decode().split() == " ".join(want + ["creat 0"]).split(), fast.stdout
+    lists = ["list 302 0 0", f"list 0 -1 {errno.ENOTDIR}", f"list 0 -1 {errno.EBADF}"]
+    assert fast.stdout.decode().split() == " ".join(want + ["creat 0"] + lists).split(), fast.stdout
 
 
 @pytest.fixture

@@ -1048,6 +1048,7 @@ long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int time
  * other mounts, long names) is left to the Python handlers. Only syscalls whose whole handler chain is procfs's
  * are listed in f->nr. Answers to a notification that went stale fail in the kernel, so the path read needs no
  * id check: if the notification is still pending, its task is alive and the pid was not reused. ---- */
+#include <sys/stat.h>
 #ifndef RESOLVE_NO_XDEV
 #define RESOLVE_NO_XDEV 0x01
 #define RESOLVE_NO_MAGICLINKS 0x02
@@ -1115,10 +1116,48 @@ static int proc_try(struct sl_proc_fast *f, int listener, const struct seccomp_n
     return 1;
 }
 
+/* getdents64 of a directory other than /proc's root (isolate_pids filters only that one): done on a duplicate of
+ * the child's fd (same open file description, so the same offset) and the entries written to its buffer. The
+ * pidfd is checked against the pending notification before it is used. 1 if answered, 0 for Python. */
+static int proc_getdents(struct sl_proc_fast *f, int listener, const struct seccomp_notif *n)
+{
+    if (n->data.nr != f->nr_getdents64 || n->data.arch != f->arch) return 0;
+    uint64_t id = n->id, addr = n->data.args[1];
+    uint32_t count = (uint32_t)n->data.args[2];
+    long pidfd = syscall(SYS_pidfd_open, (pid_t)n->pid, O_EXCL /* PIDFD_THREAD */);
+    if (pidfd < 0) pidfd = syscall(SYS_pidfd_open, (pid_t)n->pid, 0);
+    if (pidfd < 0) return 0;
+    int answered = 0;
+    if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0) {
+        long dup = syscall(SYS_pidfd_getfd, (int)pidfd, (int)n->data.args[0], 0);
+        struct stat st;
+        if (dup >= 0 && fstat((int)dup, &st) == 0 && S_ISDIR(st.st_mode)
+                && !((uint64_t)st.st_dev == f->proc_dev && (uint64_t)st.st_ino == f->proc_ino)) {
+            long r = syscall(SYS_getdents64, (int)dup, f->buf, count < SL_PROC_BUF ? count : SL_PROC_BUF);
+            if (r > 0) {
+                struct iovec l = { f->buf, (size_t)r }, rv = { (void *)(uintptr_t)addr, (size_t)r };
+                if (process_vm_writev((pid_t)n->pid, &l, 1, &rv, 1, 0) != r) r = -EFAULT;
+                sl_notif_send(listener, n->id, r > 0 ? r : 0, r > 0 ? 0 : (int32_t)r, 0);
+            } else {
+                sl_notif_send(listener, n->id, 0, r < 0 ? -errno : 0, 0);
+            }
+            answered = 1;
+            f->served++;
+        }
+        if (dup >= 0) close((int)dup);
+    }
+    close((int)pidfd);
+    return answered;
+}
+
 long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n)
 {
     for (;;) {
         long r = sl_notif_wait_recv(listener, wake_fd, timeout_ms, n);
-        if (r != 1 || !proc_try(f, listener, n)) return r;
+        if (r != 1) return r;
+        if (proc_try(f, listener, n) || proc_getdents(f, listener, n)) {
+            continue;
+        }
+        return r;
     }
 }

@@ -137,7 +137,9 @@ long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int time
 #define SL_PROC_NRS 16
 enum { SL_PK_STAT = 1, SL_PK_LSTAT, SL_PK_ACCESS, SL_PK_FSTATAT, SL_PK_STATX, SL_PK_FACCESSAT, SL_PK_FACCESSAT2,
        SL_PK_OPEN, SL_PK_OPENAT };
-struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served; };
+#define SL_PROC_BUF 65536
+struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served;
+                      int nr_getdents64; uint64_t proc_dev, proc_ino; unsigned char buf[SL_PROC_BUF]; };
 long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 
 #endif
