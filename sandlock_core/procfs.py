@@ -31,7 +31,8 @@ ptrace-guarded ones) or a sensitive file. Existence probes other than the ones a
 xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
 Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
 whose walk stays on the root file system, and fstat through an empty path, are answered in C without a trip
-through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too). The sandbox's
+through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too), and so are listings of
+directories other than /proc's root. The sandbox's
 own ``/proc/<pid>/ns/*`` files cannot be opened under ``isolate_pids`` (the on-behalf open refuses magic links to
 namespaces; ``setns`` is blocked anyway).
 """
