@@ -457,6 +457,7 @@ def install(builder) -> None:
                           "use the default seccomp copy-on-write (fs_isolation='none') or 'overlayfs'")
     # Validate now (a bad workdir is a policy error); each run gets its own Cow (branch, virtual cwds).
     Cow(policy, builder.arch, -1)
+    _check_storage_not_writable(policy)
     for name, meth in HANDLERS.items():
         builder.notify(name, _trampoline(getattr(Cow, meth), name in READ_ONLY))
 
@@ -472,6 +473,25 @@ def install(builder) -> None:
 
     builder.on_supervisor(on_supervisor)
     builder.on_finish(on_finish)
+
+
+def _check_storage_not_writable(policy) -> None:
+    """The branch storage holds the upper and the commit journal, both applied to the workdir later: a child
+    that may write it but not the workdir could smuggle content (or a whole journal) into the workdir. Where
+    the workdir is writable too, COW is no boundary anyway (see the module docstring)."""
+    from .cow_branch import storage_base
+    if not policy.fs_writable:
+        return
+    storage, wd = storage_base(policy.fs_storage), os.path.realpath(policy.workdir)
+    covers = [p for p in policy.fs_writable if _under(storage, os.path.realpath(p))]
+    if covers and not any(_under(wd, os.path.realpath(p)) for p in policy.fs_writable):
+        raise PolicyError(f"fs_writable: {covers[0]!r} covers the copy-on-write storage {storage!r} but not the "
+                          f"workdir: the sandbox could rewrite its own branch and commit journal; set fs_storage "
+                          f"to a directory outside fs_writable")
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 # Read-only syscalls: while nothing was written (and no virtual cwd), the kernel's answer is the merged one.

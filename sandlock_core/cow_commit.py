@@ -2,7 +2,7 @@
 
 A commit runs under the per-workdir lock (``commit_lock``). Before it touches the workdir it writes a journal:
 the whiteout manifest (``deleted.txt``) and ``commit.json`` (workdir, upper) in the branch's private root, and
-a pointer to that root next to the lock (``<lock dir>/<key>.<uid>.journal``), each fsync'ed. Then it applies the
+a pointer to that root in the branch storage (``<storage>/journal-<key>``), each fsync'ed. Then it applies the
 branch: deletions first, then every upper entry through a temporary name (``.sandlock-commit-<hex>-<name>``,
 in the target's own directory so that ``rename`` is atomic) renamed over the target; so each file is wholly
 old or wholly new at every instant. The pointer is removed last, then the branch.
@@ -13,8 +13,11 @@ copy-on-write run) finds the pointer and *rolls the commit forward*: applying a 
 (deletions of what is gone are no-ops, every upper entry is written again), so running it once more leaves
 the workdir exactly as a completed commit would have; then it removes the temporaries the dead process left
 in the directories it was writing to, and the branch. A pointer is trusted only when this user owns it and
-the branch root it names (a private 0700 directory of this user naming this workdir); anything else is left
-alone.
+the branch root it names, which must be a ``branch-<hex>`` directory of the same storage (private 0700, this
+user's, naming this workdir); anything else is left alone. Its whiteouts must be relative names without
+``..`` (and deletions never follow a symlink out of the workdir): a roll forward only ever changes the
+workdir. The storage is never writable by a sandbox whose workdir is not (cow.install), so a child cannot
+plant a journal there; the lock directory (``-w /tmp`` may reach it) holds only lock files.
 """
 from __future__ import annotations
 
@@ -35,14 +38,29 @@ log = logging.getLogger("sandlock.cow")
 
 TMP_PREFIX = ".sandlock-commit-"
 _TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{8}-")
+_ROOT_RE = re.compile(r"branch-[0-9a-f]{16}")  # cow_branch.Branch's root names
 JOURNAL = "commit.json"
 MANIFEST = "deleted.txt"
 
 
 # ---------------------------------------------------------------- the lock and the journal pointer
 def _lock_dir() -> str:
-    d = os.path.join(tempfile.gettempdir(), "sandlock-commit-locks")
-    os.makedirs(d, mode=0o1777, exist_ok=True)
+    """The commit locks of this user: one private 0700 directory per uid (``$XDG_RUNTIME_DIR/sandlock-commit``
+    or ``$TMPDIR/sandlock-commit-locks-<uid>``). Per user, so that no umask, no other user's directory and no
+    directory another user made first can stop a commit; the same for every run of this user, so that two
+    sandboxes of one user on one workdir take the same lock whatever their fs_storage."""
+    uid = os.geteuid()
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and os.path.isdir(xdg) and os.stat(xdg).st_uid == uid:
+        d = os.path.join(xdg, "sandlock-commit")
+    else:
+        d = os.path.join(tempfile.gettempdir(), f"sandlock-commit-locks-{uid}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(d, 0o700)
+    st = os.lstat(d)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise BranchError(f"commit lock directory {d!r} is not a private directory of uid {uid} "
+                          f"(mode {stat.filemode(st.st_mode)}, owner {st.st_uid})")
     return d
 
 
@@ -50,16 +68,19 @@ def _key(workdir: str) -> str:
     return hashlib.sha256(os.fsencode(os.path.realpath(workdir))).hexdigest()[:32]
 
 
-def pointer_path(workdir: str) -> str:
-    # one per user: another user's pointer (which we would not trust) never blocks ours
-    return os.path.join(_lock_dir(), f"{_key(workdir)}.{os.geteuid()}.journal")
+def pointer_path(workdir: str, storage: str) -> str:
+    """The journal pointer lives in the branch storage (the very directory whose branches it may name), never
+    in the lock directory: a sandbox that may write the lock directory (``-w /tmp``) must not be able to plant
+    one. cow.install refuses a policy whose Landlock rules let the child write the storage but not the
+    workdir, and a pointer is trusted only to name a branch of that storage (``_trusted_root``)."""
+    return os.path.join(storage, f"journal-{_key(workdir)}")
 
 
 @contextlib.contextmanager
 def commit_lock(workdir: str, *, wait: bool = False):
     """The per-workdir commit lock; BranchConflictError if another sandbox holds it (unless ``wait``)."""
-    # read-only is enough for flock, and opens a lock file another user created (0644 after their umask)
-    fd = os.open(os.path.join(_lock_dir(), _key(workdir) + ".lock"), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = os.open(os.path.join(_lock_dir(), _key(workdir) + ".lock"),
+                 os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             import fcntl
@@ -98,12 +119,34 @@ def write_manifest(root: str, deleted, opaque) -> None:
 
 
 def read_manifest(root: str) -> tuple[set[str], set[str]]:
+    """The whiteouts of a journal; ValueError for anything but relative names that stay in the workdir."""
     deleted, opaque = set(), set()
     with open(os.path.join(root, MANIFEST), encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             kind, _, rel = line.rstrip("\n").partition(" ")
+            if kind not in ("D", "O") or not _safe_rel(rel):
+                raise ValueError(f"bad manifest entry {line!r}")
             (deleted if kind == "D" else opaque).add(rel)
     return deleted, opaque
+
+
+def _safe_rel(rel: str) -> bool:
+    """A name relative to the workdir that cannot leave it: not absolute, no NUL, no '', '.' or '..' part."""
+    return bool(rel) and not rel.startswith("/") and "\0" not in rel and all(
+        c not in ("", ".", "..") for c in rel.split("/"))
+
+
+def _parent_is_real(w: str, rel: str) -> bool:
+    """Is every directory between the workdir and rel a real directory (no symlink to follow out of it)?"""
+    cur = w
+    for comp in rel.split("/")[:-1]:
+        cur = os.path.join(cur, comp)
+        try:
+            if not stat.S_ISDIR(os.lstat(cur).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- commit and roll-forward
@@ -115,8 +158,9 @@ def commit(branch) -> None:
         return
     branch.ensure()
     with commit_lock(w):
-        _roll_forward_stale(w)
-        pointer = pointer_path(w)
+        storage = os.path.dirname(branch.root)
+        _roll_forward_stale(w, storage)
+        pointer = pointer_path(w, storage)
         try:
             write_manifest(branch.root, branch.deleted, branch.opaque)
             _write_synced(os.path.join(branch.root, JOURNAL),
@@ -134,12 +178,12 @@ def commit(branch) -> None:
     branch.discard()
 
 
-def recover(workdir: str) -> bool:
-    """Finish a commit to ``workdir`` that a killed process left half done (if any and if no other commit
-    holds the lock now). True when one was rolled forward."""
+def recover(workdir: str, storage: str) -> bool:
+    """Finish a commit to ``workdir`` from branch storage ``storage`` that a killed process left half done
+    (if any and if no other commit holds the lock now). True when one was rolled forward."""
     try:
         with commit_lock(workdir):
-            return _roll_forward_stale(os.path.realpath(workdir))
+            return _roll_forward_stale(os.path.realpath(workdir), os.path.realpath(storage))
     except BranchConflictError:
         return False
     except OSError as exc:  # e.g. the lock directory is not ours to use: the run itself still works
@@ -147,7 +191,7 @@ def recover(workdir: str) -> bool:
         return False
 
 
-def _trusted_root(pointer: str, workdir: str) -> str | None:
+def _trusted_root(pointer: str, workdir: str, storage: str) -> str | None:
     uid = os.geteuid()
     try:
         pst = os.lstat(pointer)
@@ -157,6 +201,9 @@ def _trusted_root(pointer: str, workdir: str) -> str | None:
         return None  # another user's (or a planted) pointer: not ours to act on
     with open(pointer, "rb") as f:
         root = os.fsdecode(f.read())
+    if os.path.dirname(root) != storage or not _ROOT_RE.fullmatch(os.path.basename(root)):
+        log.warning("sandlock: commit journal %s names %r, not a branch of %r; ignored", pointer, root, storage)
+        return None
     try:
         rst = os.lstat(root)
         with open(os.path.join(root, JOURNAL), "rb") as f:
@@ -171,14 +218,22 @@ def _trusted_root(pointer: str, workdir: str) -> str | None:
     return root
 
 
-def _roll_forward_stale(workdir: str) -> bool:
+def _roll_forward_stale(workdir: str, storage: str) -> bool:
     """Under the lock: roll forward the commit a dead process left (see the module docstring)."""
-    pointer = pointer_path(workdir)
-    root = _trusted_root(pointer, workdir)
+    pointer = pointer_path(workdir, storage)
+    root = _trusted_root(pointer, workdir, storage)
     if root is None:
         return False
     upper = os.path.join(root, "upper")
-    deleted, opaque = read_manifest(root)
+    try:
+        if not stat.S_ISDIR(os.lstat(upper).st_mode):
+            raise ValueError("its upper is not a directory")
+        deleted, opaque = read_manifest(root)
+    except (OSError, ValueError) as exc:
+        log.warning("sandlock: commit journal %s (%s) is not usable (%s); left alone, pointer removed",
+                    pointer, root, exc)
+        os.unlink(pointer)
+        return False
     log.warning("sandlock: finishing the commit to %r that a killed process left half done (%s)", workdir, root)
     apply_tree(workdir, upper, deleted, opaque)
     remove_temporaries(workdir, upper)
@@ -207,7 +262,8 @@ def remove_temporaries(workdir: str, upper: str) -> None:
 def apply_tree(w: str, upper: str, deleted, opaque) -> None:
     """Deletions first, then every upper entry renamed over its target through a temporary name."""
     for rel in sorted(deleted, key=lambda r: -r.count("/")):
-        _remove(os.path.join(w, rel))
+        if _safe_rel(rel) and _parent_is_real(w, rel):  # else there is nothing of the workdir's to delete
+            _remove(os.path.join(w, rel))
     dir_modes: list[tuple[str, os.stat_result]] = []
     for dirpath, dirnames, filenames in os.walk(upper):
         reldir = os.path.relpath(dirpath, upper)

@@ -75,7 +75,7 @@ class CowView:
     def start(self, sup):
         storage = storage_base(self.policy.fs_storage)
         check_storage(self.workdir, storage)
-        cow_commit.recover(self.workdir)  # a commit killed half way: finish it before reading the tree
+        cow_commit.recover(self.workdir, storage)  # a commit killed half way: finish it before reading the tree
         self.branch = Branch(self.workdir, storage, self.policy.max_disk, lazy=True)
         self.vcwd = {}
         self.tgids = {}

@@ -80,7 +80,7 @@ def test_commit_killed_is_per_file_atomic_and_rolled_forward(tmp_path, point):
     # the branch is kept, with its journal, and the pointer names it
     roots = list(s.glob("branch-*"))
     assert len(roots) == 1 and (roots[0] / "commit.json").exists() and (roots[0] / "deleted.txt").exists()
-    assert open(pointer_path(str(w)), "rb").read() == os.fsencode(roots[0])
+    assert open(pointer_path(str(w), str(s)), "rb").read() == os.fsencode(roots[0])
     for i in range(N):
         assert (roots[0] / "upper" / f"f{i}").read_bytes() == b"N" * SIZE
     # the next run on that workdir finishes the commit first, then runs against the committed tree
@@ -88,32 +88,37 @@ def test_commit_killed_is_per_file_atomic_and_rolled_forward(tmp_path, point):
     assert r.exit_code == 0 and r.stdout == b"x" and r.changes == []
     assert snapshot(w) == snapshot(bare)
     assert temporaries(w) == [] and list(s.glob("branch-*")) == [], left
-    assert not os.path.exists(pointer_path(str(w)))
-    assert recover(str(w)) is False  # nothing left to do
+    assert not os.path.exists(pointer_path(str(w), str(s)))
+    assert recover(str(w), str(s)) is False  # nothing left to do
 
 
 def test_a_pointer_of_another_owner_or_to_a_foreign_root_is_not_trusted(tmp_path):
-    w = tmp_path / "w"
+    w, s = tmp_path / "w", tmp_path / "s"
     w.mkdir()
+    s.mkdir(mode=0o700)
     (w / "f").write_text("old")
-    fake = tmp_path / "fake"
-    (fake / "upper").mkdir(parents=True)
-    (fake / "upper" / "f").write_text("planted")
-    (fake / "deleted.txt").write_text("")
-    (fake / "commit.json").write_text('{"workdir": "/elsewhere", "upper": "%s"}' % (fake / "upper"))
-    os.chmod(fake, 0o700)
-    with open(pointer_path(str(w)), "wb") as f:
-        f.write(os.fsencode(fake))
-    try:
-        assert recover(str(w)) is False  # the journal names another workdir
-        assert (w / "f").read_text() == "old"
-        os.chmod(fake, 0o755)
-        (fake / "commit.json").write_text('{"workdir": "%s", "upper": "%s"}' % (w, fake / "upper"))
-        assert recover(str(w)) is False  # a root others can write into is not a branch of ours
-        assert (w / "f").read_text() == "old"
-        os.chmod(fake, 0o700)
-        assert recover(str(w)) is True
-        assert (w / "f").read_text() == "planted" and not fake.exists()
-    finally:
-        if os.path.exists(pointer_path(str(w))):
-            os.unlink(pointer_path(str(w)))
+    pointer = pointer_path(str(w), str(s))
+
+    def plant(root, workdir):
+        (root / "upper").mkdir(parents=True, exist_ok=True)
+        (root / "upper" / "f").write_text("planted")
+        (root / "deleted.txt").write_text("")
+        (root / "commit.json").write_text('{"workdir": "%s", "upper": "%s"}' % (workdir, root / "upper"))
+        os.chmod(root, 0o700)
+        with open(pointer, "wb") as f:
+            f.write(os.fsencode(root))
+
+    plant(tmp_path / "fake", w)
+    assert recover(str(w), str(s)) is False  # a root outside the storage is no branch of ours
+    assert (w / "f").read_text() == "old"
+    plant(s / "branch-0123456789abcdef", "/elsewhere")
+    assert recover(str(w), str(s)) is False  # the journal names another workdir
+    assert (w / "f").read_text() == "old"
+    plant(s / "branch-0123456789abcdef", w)
+    os.chmod(s / "branch-0123456789abcdef", 0o755)
+    assert recover(str(w), str(s)) is False  # a root others can write into is not a branch of ours
+    assert (w / "f").read_text() == "old"
+    os.chmod(s / "branch-0123456789abcdef", 0o700)
+    assert recover(str(w), str(s)) is True
+    assert (w / "f").read_text() == "planted" and not (s / "branch-0123456789abcdef").exists()
+    assert not os.path.exists(pointer)

@@ -1,0 +1,97 @@
+"""The seccomp copy-on-write layer attacked by a confined child: planted commit journals, the commit lock
+directory of another user, exec/fchmod of files outside the workdir, fs_denied inside the workdir, and the
+metadata guard meeting COW's own upper files."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import tempfile
+
+import pytest
+
+from sandlock_core import Policy, Sandbox
+from sandlock_core.errors import PolicyError
+
+from support import run_as_nobody
+from .helpers import SYSTEM_RO, py
+
+RO = SYSTEM_RO + [p for p in ("/proc", "/dev") if os.path.exists(p)]
+
+
+def _shared_dir(prefix: str) -> str:
+    """A directory uid 65534 can use too (pytest's tmp_path is under a 0700 directory)."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(d, 0o755)
+    return d
+
+
+# ---------------------------------------------------------------- planted commit journals
+PLANTER = r'''
+import hashlib, json, os, sys
+wd, storage, victim = sys.argv[1:]
+key = hashlib.sha256(os.fsencode(wd)).hexdigest()[:32]
+def plant(pointer, root):
+    os.makedirs(root + "/upper", exist_ok=True)
+    os.chmod(root, 0o700)
+    open(root + "/upper/PLANTED.txt", "w").write("planted\n")
+    open(root + "/commit.json", "w").write(json.dumps({"workdir": wd, "upper": root + "/upper"}))
+    open(root + "/deleted.txt", "w").write(f"D {victim}\nD ../../{os.path.basename(os.path.dirname(victim))}\n"
+                                           "D link/precious\nO /\n")
+    os.makedirs(os.path.dirname(pointer), exist_ok=True)
+    open(pointer, "w").write(root)
+uid = os.geteuid()
+# the old place (next to the locks), the per-user lock directory, and the storage itself
+plant(f"/tmp/sandlock-commit-locks/{key}.{uid}.journal", storage + "/branch-00000000000000aa")
+plant(f"/tmp/sandlock-commit-locks-{uid}/{key}.{uid}.journal", storage + "/branch-00000000000000bb")
+plant(f"{storage}/journal-{key}", storage + "/branch-00000000000000cc")
+print("planted")
+'''
+
+
+def test_a_journal_planted_by_the_child_never_deletes_outside_the_workdir():
+    base = _shared_dir("sl-jplant-")
+    victim_dir = os.path.join(base, "victim")
+    victim = os.path.join(victim_dir, "precious")
+    os.makedirs(victim)
+    open(os.path.join(victim, "data.txt"), "w").write("precious\n")
+    wd, storage = os.path.join(base, "wd"), os.path.join(base, "st")
+    os.mkdir(wd)
+    os.symlink(victim_dir, os.path.join(wd, "link"))  # "D link/precious" must not follow it
+    # /tmp writable: the child reaches the lock directories and (here) the storage; the workdir too, so the
+    # policy is allowed, and a roll forward may change the workdir but nothing else
+    pol = Policy(workdir=wd, cwd=wd, fs_storage=storage, fs_readable=RO, fs_writable=["/tmp", base])
+    r = Sandbox(pol).dry_run(py(PLANTER, os.path.realpath(wd), os.path.realpath(storage), victim))
+    assert r.exit_code == 0 and b"planted" in r.stdout, r.stderr
+    r = Sandbox(Policy(workdir=wd, cwd=wd, fs_storage=storage, fs_readable=RO)).dry_run(["/bin/true"])
+    assert r.exit_code == 0
+    assert open(os.path.join(victim, "data.txt")).read() == "precious\n"
+    assert os.path.islink(os.path.join(wd, "link"))
+
+
+def test_storage_writable_while_the_workdir_is_not_is_a_policy_error(tmp_path):
+    wd, st = tmp_path / "wd", tmp_path / "scratch" / "st"
+    wd.mkdir()
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(PolicyError, match="fs_writable.*copy-on-write storage"):
+        Sandbox(Policy(workdir=str(wd), fs_storage=str(st), fs_readable=RO + [str(wd)],
+                       fs_writable=[str(tmp_path / "scratch")])).run(["/bin/true"])
+    r = Sandbox(Policy(workdir=str(wd), fs_storage=str(tmp_path / "st"), fs_readable=RO + [str(wd)],
+                       fs_writable=[str(tmp_path / "scratch")])).run(["/bin/true"])
+    assert r.exit_code == 0
+
+
+# ---------------------------------------------------------------- the commit lock directory
+def test_commit_after_another_user_made_a_lock_directory_works_as_nobody():
+    wd = _shared_dir("sl-lock-root-")
+    r = Sandbox(Policy(workdir=wd, cwd=wd)).run(["/bin/sh", "-c", "echo root > r.txt"])  # root's lock dir
+    assert r.exit_code == 0 and os.path.exists(os.path.join(wd, "r.txt"))
+    nwd = _shared_dir("sl-lock-nobody-")
+    os.chmod(nwd, 0o777)
+    code = ("import sys\nfrom sandlock_core import Policy, Sandbox\n"
+            "w = sys.argv[1]\n"
+            "r = Sandbox(Policy(workdir=w, cwd=w)).run(['/bin/sh', '-c', 'echo hi > new.txt'])\n"
+            "print('exit', r.exit_code)\n")
+    p = run_as_nobody(code, nwd)
+    assert p.returncode == 0 and "exit 0" in p.stdout, p.stderr
+    assert open(os.path.join(nwd, "new.txt")).read() == "hi\n"
