@@ -41,21 +41,22 @@ class CowExec:
                 return Errno(errno.EACCES)
             real = self._real(r.rel, look)
             in_upper = look[0] == "U"
-        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if r.rel is not None else 0))
+        fd = self._open_for_exec(real, r.rel is not None)
         try:
             head = os.pread(fd, 256, 0)
             st = os.fstat(fd)
             script = head.startswith(b"#!")
-            # Only a file the kernel will run may have the child's memory rearranged for it (see _make_room).
+            # Only a file the kernel will run is injected (an fd left behind by a failed exec would hand the
+            # child the file) and may have the child's memory rearranged for it (see _make_room).
             runnable = stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 and (script or head[:4] == b"\x7fELF")
-            if script and runnable:
+            if not runnable:
+                return Errno(errno.ENOEXEC if stat.S_ISREG(st.st_mode) and st.st_mode & 0o111 else errno.EACCES)
+            if script:
                 tramp = self._interpreter_trampoline(sup, n, head, path if dirfd == AT_FDCWD else r.vpath)
                 if isinstance(tramp, Errno):
                     return tramp
                 if tramp is not None:
                     fd, in_upper = _swap(fd, tramp), False
-            if not runnable and len(self.fd_dir) + 1 > len(path):
-                return self._exec_path_too_short(sup, n, r.vpath)  # before injecting an fd it would not use
             if in_upper and self.exec_by_copy:
                 fd = _swap(fd, _sealed_copy(fd, st.st_size))
             newfd = lib.sl_notif_addfd(sup.listener, n.id, fd, 0, 0 if script else os.O_CLOEXEC, 0)
@@ -64,10 +65,25 @@ class CowExec:
         if newfd < 0:
             return Errno(-newfd)
         new = f"{self.fd_dir}{newfd}".encode()
-        if not (self._make_room(sup, n, idx, path, len(new)) if runnable else len(new) <= len(path)):
+        if not self._make_room(sup, n, idx, path, len(new)):
             return self._exec_path_too_short(sup, n, r.vpath)
         _write(sup, n, n.data.args[idx], new + b"\0")
         return None  # CONTINUE: the kernel now execs the injected fd (Landlock still checks EXECUTE)
+
+    def _open_for_exec(self, real: str, inside: bool) -> int:
+        """The file to run: in the workdir or the upper, opened here (no symlink followed); elsewhere (an
+        upper symlink pointing out of the workdir, e.g. a venv's bin/python) opened on the thread carrying the
+        sandbox's Landlock domain, so the child gets no file it could not open itself; never a denied one."""
+        if inside:
+            fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        else:
+            fd = self._host(lambda: os.open(real, os.O_RDONLY | os.O_CLOEXEC))
+        try:
+            self._check_denied(os.readlink(f"/proc/self/fd/{fd}"), fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _make_room(self, sup, n, idx: int, path: bytes, new_len: int) -> bool:
         """Prepare the child's memory for the path string to be rewritten to ``new_len`` bytes.

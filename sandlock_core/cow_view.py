@@ -68,6 +68,10 @@ class CowView:
         # Exec of an upper file under a Landlock filesystem policy goes through a memfd copy (cow_exec).
         self.exec_by_copy = bool(policy.fs_readable or policy.fs_writable or policy.net_bind or policy.net_connect
                                  or policy.isolate_ipc or policy.isolate_signals)
+        # fs_denied also holds under the workdir: COW must not copy up, open, move or link a denied file for
+        # the child (fsdeny.py, later in the chain, never sees the paths COW answers).
+        from .fsdeny import DenySet
+        self.deny = DenySet(policy.fs_denied) if policy.fs_denied else None
         self.fd_dir = "/dev/fd/" if not getattr(policy, "chroot", None) and _readlink("/dev/fd") in (
             "/proc/self/fd", "/proc/self/fd/") else "/proc/self/fd/"
 
@@ -336,6 +340,17 @@ class CowView:
 
     def _host(self, fn):
         return self._opener().call(fn)
+
+    def _check_denied(self, path: str, fd: int = -1) -> None:
+        """EACCES if the file at ``path`` (or open as ``fd``: judged by inode too) is in fs_denied."""
+        if self.deny is None:
+            return
+        try:
+            st = os.fstat(fd) if fd >= 0 else os.lstat(path)
+        except OSError:
+            st = None
+        if self.deny.denied(path, st, fd):
+            raise OSError(errno.EACCES, f"{path} is in fs_denied")
 
     def _fd_path(self, sup, n, fd: int):
         """(dup, virtual path, in_upper) of the child's fd, or (dup, None, False) when not a path."""

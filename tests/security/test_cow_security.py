@@ -95,3 +95,52 @@ def test_commit_after_another_user_made_a_lock_directory_works_as_nobody():
     p = run_as_nobody(code, nwd)
     assert p.returncode == 0 and "exit 0" in p.stdout, p.stderr
     assert open(os.path.join(nwd, "new.txt")).read() == "hi\n"
+
+
+# ---------------------------------------------------------------- exec through an upper symlink
+EXEC_LEAK_CHILD = r'''
+import os, subprocess, sys
+secret, = sys.argv[1:]
+os.symlink(secret, "a_rather_long_link_name")
+try:
+    os.execv("a_rather_long_link_name", ["x"])
+except OSError as e:
+    print("exec errno", e.errno)
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        if "secret" in os.readlink(f"/proc/self/fd/{fd}"):
+            print("LEAKED", os.pread(int(fd), 100, 0))
+    except OSError:
+        pass
+os.symlink("/bin/true", "t")
+print("true through an upper symlink:", subprocess.run(["./t"]).returncode)
+'''
+EXEC_LEAK_RUN = r'''
+import os, sys, tempfile
+from sandlock_core import Policy, Sandbox
+child, denied, ro = sys.argv[1], sys.argv[2] == "1", sys.argv[3:]
+base = tempfile.mkdtemp(prefix="sl-cowexec-")
+wd = os.path.join(base, "wd"); os.mkdir(wd)
+secret = os.path.join(base, "secret.txt")
+open(secret, "w").write("TOP-SECRET\n"); os.chmod(secret, 0o600)
+readable = ro + [wd] + ([base] if denied else [])
+pol = Policy(workdir=wd, cwd=wd, fs_readable=readable, fs_denied=[secret] if denied else [])
+r = Sandbox(pol).dry_run(["/usr/bin/python3", "-I", "-S", "-c", child, secret])
+print(r.exit_code, r.stdout.decode(), r.stderr.decode()[-500:])
+'''
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
+@pytest.mark.parametrize("denied", [False, True], ids=["outside-fs_readable", "fs_denied"])
+def test_exec_of_an_upper_symlink_to_a_file_the_child_may_not_read_leaks_no_fd(as_nobody, denied):
+    args = [EXEC_LEAK_CHILD, "1" if denied else "0", *RO]
+    if as_nobody:
+        p = run_as_nobody(EXEC_LEAK_RUN, *args)
+    else:
+        import subprocess
+        import sys
+        p = subprocess.run([sys.executable, "-c", EXEC_LEAK_RUN, *args], capture_output=True, text=True,
+                           timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "exec errno 13" in p.stdout and "LEAKED" not in p.stdout, p.stdout
+    assert "true through an upper symlink: 0" in p.stdout, p.stdout
