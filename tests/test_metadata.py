@@ -223,3 +223,9 @@ def test_newest_metadata_syscalls_exist_on_this_kernel(tmp_path):
     for nr in (SYS_SETXATTRAT, SYS_REMOVEXATTRAT, SYS_FILE_SETATTR):
         assert libc.syscall(nr, -100, None, 0, None, 0, 0) == -1
         assert ctypes.get_errno() != 38, nr  # ENOSYS
+
+
+def test_the_guarded_list_is_the_handler_table():
+    """A read-only policy refuses GUARDED_CALLS without loading the handlers: the two must not drift."""
+    from sandlock_core import metadata
+    assert set(metadata.GUARDED_CALLS) == set(metadata.Metadata(Policy(fs_writable=["/tmp"])).handlers())
