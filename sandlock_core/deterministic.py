@@ -452,8 +452,8 @@ class Deterministic:
 
     def _fast_path(self, sup, route) -> FastPath | None:
         """getrandom answered in C by the supervisor's receive loop, unless another handler also decides on it."""
-        if self.seed is None or route is None:
-            return None
+        if self.seed is None or route is None or sup.recv_fast is not None:
+            return None  # no seed, or another mechanism's C fast path has the loop (one per run)
         nr = syscalls.number("getrandom", self.arch)
         if nr is None or sup.handlers.get(nr) != (route,):
             return None
