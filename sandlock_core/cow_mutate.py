@@ -383,13 +383,16 @@ class CowMutations:
         return self._wrap(self._truncate, sup, n)
 
     def _fd_meta(self, sup, n, fd, fn):
-        """fchmod/fchown/futimens: on the copied-up file if fd is a lower workdir file, else on the child's
-        own open file (our duplicate: the very object the child named, no race)."""
+        """fchmod/fchown/futimens: on the copied-up file if fd is a lower workdir file, on the child's own
+        upper file (our duplicate: the very object the child named, no race); any other fd is not COW's
+        business (None: the metadata guard or the kernel judges it)."""
         b = self.branch
         dup, v, up = self._fd_path(sup, n, fd)
         try:
             rel = b.rel_of(v) if v is not None else None
-            if rel is None or up:
+            if rel is None:
+                return None
+            if up:
                 fn(dup)
                 return Value(0)
             if rel == "":

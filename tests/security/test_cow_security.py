@@ -144,3 +144,46 @@ def test_exec_of_an_upper_symlink_to_a_file_the_child_may_not_read_leaks_no_fd(a
     assert p.returncode == 0, p.stderr
     assert "exec errno 13" in p.stdout and "LEAKED" not in p.stdout, p.stdout
     assert "true through an upper symlink: 0" in p.stdout, p.stdout
+
+
+def _run_here_or_as_nobody(code: str, as_nobody: bool, *args: str):
+    if as_nobody:
+        return run_as_nobody(code, *args)
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+
+
+# ---------------------------------------------------------------- fd metadata outside the workdir
+FCHMOD_RUN = r'''
+import os, sys, tempfile
+from sandlock_core import Policy, Sandbox
+ro_trees = sys.argv[1:]
+base = tempfile.mkdtemp(prefix="sl-cowmeta-")
+wd = os.path.join(base, "wd"); os.mkdir(wd)
+ro = os.path.join(base, "ro"); os.mkdir(ro)
+host = os.path.join(ro, "host.txt"); open(host, "w").write("x"); os.chmod(host, 0o644)
+open(os.path.join(wd, "mine.txt"), "w").write("x"); os.chmod(os.path.join(wd, "mine.txt"), 0o644)
+child = """
+import os, sys
+for p, mode in ((sys.argv[1], 0o4777), ("mine.txt", 0o600)):
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fchmod(fd, mode); print(os.path.basename(p), "fchmod ok", oct(os.stat(p).st_mode & 0o7777))
+    except OSError as e:
+        print(os.path.basename(p), "fchmod errno", e.errno)
+"""
+pol = Policy(workdir=wd, cwd=wd, fs_readable=ro_trees + [ro], fs_writable=[wd])
+r = Sandbox(pol).dry_run(["/usr/bin/python3", "-I", "-S", "-c", child, host])
+print(r.stdout.decode(), r.stderr.decode()[-300:], "host mode", oct(os.stat(host).st_mode & 0o7777),
+      "workdir mode", oct(os.stat(os.path.join(wd, "mine.txt")).st_mode & 0o7777), "changes", r.changes)
+'''
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
+def test_fchmod_of_an_fd_outside_the_workdir_goes_to_the_metadata_guard(as_nobody):
+    p = _run_here_or_as_nobody(FCHMOD_RUN, as_nobody, *RO)
+    assert p.returncode == 0, p.stderr
+    assert "host.txt fchmod errno 13" in p.stdout and "host mode 0o644" in p.stdout, p.stdout
+    # inside the workdir the change goes to the upper (seen by the child, not by the host)
+    assert "mine.txt fchmod ok 0o600" in p.stdout and "workdir mode 0o644" in p.stdout, p.stdout
