@@ -97,15 +97,18 @@ class PlanBuilder:
         """``fn(cfg, keep)`` fills more of ``struct sl_cfg`` before each spawn (namespaces.py)."""
         self.cfg_hooks.append(fn)
 
-    def notify(self, name: str, handler, when: tuple[int, int] | None = None) -> bool:
+    def notify(self, name: str, handler, when: tuple | None = None) -> bool:
         """Route syscall ``name`` to ``handler``; False when this architecture has no such syscall. With
         ``when=(arg, mask)`` the handler only needs the calls where ``args[arg] & mask`` is non-zero (it would
-        let the others through): if every handler of the syscall says so, the filter allows the others."""
+        let the others through), with ``(arg, mask, value)`` those where ``(u32)args[arg] & mask == value``, with
+        a tuple of such conditions those where any holds: if every handler of the syscall says so, the filter
+        allows the calls that none of them needs."""
         nr = syscalls.number(name, self.arch)
         if nr is None:
             return False
         if when is not None:
-            self.conditions.append((nr, handler, when))
+            for cond in ((when,) if isinstance(when[0], int) else when):
+                self.conditions.append((nr, handler, tuple(cond)))
         self.handlers.setdefault(nr, []).append(handler)
         self.names[nr] = name
         return True
@@ -197,13 +200,15 @@ class Plan:
 
     # ---- compilation steps ----
     def _notify_if_arg(self, builder: PlanBuilder, notify) -> tuple:
-        """(nr, arg, mask) for the notified syscalls whose every handler asked for the same condition."""
+        """(nr, arg, mask[, value]) for the notified syscalls whose every handler gave conditions: the filter
+        notifies a call when any handler's condition holds (each handler lets the calls it did not ask for
+        through)."""
         out = []
         for nr in sorted(notify):
             conds = [(h, c) for n, h, c in builder.conditions if n == nr]
             chain = self.handlers[nr]
-            if conds and len({c for _h, c in conds}) == 1 and all(any(h is ch for h, _c in conds) for ch in chain):
-                out.append((nr, *conds[0][1]))
+            if conds and all(any(h is ch for h, _c in conds) for ch in chain):
+                out.extend((nr, *c) for c in dict.fromkeys(c for _h, c in conds))
         return tuple(out)
 
     def _fileattr(self, builder: PlanBuilder, policy: Policy, deny) -> tuple[int | None, frozenset[int]]:

@@ -207,7 +207,8 @@ class ProcFs:
         run = sup.state.get("resources")
         used = 0
         if run is not None:
-            with run.lock:
+            with run.lock:  # a rare read: measured now, not the ledger's upper bound
+                run.refresh()
                 used = run.total()
         free = max(0, limit - used) // 1024
         total = limit // 1024

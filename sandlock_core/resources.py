@@ -8,10 +8,12 @@ Memory (``max_memory``): what is limited is the sandbox's *private writable memo
 it: ``/proc/PID/statm`` field 6 (data + stack, i.e. ``VmData + VmStk``), summed over every address space of the
 sandbox, plus anonymous shared mappings and SysV segments, which that field leaves out.
 
-* Requests are judged on registers (no child memory is read): ``mmap`` of anonymous or private writable memory,
-  ``mprotect``/``pkey_mprotect`` adding ``PROT_WRITE``, ``brk`` growth, ``mremap`` growth, ``shmget`` with
-  ``IPC_CREAT``, and ``fork``/``clone`` without ``CLONE_VM`` (the child's copy of the address space). The filter
-  lets the others through unnotified (read-only or executable mappings, ``brk(0)``: an argument filter).
+* Requests are judged on registers (no child memory is read): ``mmap`` of private writable memory or of shared
+  anonymous memory whatever its protection (reading shmem, or ``MAP_POPULATE``, allocates it),
+  ``mprotect``/``pkey_mprotect`` adding ``PROT_WRITE``, ``brk`` growth, ``mremap`` growth, ``shmget`` that can
+  create (``IPC_CREAT``, or ``IPC_PRIVATE``, which always creates), and ``fork``/``clone`` without ``CLONE_VM``
+  (the child's copy of the address space). The filter lets the others through unnotified (private read-only
+  or executable mappings, ``brk(0)``: an argument filter).
   The ledger (last measure + everything approved since; ``munmap`` is not notified, so it only over-counts)
   decides alone while the sandbox is far from the limit; within ``margin()`` of it, or once a process was
   approved ``drift()`` since its last measure, the requester's usage is measured afresh from statm, so
@@ -23,7 +25,9 @@ sandbox, plus anonymous shared mappings and SysV segments, which that field leav
 * Anonymous *shared* memory (``MAP_SHARED|MAP_ANONYMOUS``) is not in that field: it is measured from
   /proc/PID/maps of the processes that mapped it, each object once (a fork shares it), when the sandbox is near
   its limit and every 100 ms. SysV segments are charged at ``shmget`` and never credited (they outlive
-  processes). Not counted: files in tmpfs or memfds (disk, not memory), page cache, kernel memory.
+  processes). Not counted: files in tmpfs or memfds (file storage, like disk: they can be filled with
+  ``write`` as well as through a ``MAP_SHARED`` mapping, so charging their mappings would stop nothing), page
+  cache, kernel memory.
 * A forked child is charged a full copy of its parent (strict, like ``vm.overcommit_memory=2``): COW pages that
   are never written are counted twice.
 
@@ -64,6 +68,7 @@ MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
 IPC_CREAT = 0o1000
+IPC_PRIVATE = 0
 KCMP_VM = 1
 
 TICK = 0.02           # watcher period (CPU throttle)
@@ -260,7 +265,10 @@ class Run:
         return max(limit // 16, 1 << 20)
 
     def total(self) -> int:
-        t = sum(self.floor.values()) + sum(self.shanon.values()) + self.shared_scan + self.shm
+        """The ledger: what was measured, plus everything approved since (munmap is not seen, so this only
+        over-counts until the next measure), plus requests that may not have been mapped when measured."""
+        t = sum(self.floor.values()) + sum(self.approved.values())
+        t += sum(self.shanon.values()) + self.shared_scan + self.shm
         t += sum(b for _p, b, _t in self.pending)
         t += sum(b for _g, b in self.inflight.values())
         return t
@@ -337,9 +345,10 @@ class Run:
             self.inflight.pop(tid, None)
             tgid = self.tgid(tid)
             total = self.total()
-            if total + nbytes > limit - self.margin(limit) or self.approved.get(tgid, 0) >= self.drift(limit):
-                # near the limit, or this process was approved a lot since it was last measured: the
-                # kernel's measure replaces the ledger (munmap and exit are credited, laundering is not)
+            if (total + nbytes > limit - self.margin(limit) or tgid not in self.floor
+                    or self.approved.get(tgid, 0) >= self.drift(limit)):
+                # near the limit, a process never measured, or one approved a lot since it was last measured:
+                # the kernel's measure replaces the ledger (munmap and exit are credited, laundering is not)
                 prev = self.floor.get(tgid, 0) + self.approved.get(tgid, 0)
                 own = self._measure(tgid, tid)
                 self._grew = {tgid: own - prev}
@@ -621,10 +630,12 @@ class Resources:
     def h_mmap(self, sup, n):
         a = n.data.args
         length, prot, flags = a[1], a[2] & 0xFFFFFFFF, a[3] & 0xFFFFFFFF
-        if not prot & PROT_WRITE:
-            return None  # a reservation: charged if it becomes writable (mprotect)
         if flags & MAP_ANONYMOUS and flags & MAP_SHARED:
+            # whatever its protection: reading shmem (or MAP_POPULATE) allocates pages too, and mprotect of
+            # a shared mapping to PROT_NONE and back would escape a charge taken only with PROT_WRITE
             return sup.state["resources"].request(n, _pages(length), "mmap", shared=True)
+        if not prot & PROT_WRITE:
+            return None  # a private reservation: charged if it becomes writable (mprotect)
         if flags & MAP_ANONYMOUS or flags & MAP_PRIVATE:
             return sup.state["resources"].request(n, _pages(length), "mmap")
         return None
@@ -672,13 +683,15 @@ class Resources:
 
     def h_shmget(self, sup, n):
         a = n.data.args
-        if not a[2] & IPC_CREAT:
-            return None
+        if not a[2] & IPC_CREAT and a[0] & 0xFFFFFFFF != IPC_PRIVATE:
+            return None  # attaches to an existing segment (IPC_PRIVATE always creates one)
         r = sup.state["resources"]
         act = r.request(n, _pages(a[1]), "shmget")
         if act is None:
             with r.lock:  # a SysV segment outlives its creator: charged to the sandbox, never credited
                 r.inflight.pop(n.pid, None)
+                tgid = r.tgid(n.pid)
+                r.approved[tgid] = max(0, r.approved.get(tgid, 0) - _pages(a[1]))
                 r.shm += _pages(a[1])
         return act
 
@@ -686,9 +699,8 @@ class Resources:
     def setup(self, sup) -> None:
         r = Run(self, sup)
         sup.state["resources"] = r
-        if self.mem_limit is not None:
-            v = data_bytes(sup.root_pid)
-            r.floor[sup.root_pid] = v or 0
+        # The root is not measured now: before its exec it is a copy of the caller (a big pytest, say), which
+        # says nothing of the program; its first request after the exec measures it.
         if self.mem_limit is not None or self.cpu_pct:
             r.start_watcher()
         sup.on_close(r.stop_watcher)
@@ -760,14 +772,16 @@ def install(builder) -> None:
         builder.notify("fork", mech.h_fork)
         builder.notify("vfork", mech.h_vfork)
     if mech.mem_limit is not None:
-        # Only calls that can add private writable memory reach the supervisor: read-only and executable
-        # mappings (most of what ld.so maps), mprotect to read-only, brk(0) and shmget without IPC_CREAT
-        # are let through by the filter.
-        builder.notify("mmap", mech.h_mmap, when=(2, PROT_WRITE))
+        # Only calls that can add memory reach the supervisor: private read-only and executable mappings
+        # (most of what ld.so maps), mprotect to read-only, brk(0) and shmget of an existing key (neither
+        # IPC_CREAT nor IPC_PRIVATE) are let through by the filter. Shared anonymous mappings are notified
+        # whatever their protection (reading shmem allocates it).
+        shared_anon = MAP_SHARED | MAP_ANONYMOUS
+        builder.notify("mmap", mech.h_mmap, when=((2, PROT_WRITE), (3, shared_anon, shared_anon)))
         builder.notify("mprotect", mech.h_mprotect, when=(2, PROT_WRITE))
         builder.notify("pkey_mprotect", mech.h_mprotect, when=(2, PROT_WRITE))
         builder.notify("mremap", mech.h_mremap)
         builder.notify("brk", mech.h_brk, when=(0, (1 << 64) - 1))
-        builder.notify("shmget", mech.h_shmget, when=(2, IPC_CREAT))
+        builder.notify("shmget", mech.h_shmget, when=((2, IPC_CREAT), (0, 0xFFFFFFFF, IPC_PRIVATE)))
     builder.on_supervisor(mech.setup)
     builder.on_finish(mech.finish)

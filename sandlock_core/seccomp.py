@@ -15,7 +15,8 @@ Program layout (``build_filter``)::
         socket  arg0 in {AF_INET, AF_INET6} and (arg1 & 0xf) in {SOCK_RAW[, SOCK_DGRAM]} -> ERRNO(EPERM)
         prctl   arg0 == PR_SET_DUMPABLE              -> ERRNO(EPERM)
     errno_actions: nr == n                           -> ERRNO(e)
-    notify_if_arg: nr == n and !(arg & mask)         -> ALLOW          (only some calls need the supervisor)
+    notify_if_arg: nr == n and no condition holds   -> ALLOW          (only some calls need the supervisor;
+                   a condition is arg & mask != 0, or (u32)arg & mask == value)
     notify set                                       -> USER_NOTIF
     deny set                                         -> ERRNO(EPERM)
     allowlist mode:  allow_only set -> ALLOW, anything else -> ERRNO(EPERM)
@@ -139,8 +140,9 @@ class FilterSpec:
     errno_actions: tuple[tuple[int, int], ...] = ()  # (nr, errno), checked before notify/deny
     fileattr_ioctl: int | None = None                # action for ioctl(FILEATTR_SET_IOCTLS); None: no rule
     # (nr, arg, mask): a notified nr reaches the supervisor only when args[arg] & mask != 0 (both halves of
-    # the 64-bit argument are tested); otherwise it is allowed, which is what its handlers would answer.
-    notify_if_arg: tuple[tuple[int, int, int], ...] = ()
+    # the 64-bit argument are tested); (nr, arg, mask, value): when (u32)args[arg] & mask == value. Several
+    # entries of one nr: when any of them holds. Otherwise it is allowed, which is what its handlers would answer.
+    notify_if_arg: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
         # Accept any iterable of ints for the sets (callers pass sets); keep the object hashable.
@@ -228,10 +230,12 @@ def _check_spec(spec: FilterSpec) -> None:
     both = spec.notify & set(seen)
     if both:
         raise ValueError(f"syscalls both notified and in errno_actions: {_describe(both, spec.arch)}")
-    for nr, arg, mask in spec.notify_if_arg:
-        if nr not in spec.notify or not 0 <= arg < 6 or not 0 < mask < 1 << 64:
-            raise ValueError(f"notify_if_arg: ({nr}, {arg}, {mask:#x}) needs a notified syscall, an argument "
-                             "index 0-5 and a non-zero 64-bit mask")
+    for nr, arg, mask, *value in spec.notify_if_arg:
+        if (nr not in spec.notify or not 0 <= arg < 6 or not 0 < mask < 1 << (32 if value else 64)
+                or len(value) > 1 or (value and value[0] & ~mask)):
+            raise ValueError(f"notify_if_arg: ({nr}, {arg}, {mask:#x}, {value}) needs a notified syscall, an "
+                             "argument index 0-5, a non-zero 64-bit mask (32-bit with a value) and a value "
+                             "within the mask")
 
 
 @functools.lru_cache(maxsize=128)
@@ -343,13 +347,23 @@ def build_filter(spec: FilterSpec) -> bytes:
         p.ret(_errno(e))
         p.label(after)
 
-    for nr, arg, mask in spec.notify_if_arg:  # resources: only requests that can grow memory are notified
+    conds: dict[int, list[tuple[int, ...]]] = {}
+    for nr, *cond in spec.notify_if_arg:
+        conds.setdefault(nr, []).append(tuple(cond))
+    for nr, cond_list in conds.items():  # e.g. resources: only requests that can grow memory are notified
         after, hit = p.new_label("cond_next"), p.new_label("cond_notify")
         p.jeq(nr, jf=after)
-        for off, half in ((arg_lo(arg), mask & 0xFFFFFFFF), (arg_hi(arg), mask >> 32)):
-            if half:
-                p.ld_abs(off)
-                p.jset(half, jt=hit)
+        for arg, mask, *value in cond_list:
+            if value:  # (u32)arg & mask == value
+                p.ld_abs(arg_lo(arg))
+                if mask != 0xFFFFFFFF:
+                    p.alu_and(mask)
+                p.jeq(value[0], jt=hit)
+                continue
+            for off, half in ((arg_lo(arg), mask & 0xFFFFFFFF), (arg_hi(arg), mask >> 32)):
+                if half:
+                    p.ld_abs(off)
+                    p.jset(half, jt=hit)
         p.ret(SECCOMP_RET_ALLOW)
         p.label(hit)
         p.ret(SECCOMP_RET_USER_NOTIF)

@@ -101,6 +101,50 @@ except OSError as e:
     assert 4 <= int(n) <= 7 and int(err) == errno.ENOMEM, r.stderr
 
 
+def test_the_ledger_counts_every_approval_until_measured():
+    """Far from the limit requests are approved on the ledger alone: it must hold all of them (40 x 1 MiB held
+    shows in the peak even though statm is read at most every limit/16 of approvals)."""
+    r = run(Policy(max_memory="512M"), "x = [bytearray(1 << 20) for _ in range(40)]")
+    assert r.success and 40 * MiB <= r.peak_memory <= 512 * MiB, (r.peak_memory, r.stderr)
+
+
+def test_many_processes_far_from_their_own_measure_still_add_up_to_the_limit():
+    """Eight processes each take 4 MiB chunks while the others do too: what they report holding together never
+    exceeds the limit."""
+    code = """
+import mmap, os, sys
+r, w = os.pipe()
+kids = []
+for k in range(8):
+    pid = os.fork()
+    if pid == 0:
+        held = []
+        try:
+            for i in range(20):
+                m = mmap.mmap(-1, 4 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                for j in range(0, 4 << 20, 4096):
+                    m[j] = 1
+                held.append(m)
+        except OSError:
+            pass
+        os.write(w, bytes([len(held)]))
+        __import__("time").sleep(2)  # hold it while the others allocate
+        os._exit(0)
+    kids.append(pid)
+os.close(w)
+got = b""
+while len(got) < 8:
+    chunk = os.read(r, 8 - len(got))
+    if not chunk:
+        break
+    got += chunk
+print(sum(got) * 4, len(got))
+"""
+    r = run(Policy(max_memory="256M"), code)
+    held, reported = (int(x) for x in r.stdout.split())
+    assert 0 < held <= 256 and reported >= 1, (r.stdout, r.stderr)
+
+
 def test_brk_growth_is_limited_and_failure_returns_the_old_break():
     """sbrk over the limit fails cleanly (brk answers the current break, as the kernel does), no crash."""
     code = """
