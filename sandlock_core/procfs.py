@@ -15,7 +15,8 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
   the sandbox's own ``/proc/<pid>`` entries are opened, read (readlink) and stat'ed on behalf and checked again on
   the object. Pid-taking syscalls (``PID_ARGS``, ``WHICH_WHO``, ``kill``, ``setpgid``) on another process answer
   ``ESRCH``, decided on the pid register (pid 0, "myself", is let through by the filter); ``kill`` of a process
-  group or of -1 is done on behalf over the sandbox's processes only, with the kernel's permission rule.
+  group, of the caller's own group (pid 0: the sandbox may share it with its caller) or of -1 is done on behalf
+  over the sandbox's processes only, with the kernel's permission rule.
 
 Names are resolved as the kernel would for the child: relative to its cwd or dirfd, following symlinks
 component by component, with ``/proc/self`` and ``/proc/thread-self`` meaning the *child's* pid (the supervisor's
@@ -667,11 +668,14 @@ class PidCalls:
         pid, sig = s32(n.data.args[0]), s32(n.data.args[1])
         if pid > 0:
             return Errno(errno.ESRCH) if self._foreign(sup, n, "kill", pid) else None
-        if pid == 0:
-            return None
         caller = tgid_of(n.pid)
         if pid == -1:
             targets = [p for p in self.fs._pids(sup, fresh=True) if p != caller]
+        elif pid == 0:  # the caller's group: the sandbox may share it with its caller (run_foreground on a tty)
+            f = stat_fields(caller)
+            if f is None:
+                return Errno(errno.ESRCH)
+            targets = self._group(sup, int(f[2]))
         else:
             targets = self._group(sup, -pid)
         return self._kill_on_behalf(n.pid, targets, sig)
@@ -884,7 +888,7 @@ def install(builder) -> None:
             builder.notify(name, calls.by_pid(name), when=(idx[0], PID_MASK))
         for name in WHICH_WHO:
             builder.notify(name, calls.by_which(name), when=(WHICH_WHO[name][0] + 1, PID_MASK))
-        builder.notify("kill", calls.h_kill, when=(0, PID_MASK))
+        builder.notify("kill", calls.h_kill)  # kill(0) too: the caller's group may hold host processes
         builder.notify("setpgid", calls.h_setpgid)
         for name in ("stat", "lstat", "access"):
             builder.notify(name, getattr(fs, f"h_{name}"))

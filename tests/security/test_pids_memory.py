@@ -2,7 +2,8 @@
 import errno
 import json
 import os
-import tempfile
+import subprocess
+import sys
 
 import pytest
 
@@ -85,3 +86,75 @@ print("mapped" if p not in (None, 2**64 - 1) else ctypes.get_errno())
 """
     r = Sandbox(Policy(max_memory="64M")).run([*PY, code, "96"], timeout=60)
     assert r.stdout == b"mapped\n", r.stderr
+
+
+# ---- isolate_pids: signals that reach a host process without naming it in kill(pid) ----
+def _run_driver(code: str, as_nobody: bool) -> str:
+    if as_nobody:
+        p = run_as_nobody(code, timeout=90)
+    else:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=90,
+                           env={**os.environ, "PYTHONPATH": root}, cwd="/")
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    return p.stdout
+
+
+# On a pty, run_foreground leaves the sandbox in the caller's process group (new_pgrp=False, as the CLI runs):
+# a host process of that group (here a sibling of the supervisor) must not get the sandbox's kill(0).
+KILL0_DRIVER = r'''
+import os, pty, signal, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    from sandlock_core import Policy, Sandbox
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    r, w = os.pipe()
+    host = os.fork()  # a host process in the caller's group
+    if host == 0:
+        hit = []
+        signal.signal(signal.SIGUSR1, lambda *a: hit.append(1))
+        os.write(w, b"r")
+        time.sleep(2)
+        os._exit(7 if hit else 0)
+    os.read(r, 1)
+    code = """
+import os, signal, time
+mine = []
+signal.signal(signal.SIGUSR1, lambda *a: mine.append(1))
+r, w = os.pipe()
+kid = os.fork()
+if kid == 0:   # in the sandbox and in the same group: gets it, as with the kernel
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    os.write(w, b"r")
+    time.sleep(1.5)
+    os._exit(3 if got else 4)
+os.read(r, 1)
+os.kill(0, signal.SIGUSR1)
+print("kid", os.waitstatus_to_exitcode(os.waitpid(kid, 0)[1]), "self", len(mine), flush=True)
+"""
+    res = Sandbox(Policy(isolate_pids=True)).run_foreground(["/usr/bin/python3", "-c", code])
+    time.sleep(0.2)
+    status = os.waitstatus_to_exitcode(os.waitpid(host, 0)[1])
+    print("RESULT", res.exit_code, "supervisor", len(got), "host", status, flush=True)
+    os._exit(0)
+out = b""
+while True:
+    try:
+        d = os.read(fd, 4096)
+    except OSError:
+        break
+    if not d:
+        break
+    out += d
+os.waitpid(pid, 0)
+print(out.decode())
+'''
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
+def test_kill_0_reaches_the_sandbox_processes_of_the_group_and_no_host_process(as_nobody):
+    out = _run_driver(KILL0_DRIVER, as_nobody)
+    assert "kid 3 self 1" in out, out
+    assert "RESULT 0 supervisor 0 host 0" in out, out
