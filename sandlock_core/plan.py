@@ -193,6 +193,11 @@ class Plan:
         self.want_listener = bool(self.handlers)
         sendmsg = syscalls.number("sendmsg", self.arch)
         self.handoff_scm = sendmsg not in notify
+        if not self.handoff_scm and syscalls.number("write", self.arch) in notify:
+            # The child hands the listener over with sendmsg, or with write when sendmsg is supervised;
+            # before the hand-off nobody can answer either, so one of them must stay unsupervised.
+            raise PolicyError("handlers: write and sendmsg cannot both be supervised (the child hands the "
+                              "seccomp listener over with one of them before any supervisor exists)")
         self.cwd = policy.cwd
         self._env = self._build_env(policy)
         self.envp_cache = None  # the C envp array, built at the first spawn

@@ -56,6 +56,20 @@ def _cstr_array(items: list[bytes], keep: list):
     return arr
 
 
+HANDOFF_TIMEOUT = 10.0  # seconds from fork to the listener's hand-off
+
+
+def _readable_within(fd: int, seconds: float) -> bool:
+    import select
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    while True:
+        try:
+            return bool(p.poll(int(seconds * 1000)))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries poll already
+            continue
+
+
 class Spawned:
     """A running sandbox: its reaper, its root process, and (if any) the supervisor's listener."""
 
@@ -73,6 +87,10 @@ class Spawned:
     # ---- hand-off ----
     def take_listener(self, use_pidfd: bool) -> None:
         """Receive the child's hand-off message (and the listener). Raises ChildSetupError on failure."""
+        if not _readable_within(self.sock, HANDOFF_TIMEOUT):
+            # Confinement is a few syscalls: a child stuck this long is blocked on one that nobody serves
+            # yet (e.g. a handler registered for a syscall it makes before the hand-off). Never hang.
+            raise ChildError(f"sandlock: the child did not finish confinement within {HANDOFF_TIMEOUT:g} s")
         data, fd = _sys.recv_msg_fd(self.sock, _MSG.size)
         if len(data) < _MSG.size:
             if fd >= 0:

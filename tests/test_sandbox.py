@@ -666,3 +666,39 @@ def test_nested_writable_sandbox_falls_back_to_refusing_metadata_changes(tmp_pat
     outer = Sandbox(Policy(fs_readable=[*SYSTEM_RO, pkg, str(w)], fs_writable=[str(w), "/dev/null"]))
     res = outer.run([sys.executable, "-c", inner])
     assert res.stdout.decode().strip() == "0 b'hi\\nrefused\\n' True", res
+
+
+def test_a_handler_on_a_syscall_the_child_makes_before_the_handoff_does_not_deadlock():
+    """getpid is called by the confining child before the supervisor exists: it is asked before the filter."""
+    seen = []
+    res = Sandbox(Policy(), handlers={"getpid": lambda sup, n: seen.append(n.pid)}).run(
+        ["sh", "-c", "echo $$"], timeout=30)
+    assert res.exit_code == 0 and res.stdout.strip().isdigit()
+    assert seen  # the shell's own getpid reached the handler
+
+
+def test_handlers_on_both_handoff_syscalls_are_refused():
+    with pytest.raises(PolicyError, match="write and sendmsg"):
+        Sandbox(Policy(), handlers={"write": lambda sup, n: None, "sendmsg": lambda sup, n: None}).run(["true"])
+
+
+def test_a_handoff_that_never_comes_fails_instead_of_hanging(monkeypatch):
+    """The wait for the child's listener is bounded: here the supervisor listens on a socket the child
+    cannot reach (as if the child were stuck before the hand-off), and the run ends in an error."""
+    from sandlock_core import spawn as _spawn
+    monkeypatch.setattr(_spawn, "HANDOFF_TIMEOUT", 0.5)
+    real_spawn = _spawn.spawn
+    silent = []
+
+    def spawn_with_a_silent_socket(*a, **kw):
+        sp = real_spawn(*a, **kw)
+        ours, theirs = socket.socketpair()
+        silent.append(theirs)  # held open and never written
+        os.close(sp.sock)
+        sp.sock = ours.detach()
+        return sp
+    monkeypatch.setattr(_spawn, "spawn", spawn_with_a_silent_socket)
+    t = time.monotonic()
+    res = Sandbox(Policy(), handlers={"getppid": lambda sup, n: None}).run(["true"], timeout=30)
+    assert time.monotonic() - t < 10
+    assert res.exit_code != 0 and "confinement" in str(res.error), res

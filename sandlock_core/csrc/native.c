@@ -458,6 +458,9 @@ int sl_confine(const struct sl_cfg *cfg)
         }
         close(cfg->landlock_fd);
     }
+    /* Anything the child calls between seccomp() and the hand-off may be notified with no supervisor yet
+       to answer it (a user handler on getpid would deadlock): ask for the pid while nothing is filtered. */
+    int32_t self_pid = (int32_t)getpid();
     if (cfg->filter_len > 0) {
         struct sock_fprog prog = { cfg->filter_len, (struct sock_filter *)cfg->filter };
         long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, cfg->seccomp_flags, &prog);
@@ -477,8 +480,7 @@ int sl_confine(const struct sl_cfg *cfg)
     }
     if (cfg->sock_fd >= 0) {
         long r;
-        struct sl_msg m = { listener >= 0 ? (cfg->handoff_scm ? 'L' : 'N') : 'R', 0, 0, listener,
-                            (int32_t)getpid() };
+        struct sl_msg m = { listener >= 0 ? (cfg->handoff_scm ? 'L' : 'N') : 'R', 0, 0, listener, self_pid };
         if (listener >= 0 && cfg->handoff_scm)
             r = send_msg_fd(cfg->sock_fd, &m, sizeof(m), listener);
         else
