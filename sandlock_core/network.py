@@ -18,7 +18,10 @@ Destinations (``net_allow_hosts`` is a list, possibly empty)
     Non-IP sockets (AF_UNIX, netlink) are connected/sent on behalf too, with the same bytes. Caveats:
     on-behalf AF_UNIX operations carry the supervisor's pid in SO_PEERCRED/SCM_CREDENTIALS (same uid);
     a relative AF_UNIX path is resolved against the child's cwd; an abstract AF_UNIX address is refused
-    (EPERM) under ``isolate_ipc`` because the supervisor cannot act inside the Landlock scope.
+    (EPERM) under ``isolate_ipc`` because the supervisor cannot act inside the Landlock scope. In a
+    namespace sandbox (chroot, overlay) an AF_UNIX path is resolved once in the child's root and mounts
+    (openat2 RESOLVE_IN_ROOT from /proc/<pid>/root) and the supervisor connects/sends to that inode through
+    /proc/self/fd/<N>: a socket that exists only in the caller's view is never reached.
     SCM_RIGHTS on AF_UNIX is translated (the child's fds are duplicated and sent); SCM_CREDENTIALS is passed
     only when it states the child's own pid, uid and gid.
     Blocking operations run on a worker thread and are answered later (DEFERRED), with the socket's own
@@ -47,6 +50,7 @@ import os
 import queue
 import re
 import socket
+import stat
 import struct
 import threading
 
@@ -267,6 +271,8 @@ class Net:
         self.connect_ports = frozenset(policy.net_connect) if policy.net_connect else None
         self.bind_ports = frozenset(policy.net_bind) if policy.net_bind else None
         self.isolate_ipc = policy.isolate_ipc
+        from .plan import _namespaces
+        self.in_root = _namespaces(policy)  # the child's root/mounts are not ours: AF_UNIX paths resolve there
         self.allowed4: set[bytes] = {LOOPBACK4}
         self.allowed6: set[bytes] = {LOOPBACK6}
         self.pinned: dict[str, list[str]] = {}
@@ -322,13 +328,19 @@ class Net:
                 return _with_port(d.raw, real)
         return d.raw
 
-    def _unix_addr(self, n, raw: bytes) -> bytes:
-        """An AF_UNIX address usable from the supervisor: relative paths re-rooted at the child's cwd."""
+    def _unix_addr(self, n, raw: bytes, keep: list | None = None) -> bytes:
+        """An AF_UNIX address usable from the supervisor: relative paths re-rooted at the child's cwd. In a
+        mount namespace (chroot, overlay) the path is resolved in the child's root instead (_unix_in_root);
+        the O_PATH fd that address names is appended to ``keep``, for the caller to close after the call."""
         path = raw[2:]
         if not path or path[0] == 0:  # autobind or abstract
             if path and self.isolate_ipc:
                 raise OSError(errno.EPERM, "abstract AF_UNIX address under isolate_ipc")
             return raw
+        if self.in_root:
+            if keep is None:
+                raise OSError(errno.EPERM, "AF_UNIX path in a namespace sandbox without an fd holder")
+            return _unix_in_root(n.pid, path.split(b"\0", 1)[0], keep)
         if path.startswith(b"/"):
             return raw
         rel = path.split(b"\0", 1)[0]
@@ -384,6 +396,7 @@ class Net:
             dup = sup.dup_child_fd(n, fd)
         except OSError as exc:
             return Errno(exc.errno or errno.EBADF)
+        keep: list = []  # fds the address names (_unix_addr), closed after the connect
         try:
             domain, stype, proto = self._sock_info(dup)
             raw = self._read_addr(sup, n, a[1], a[2])
@@ -393,7 +406,7 @@ class Net:
                     os.close(dup)
                     return CONTINUE  # only remapping: no boundary decided here, Landlock stays in charge
                 if domain == AF_UNIX:
-                    d.raw = self._unix_addr(n, raw)
+                    d.raw = self._unix_addr(n, raw, keep)
             elif d.kind == "ip":
                 if self.allow and not self._ip_allowed(d):
                     os.close(dup)
@@ -411,15 +424,16 @@ class Net:
                 os.close(dup)
                 return CONTINUE
         except OSError as exc:
-            os.close(dup)
+            _close_all([dup, *keep])
             return Errno(exc.errno or errno.EINVAL)
         except BaseException:
-            os.close(dup)
+            _close_all([dup, *keep])
             raise
         buf = ffi.new("char[]", d.raw)
         blen = len(d.raw)
         nr = self.s.connect
-        return self._run(sup, n, dup, self._blocking(dup), lambda: _sys.raw_syscall(nr, dup, _addr(buf), blen))
+        return self._run(sup, n, dup, self._blocking(dup),
+                         _closing(keep, lambda: _sys.raw_syscall(nr, dup, _addr(buf), blen)))
 
     # ---- bind (port_remap) ----
     def h_bind(self, sup, n):
@@ -515,10 +529,11 @@ class Net:
             dup = sup.dup_child_fd(n, fd)
         except OSError as exc:
             return Errno(exc.errno or errno.EBADF)
+        keep: list = []
         try:
             domain, stype, _ = self._sock_info(dup)
             raw = self._read_addr(sup, n, a[4], a[5])
-            name = self._judge_send(sup, n, "sendto", domain, stype, raw)
+            name = self._judge_send(sup, n, "sendto", domain, stype, raw, keep)
             if name is None:
                 os.close(dup)
                 return CONTINUE
@@ -527,21 +542,22 @@ class Net:
                 return name
             data = sup.read_mem(n, buf_addr, min(length, SEND_CAP)) if length else b""
         except OSError as exc:
-            os.close(dup)
+            _close_all([dup, *keep])
             return Errno(exc.errno or errno.EINVAL)
         except BaseException:
-            os.close(dup)
+            _close_all([dup, *keep])
             raise
-        msg = _Msg(name, data, b"", [])
+        msg = _Msg(name, data, b"", keep)
         return self._run(sup, n, dup, self._blocking(dup, flags), lambda: msg.send(self.s, dup, flags))
 
-    def _judge_send(self, sup, n, what: str, domain: int, stype: int, raw: bytes):
-        """bytes to send to, None (CONTINUE: nothing to decide), or Errno. Raises OSError for bad input."""
+    def _judge_send(self, sup, n, what: str, domain: int, stype: int, raw: bytes, keep: list | None = None):
+        """bytes to send to, None (CONTINUE: nothing to decide), or Errno. Raises OSError for bad input.
+        Fds the address names are appended to ``keep`` (see _unix_addr)."""
         d = judge_addr(domain, raw, for_send=True)
         if d.kind == "other":
             if not self.allow:
                 return None
-            return self._unix_addr(n, raw) if domain == AF_UNIX else raw
+            return self._unix_addr(n, raw, keep) if domain == AF_UNIX else raw
         if d.kind == "none":
             return raw if self.allow else None
         if self.allow and not self._ip_allowed(d):
@@ -551,17 +567,35 @@ class Net:
             return None
         return target
 
-    def _read_msg(self, sup, n, addr: int, domain: int, stype: int, what: str):
-        """A _Msg copied from the child's msghdr at ``addr``, or an Errno (refused destination)."""
+    def _read_msg(self, sup, n, addr: int, domain: int, stype: int, what: str, judge=None):
+        """A _Msg copied from the child's msghdr at ``addr``, or an Errno (refused destination). ``judge(raw,
+        keep)`` turns the copied name into the name to send to (default: _judge_send; policy_fn adds its own
+        rules); fds it appends to ``keep`` travel with the _Msg and are closed with it."""
         name_p, namelen, iov_p, iovlen, ctl_p, ctllen, _ = MSGHDR.unpack(sup.read_mem(n, addr, MSGHDR.size))
-        name = b""
+        name, keep = b"", []
         if name_p and namelen:
             raw = self._read_addr(sup, n, name_p, namelen)
-            name = self._judge_send(sup, n, what, domain, stype, raw)
+            name = judge(raw, keep) if judge is not None else \
+                self._judge_send(sup, n, what, domain, stype, raw, keep)
             if isinstance(name, Errno):
+                _close_all(keep)
                 return name
             if name is None:  # only without an allowlist (sendmsg is then not notified anyway)
                 name = raw
+        try:
+            data = self._read_iov(sup, n, iov_p, iovlen)
+            control, fds = b"", []
+            if ctl_p and ctllen:
+                if ctllen > CONTROL_CAP:
+                    raise OSError(errno.ENOBUFS, "control data too large")
+                control, fds = self._control(sup, n, sup.read_mem(n, ctl_p, ctllen), domain)
+        except BaseException:
+            _close_all(keep)
+            raise
+        return _Msg(name, data, control, fds + keep)
+
+    @staticmethod
+    def _read_iov(sup, n, iov_p: int, iovlen: int) -> bytes:
         if iovlen > UIO_MAXIOV:
             raise OSError(errno.EMSGSIZE, "too many iovecs")
         chunks, total = [], 0
@@ -579,12 +613,7 @@ class Net:
                     raise OSError(errno.EFAULT, "short data read")
                 chunks.append(chunk)
                 total += ln
-        control, fds = b"", []
-        if ctl_p and ctllen:
-            if ctllen > CONTROL_CAP:
-                raise OSError(errno.ENOBUFS, "control data too large")
-            control, fds = self._control(sup, n, sup.read_mem(n, ctl_p, ctllen), domain)
-        return _Msg(name, b"".join(chunks), control, fds)
+        return b"".join(chunks)
 
     def _control(self, sup, n, ctl: bytes, domain: int):
         """Copy ancillary data: SCM_RIGHTS (AF_UNIX) gets our duplicates of the child's fds; SCM_CREDENTIALS
@@ -646,30 +675,43 @@ class Net:
             dup = sup.dup_child_fd(n, s32(a[0]))
         except OSError as exc:
             return Errno(exc.errno or errno.EBADF)
-        msgs: list = []
         try:
             domain, stype, _ = self._sock_info(dup)
+            msgs = self._read_mmsg(sup, n, vec, vlen, domain, stype)
+        except OSError as exc:
+            os.close(dup)
+            return Errno(exc.errno or errno.EINVAL)
+        except BaseException:
+            os.close(dup)
+            raise
+        if isinstance(msgs, Errno):
+            os.close(dup)
+            return msgs
+        return self._run(sup, n, dup, self._blocking(dup, flags), self._mmsg_op(n.pid, dup, vec, msgs, flags))
+
+    def _read_mmsg(self, sup, n, vec: int, vlen: int, domain: int, stype: int, judge=None):
+        """The batch's messages copied (see _read_msg), or an Errno when the first one fails or is refused; a
+        later failure or refusal ends the batch there, as a failing send would (sendmmsg sends fewer)."""
+        msgs: list = []
+        try:
             for i in range(vlen):
-                m = self._read_msg(sup, n, vec + 64 * i, domain, stype, "sendmmsg")
+                m = self._read_msg(sup, n, vec + 64 * i, domain, stype, "sendmmsg", judge)
                 if isinstance(m, Errno):
                     if not msgs:
-                        os.close(dup)
                         return m
-                    break  # the refused one ends the batch, as a failing send would
+                    break
                 msgs.append(m)
-        except OSError as exc:
-            for m in msgs:
-                m.close()
+        except OSError:
             if not msgs:
-                os.close(dup)
-                return Errno(exc.errno or errno.EINVAL)
+                raise
         except BaseException:
             for m in msgs:
                 m.close()
-            os.close(dup)
             raise
-        pid = n.pid
+        return msgs
 
+    def _mmsg_op(self, pid: int, dup: int, vec: int, msgs: list, flags: int):
+        """Send the copied batch on ``dup``; each sent length goes to the child's msg_len (as the kernel's)."""
         def op():
             sent = 0
             try:
@@ -686,8 +728,7 @@ class Net:
                 for m in msgs[sent:]:
                     m.close()
             return sent
-
-        return self._run(sup, n, dup, self._blocking(dup, flags), op)
+        return op
 
     # ---- virtual files ----
     def _open_common(self, sup, n, dirfd: int, path_index: int, flags: int):
@@ -783,6 +824,24 @@ class _Msg:
         self.fds = []
 
 
+def _close_all(fds) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _closing(fds: list, op):
+    """``op`` that closes ``fds`` when done (``op`` itself when there are none: the common case)."""
+    if not fds:
+        return op
+
+    def run():
+        try:
+            return op()
+        finally:
+            _close_all(fds)
+    return run
+
+
 def _translate(line: bytes, field: bytes, rev: dict) -> bytes:
     host, _, port = field.rpartition(b":")
     try:
@@ -862,6 +921,54 @@ def _has_cap(pid: int, cap: int) -> bool:
 def _ids(pid: int) -> tuple[int, int, int]:
     st = _status(pid)
     return int(st[b"Tgid"]), int(st[b"Uid"].split()[0]), int(st[b"Gid"].split()[0])
+
+
+def _unix_in_root(pid: int, path: bytes, keep: list) -> bytes:
+    """An AF_UNIX address naming the socket at ``path`` as the child sees it: resolved once, in its root and
+    mount namespace (openat2 RESOLVE_IN_ROOT from /proc/<pid>/root, so neither ".." nor a symlink reaches our
+    root), and named through /proc/self/fd/<N>, which the kernel follows to that very inode."""
+    root = os.open(f"/proc/{pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not path.startswith(b"/"):
+            path = _cwd_in_root(pid, root) + b"/" + path
+        fd = _sys.openat2(root, path, os.O_PATH | os.O_CLOEXEC, 0, _sys.RESOLVE_IN_ROOT)
+    finally:
+        os.close(root)
+    keep.append(fd)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        raise OSError(errno.ECONNREFUSED, "not a socket")  # the kernel's answer for a non-socket file
+    return struct.pack("=H", AF_UNIX) + b"/proc/self/fd/%d\0" % fd
+
+
+def _cwd_in_root(pid: int, rootfd: int) -> bytes:
+    """The child's cwd as a path from its root. Both links are read in the same terms (a mount namespace
+    other than ours is named from its own root); the path must lead back to the very cwd (device, inode and
+    mount), else a bind mount or a rename could make ".." mean another directory: ENOENT, fail closed."""
+    root, cwd = os.readlink(b"/proc/%d/root" % pid), os.readlink(b"/proc/%d/cwd" % pid)
+    if root == b"/":
+        inside = cwd
+    elif cwd == root or cwd.startswith(root + b"/"):
+        inside = cwd[len(root):] or b"/"
+    else:
+        raise OSError(errno.ENOENT, "the child's cwd is outside its root")
+    fds = []
+    try:
+        fds.append(_sys.openat2(rootfd, inside, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, 0, _sys.RESOLVE_IN_ROOT))
+        fds.append(os.open(f"/proc/{pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        if _place(fds[0]) != _place(fds[1]):
+            raise OSError(errno.ENOENT, "the child's cwd has no path from its root")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return inside
+
+
+def _place(fd: int) -> tuple[int, int, int]:
+    """(device, inode, mount id) of an open fd: the same triple is the same directory in the same mount."""
+    st = os.fstat(fd)
+    with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+        mnt = next((int(line.split()[1]) for line in f if line.startswith(b"mnt_id:")), -1)
+    return st.st_dev, st.st_ino, mnt
 
 
 def _unprivileged_port_start() -> int:
