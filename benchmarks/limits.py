@@ -54,6 +54,24 @@ def notified_by_name(policy, cmd) -> collections.Counter:
     return counts
 
 
+def answered_in_c(policy, cmd) -> int:
+    """How many of one run's notifications procfs's C fast path answered (never reaching Python)."""
+    from sandlock_core import procfs
+    seen = []
+    finish = procfs.FastPath.finish
+
+    def spy(sup, result):
+        ctx = sup.state.get("procfs.fast")
+        seen.append(ctx.served if ctx is not None else 0)
+        finish(sup, result)
+    procfs.FastPath.finish = staticmethod(spy)
+    try:
+        Sandbox(policy).run(cmd)
+    finally:
+        procfs.FastPath.finish = staticmethod(finish)
+    return seen[0] if seen else 0
+
+
 def main():
     policy = Policy(max_memory="512M", max_processes=64, num_cpus=2, isolate_pids=True)
     full = Sandbox(policy)
@@ -63,7 +81,8 @@ def main():
     notifs = r.notifications
     by_name = notified_by_name(policy, IMPORT)
     print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
-    print("supervised:", ", ".join(f"{k} {v}" for k, v in by_name.most_common()))
+    print("supervised:", ", ".join(f"{k} {v}" for k, v in by_name.most_common()),
+          f"({answered_in_c(policy, IMPORT)} answered in C)")
     bare_t, sand_t = [], []
     for _ in range(ROUNDS):
         bare_t.append(timed(lambda: subprocess.run(IMPORT, stdout=subprocess.DEVNULL)))
