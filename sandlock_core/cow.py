@@ -87,6 +87,11 @@ class Cow(CowView, CowMutations, CowExec):
                 return None
             vp = r.vpath
             fd = self._host(lambda: os.open(vp, flags | os.O_CLOEXEC, mode & 0o7777))
+            try:
+                self._check_denied(os.readlink(f"/proc/self/fd/{fd}"), fd)  # fsdeny never sees this open
+            except BaseException:
+                os.close(fd)
+                raise
             return InjectFd(fd, cloexec)
         rel = r.rel
         if not write and not r.touched and not b.touched(rel):
@@ -115,6 +120,7 @@ class Cow(CowView, CowMutations, CowExec):
                 return Errno(errno.ENOENT)
             if rel == "":
                 return Errno(errno.EISDIR)
+            self._check_denied_rel(rel)
             b.charge(rel, 0)
             fd = self._upper_open(rel, (flags & ~os.O_CLOEXEC) | os.O_CREAT | os.O_EXCL, 0o600)
             try:

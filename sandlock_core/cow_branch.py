@@ -72,6 +72,7 @@ class Branch:
         self.sizes: dict[str, int] = {}     # bytes counted against the quota, per upper file
         self.open_rw: set[str] = set()      # upper files handed out writable: their size may have grown
         self.closed = False
+        self.deny = None                    # fsdeny.DenySet of the policy's fs_denied (set by the COW layer)
 
     def ensure(self) -> None:
         """Make the branch's directories (once)."""
@@ -169,6 +170,7 @@ class Branch:
 
     def copy_up_dir(self, rel: str, pfd: int, name: str) -> None:
         st = self.lower_lstat(rel)
+        self.refuse_denied(rel, st)
         mode = stat.S_IMODE(st.st_mode) if st is not None and stat.S_ISDIR(st.st_mode) else 0o755
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise OSError(errno.ENOTDIR, rel)
@@ -201,10 +203,21 @@ class Branch:
         """Open the lower file at rel and check that it is that path (no symlink swapped in)."""
         path = self.lower_path(rel)
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
-        if os.readlink(f"/proc/self/fd/{fd}") != path:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != path:
+                raise OSError(errno.EACCES, f"{path} moved while being opened")
+            if self.deny is not None:
+                self.refuse_denied(rel, os.fstat(fd), fd)  # judged on the very file opened
+        except BaseException:
             os.close(fd)
-            raise OSError(errno.EACCES, f"{path} moved while being opened")
+            raise
         return fd
+
+    def refuse_denied(self, rel: str, st=None, fd: int = -1) -> None:
+        """EACCES when the lower entry at rel (by path, by inode, by its directories' inodes) is in fs_denied:
+        the child gets no copy, fd, new name or whiteout of it (fsdeny.py never sees what COW answers)."""
+        if self.deny is not None and self.deny.denied(self.lower_path(rel), st, fd):
+            raise OSError(errno.EACCES, f"{self.lower_path(rel)} is in fs_denied")
 
     # ---- quota ----
     def usage(self) -> int:
@@ -231,6 +244,7 @@ class Branch:
         st = self.lower_lstat(rel)
         if st is None:
             raise OSError(errno.ENOENT, rel)
+        self.refuse_denied(rel, st)
         pfd, leaf = self.parent_fd(rel)
         try:
             if stat.S_ISDIR(st.st_mode):

@@ -27,6 +27,7 @@ class CowMutations:
             if not r.touched:
                 return None
             vp = r.vpath
+            self._check_denied(vp)
             self._host(lambda: os.rmdir(vp) if rmdir else os.unlink(vp))
             return Value(0)
         rel = r.rel
@@ -44,6 +45,8 @@ class CowMutations:
         elif isdir:
             return Errno(errno.EISDIR)
         lower_visible = not b.hidden(rel) and b.lower_exists_raw(rel)
+        if look[0] == "L":
+            b.refuse_denied(rel, look[1])  # a whiteout would delete it at the commit
         if look[0] == "U":
             self._in_upper(rel, lambda pfd, leaf: os.rmdir(leaf, dir_fd=pfd) if rmdir
                            else os.unlink(leaf, dir_fd=pfd))
@@ -68,11 +71,13 @@ class CowMutations:
             if not r.touched:
                 return None
             vp = r.vpath
+            self._check_denied(vp)
             self._host(lambda: os.mkdir(vp, mode & 0o7777))
             return Value(0)
         rel = r.rel
         if rel == "" or b.lookup(rel) is not None:
             return Errno(errno.EEXIST)
+        self._check_denied_rel(rel)
         m = mode & 0o7777 & ~self._umask(n.pid)
         self._in_upper(rel, lambda pfd, leaf: b._mkdir_at(pfd, leaf, m))
         b.placed(rel, True)
@@ -94,6 +99,7 @@ class CowMutations:
         rel = r.rel
         if rel == "" or b.lookup(rel) is not None:
             return Errno(errno.EEXIST)
+        self._check_denied_rel(rel)
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         m = mode & 0o7777 & ~self._umask(n.pid)
         if kind == stat.S_IFREG:
@@ -127,6 +133,8 @@ class CowMutations:
             if not src.touched and not dst.touched:
                 return None
             s, d = src.vpath, dst.vpath
+            self._check_denied(s)
+            self._check_denied(d)
             self._host(lambda: os.rename(s, d))
             return Value(0)
         if src.rel is None or dst.rel is None:
@@ -160,6 +168,7 @@ class CowMutations:
             return Errno(errno.ENOENT)
         if not stat.S_ISDIR(pl[1].st_mode):
             return Errno(errno.ENOTDIR)
+        self._check_denied_rel(d)  # replacing (or creating) a denied name; the source is judged at its copy-up
         src_lower = not b.hidden(s) and b.lower_exists_raw(s)
         dst_lower_dir = (not b.hidden(d) and os.path.isdir(b.lower_path(d))
                          and not os.path.islink(b.lower_path(d)))
@@ -221,6 +230,8 @@ class CowMutations:
             if not src.touched and not dst.touched:
                 return None
             s, d = src.vpath, dst.vpath
+            self._check_denied(s)
+            self._check_denied(d)
             self._host(lambda: os.link(s, d, follow_symlinks=False))
             return Value(0)
         if src.rel is None or dst.rel is None:
@@ -232,6 +243,7 @@ class CowMutations:
             return Errno(errno.EPERM)
         if dst.rel == "" or b.lookup(dst.rel) is not None:
             return Errno(errno.EEXIST)
+        self._check_denied_rel(dst.rel)
         b.copy_up(src.rel)
         spfd, sleaf = b.parent_fd(src.rel, create=False)
         try:
@@ -262,12 +274,14 @@ class CowMutations:
             if not dst.touched:
                 return None
             d = dst.vpath
+            self._check_denied(d)
             self._host(lambda: os.symlink(target, d))
             return Value(0)
         if dst.rel == "" or b.lookup(dst.rel) is not None:
             return Errno(errno.EEXIST)
         if not target:
             return Errno(errno.ENOENT)
+        self._check_denied_rel(dst.rel)
         self._in_upper(dst.rel, lambda pfd, leaf: os.symlink(target, leaf, dir_fd=pfd))
         b.placed(dst.rel, False)
         return Value(0)

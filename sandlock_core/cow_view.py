@@ -81,6 +81,7 @@ class CowView:
         check_storage(self.workdir, storage)
         cow_commit.recover(self.workdir, storage)  # a commit killed half way: finish it before reading the tree
         self.branch = Branch(self.workdir, storage, self.policy.max_disk, lazy=True)
+        self.branch.deny = self.deny
         self.vcwd = {}
         self.tgids = {}
         self.dir_cache = {}
@@ -351,6 +352,11 @@ class CowView:
             st = None
         if self.deny.denied(path, st, fd):
             raise OSError(errno.EACCES, f"{path} is in fs_denied")
+
+    def _check_denied_rel(self, rel: str) -> None:
+        """EACCES when the workdir name rel is denied (a name to be created or replaced, or a lower entry)."""
+        if self.deny is not None:
+            self._check_denied(self.branch.lower_path(rel))
 
     def _fd_path(self, sup, n, fd: int):
         """(dup, virtual path, in_upper) of the child's fd, or (dup, None, False) when not a path."""

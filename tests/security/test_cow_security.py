@@ -187,3 +187,52 @@ def test_fchmod_of_an_fd_outside_the_workdir_goes_to_the_metadata_guard(as_nobod
     assert "host.txt fchmod errno 13" in p.stdout and "host mode 0o644" in p.stdout, p.stdout
     # inside the workdir the change goes to the upper (seen by the child, not by the host)
     assert "mine.txt fchmod ok 0o600" in p.stdout and "workdir mode 0o644" in p.stdout, p.stdout
+
+
+# ---------------------------------------------------------------- fs_denied inside the workdir
+FSDENY_RUN = r'''
+import os, sys, tempfile
+from sandlock_core import Policy, Sandbox
+writable, ro_trees = sys.argv[1] == "1", sys.argv[2:]
+base = tempfile.mkdtemp(prefix="sl-cowdeny-")
+wd = os.path.join(base, "wd"); os.mkdir(wd)
+secret = os.path.join(wd, "secret.txt"); open(secret, "w").write("TOP-SECRET\n")
+os.mkdir(os.path.join(wd, "private")); open(os.path.join(wd, "private", "key"), "w").write("KEY\n")
+open(os.path.join(wd, "ok.txt"), "w").write("fine\n")
+child = """
+import os
+def attempt(label, fn):
+    try:
+        got = fn()
+        print(label, "ALLOWED", got)
+    except OSError as e:
+        print(label, "errno", e.errno)
+attempt("rdwr", lambda: os.pread(os.open("secret.txt", os.O_RDWR), 100, 0))
+attempt("trunc", lambda: os.open("secret.txt", os.O_WRONLY | os.O_TRUNC))
+attempt("rename", lambda: (os.rename("secret.txt", "moved.txt"), open("moved.txt").read()))
+attempt("link", lambda: (os.link("secret.txt", "linked.txt"), open("linked.txt").read()))
+attempt("chmod", lambda: os.chmod("secret.txt", 0o666))
+attempt("unlink", lambda: os.unlink("secret.txt"))
+attempt("dir-rename", lambda: (os.rename("private", "public"), open("public/key").read()))
+attempt("create-in-dir", lambda: os.open("private/new", os.O_WRONLY | os.O_CREAT))
+attempt("replace", lambda: os.rename("ok.txt", "secret.txt"))
+with open("ok.txt", "a") as f:
+    f.write("more\\n")
+print("ok.txt:", open("ok.txt").read().replace("\\n", " "))
+"""
+kw = dict(fs_readable=ro_trees, fs_writable=[wd]) if writable else dict(fs_readable=ro_trees + [wd])
+pol = Policy(workdir=wd, cwd=wd, fs_denied=[secret, os.path.join(wd, "private")], **kw)
+r = Sandbox(pol).dry_run(["/usr/bin/python3", "-I", "-S", "-c", child])
+print(r.stdout.decode(), r.stderr.decode()[-300:])
+'''
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
+@pytest.mark.parametrize("writable", [True, False], ids=["wd-writable", "wd-readable"])
+def test_fs_denied_holds_inside_the_copy_on_write_workdir(as_nobody, writable):
+    p = _run_here_or_as_nobody(FSDENY_RUN, as_nobody, "1" if writable else "0", *RO)
+    assert p.returncode == 0, p.stderr
+    for label in ("rdwr", "trunc", "rename", "link", "chmod", "unlink", "dir-rename", "create-in-dir", "replace"):
+        assert f"{label} errno 13" in p.stdout, (label, p.stdout)
+    assert "ALLOWED" not in p.stdout and "SECRET" not in p.stdout and "KEY" not in p.stdout, p.stdout
+    assert "ok.txt: fine more" in p.stdout, p.stdout
