@@ -226,9 +226,15 @@ class Plan:
             return None, frozenset()  # no rule asked for, or every ioctl is refused anyway
         if how == "deny":
             return seccomp.SECCOMP_RET_ERRNO | errno.EPERM, frozenset()
-        if nr in builder.handlers:  # every ioctl is notified already: the handler sorts them out
-            builder.handlers[nr].insert(0, how)
-            return None, frozenset()
+        if nr in builder.handlers:
+            chain = builder.handlers[nr]
+            chain.insert(0, how)
+            if all(any(h is ch for n, h, _c in builder.conditions if n == nr) for ch in chain[1:]):
+                # only some commands are notified (argument filter): chattr's join them from the filter's
+                # ioctl block, which also refuses the others of its list
+                builder.conditions.extend((nr, how, (1, 0xFFFFFFFF, cmd)) for cmd in seccomp.FILEATTR_SET_IOCTLS)
+                return seccomp.SECCOMP_RET_USER_NOTIF, frozenset()
+            return None, frozenset()  # every ioctl is notified already: the handler sorts them out
         # Only these commands are notified, through an argument filter: a notified ioctl would make every
         # tcgetattr pay a round trip.
         builder.handlers[nr] = [how]

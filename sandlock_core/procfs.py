@@ -16,7 +16,10 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
   the object. Pid-taking syscalls (``PID_ARGS``, ``WHICH_WHO``, ``kill``, ``setpgid``) on another process answer
   ``ESRCH``, decided on the pid register (pid 0, "myself", is let through by the filter); ``kill`` of a process
   group, of the caller's own group (pid 0: the sandbox may share it with its caller) or of -1 is done on behalf
-  over the sandbox's processes only, with the kernel's permission rule.
+  over the sandbox's processes only, with the kernel's permission rule. The owner of an fd's signals (``fcntl``
+  ``F_SETOWN``/``F_SETOWN_EX``, ``ioctl`` ``FIOSETOWN``/``SIOCSPGRP``; with ``O_ASYNC`` the kernel signals it)
+  must be a sandbox process or a group of sandbox processes only (``ESRCH`` otherwise): only those commands
+  are notified (argument filter), ``F_SETOWN`` is decided on its register, the others are done on behalf.
 
 Names are resolved as the kernel would for the child: relative to its cwd or dirfd, following symlinks
 component by component, with ``/proc/self`` and ``/proc/thread-self`` meaning the *child's* pid (the supervisor's
@@ -709,6 +712,113 @@ class PidCalls:
         return Errno(errno.EPERM if denied else errno.ESRCH)
 
 
+# ---- the owner of an fd's signals (fcntl F_SETOWN/F_SETOWN_EX, ioctl FIOSETOWN/SIOCSPGRP) under isolate_pids:
+# with O_ASYNC (or a lease, dnotify) the kernel signals the owner, so an owner outside the sandbox is a way to
+# signal a host process without kill(2) ----
+F_SETOWN, F_SETOWN_EX = 8, 15
+F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
+FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
+INT_MIN = -(1 << 31)
+
+
+class OwnerCalls:
+    """ESRCH for an owner outside the sandbox: a pid or thread not the sandbox's, or a process group with any
+    host process in it (run_foreground on a tty leaves the sandbox in its caller's group). F_SETOWN's owner
+    is a register (decided, then continued); the others' are in child memory: read once, decided, and the
+    call done on behalf on a duplicate of the fd (same open file description) with the value read."""
+
+    def __init__(self, pid_calls: PidCalls):
+        self.calls = pid_calls
+        self.fs = pid_calls.fs
+
+    def _foreign_owner(self, sup, n, name: str, who: int, group: bool) -> bool:
+        if who == 0 or who == INT_MIN:
+            return False  # 0 clears the owner; INT_MIN: the kernel answers EINVAL
+        if not group:
+            return self.calls._foreign(sup, n, name, who)
+        if self._group_is_ours(sup, who):
+            return False
+        sup.record(name, n.pid, errno.ESRCH, f"process group {who}", "isolate_pids hides other processes")
+        return True
+
+    def _group_is_ours(self, sup, pgid: int) -> bool:
+        """Every member of process group ``pgid`` is a sandbox process (and there is one)."""
+        ours = self.calls._group(sup, pgid)
+        if not ours:
+            return False
+        mine = set(ours) | self.fs._pids(sup)
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) not in mine:
+                f = stat_fields(int(name))
+                if f is not None and int(f[2]) == pgid:
+                    return False
+        return True
+
+    def h_fcntl(self, sup, n):
+        a = n.data.args
+        cmd = a[1] & 0xFFFFFFFF
+        if cmd == F_SETOWN:
+            who = s32(a[2])
+            return Errno(errno.ESRCH) if self._foreign_owner(sup, n, "fcntl", abs(who), who < 0) else None
+        if cmd != F_SETOWN_EX:
+            return None
+        try:
+            raw = sup.read_mem(n, a[2], 8)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise
+            return Errno(errno.EFAULT)
+        kind, who = struct.unpack("=ii", raw)
+        if kind in (F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP) and who > 0 and self._foreign_owner(
+                sup, n, "fcntl", who, kind == F_OWNER_PGRP):
+            return Errno(errno.ESRCH)
+        return self._on_behalf(sup, n, lambda fd: fcntl_mod().fcntl(fd, F_SETOWN_EX, raw))
+
+    def h_ioctl(self, sup, n):
+        a = n.data.args
+        cmd = a[1] & 0xFFFFFFFF
+        if cmd not in (FIOSETOWN, SIOCSPGRP):
+            return None
+        try:
+            raw = sup.read_mem(n, a[2], 4)
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise
+            return Errno(errno.EFAULT)
+        who = struct.unpack("=i", raw)[0]
+        if self._foreign_owner(sup, n, "ioctl", abs(who), who < 0):
+            return Errno(errno.ESRCH)
+        return self._on_behalf(sup, n, lambda fd: fcntl_mod().ioctl(fd, cmd, raw))
+
+    @staticmethod
+    def _on_behalf(sup, n, call):
+        """The owner's credentials are the setter's (the kernel checks them when it signals): done on behalf
+        only for a caller with the supervisor's uids, refused (EPERM) otherwise."""
+        me = _ids(n.pid)
+        if me is None:
+            return Errno(errno.ESRCH)
+        if me[0][:2] != (os.getuid(), os.geteuid()):
+            return Errno(errno.EPERM)
+        try:
+            dup = sup.dup_child_fd(n, s32(n.data.args[0]))
+        except OSError as exc:
+            if exc.errno == errno.ESRCH:
+                raise
+            return Errno(errno.EBADF)
+        try:
+            call(dup)
+        except OSError as exc:
+            return Errno(exc.errno or errno.EPERM)
+        finally:
+            os.close(dup)
+        return Value(0)
+
+
+def fcntl_mod():
+    import fcntl  # only under isolate_pids, at the first owner change
+    return fcntl
+
+
 def _ids(pid: int):
     """((ruid, euid, suid), has CAP_KILL) of a process, from /proc/PID/status; None if gone."""
     try:
@@ -889,6 +999,10 @@ def install(builder) -> None:
         for name in WHICH_WHO:
             builder.notify(name, calls.by_which(name), when=(WHICH_WHO[name][0] + 1, PID_MASK))
         builder.notify("kill", calls.h_kill)  # kill(0) too: the caller's group may hold host processes
+        owners = OwnerCalls(calls)
+        for name in ("fcntl", "fcntl64"):  # False: no such syscall on this arch
+            builder.notify(name, owners.h_fcntl, when=((1, PID_MASK, F_SETOWN), (1, PID_MASK, F_SETOWN_EX)))
+        builder.notify("ioctl", owners.h_ioctl, when=((1, PID_MASK, FIOSETOWN), (1, PID_MASK, SIOCSPGRP)))
         builder.notify("setpgid", calls.h_setpgid)
         for name in ("stat", "lstat", "access"):
             builder.notify(name, getattr(fs, f"h_{name}"))

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -158,3 +159,110 @@ def test_kill_0_reaches_the_sandbox_processes_of_the_group_and_no_host_process(a
     out = _run_driver(KILL0_DRIVER, as_nobody)
     assert "kid 3 self 1" in out, out
     assert "RESULT 0 supervisor 0 host 0" in out, out
+
+
+# fcntl/ioctl owner changes: with O_ASYNC the kernel signals the owner on I/O. Landlock's isolate_signals scope
+# would stop the signal too: isolate_pids alone is tested here.
+OWNER_SANDBOXED = r"""
+import fcntl, json, os, signal, socket, struct, sys, time
+host = int(sys.argv[1])
+out = {}
+def attempt(name, fn):
+    try:
+        fn(); out[name] = 0
+    except OSError as e:
+        out[name] = e.errno
+def arm(fd, wfd):  # F_SETSIG SIGUSR1 + O_ASYNC, then make the fd readable: the owner gets SIGUSR1
+    fcntl.fcntl(fd, 10, signal.SIGUSR1)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_ASYNC)
+    os.write(wfd, b"x")
+r, w = os.pipe()
+attempt("setown", lambda: fcntl.fcntl(r, fcntl.F_SETOWN, host))
+attempt("setown_group", lambda: fcntl.fcntl(r, fcntl.F_SETOWN, -os.getpgid(host)))
+attempt("setown_ex", lambda: fcntl.fcntl(r, 15, struct.pack("ii", 1, host)))      # F_OWNER_PID
+attempt("setown_ex_tid", lambda: fcntl.fcntl(r, 15, struct.pack("ii", 0, host)))  # F_OWNER_TID
+s1, s2 = socket.socketpair()  # FIOSETOWN and SIOCSPGRP are socket ioctls
+attempt("fiosetown", lambda: fcntl.ioctl(s1.fileno(), 0x8901, struct.pack("i", host)))
+attempt("siocspgrp", lambda: fcntl.ioctl(s1.fileno(), 0x8902, struct.pack("i", host)))
+arm(r, w)
+arm(s1.fileno(), s2.fileno())
+# allowed: this process as the owner, through each call
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+for name, how in (("own_setown", lambda fd: fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())),
+                  ("own_setown_ex", lambda fd: fcntl.fcntl(fd, 15, struct.pack("ii", 1, os.getpid()))),
+                  ("own_fiosetown", lambda fd: fcntl.ioctl(fd, 0x8901, struct.pack("i", os.getpid())))):
+    pair = socket.socketpair()
+    a, b = pair[0].fileno(), pair[1].fileno()
+    how(a)
+    out[name] = [fcntl.fcntl(a, fcntl.F_GETOWN) == os.getpid()]
+    arm(a, b)
+    time.sleep(0.05)
+    out[name].append(len(got))
+    got.clear()
+print(json.dumps(out))
+"""
+OWNER_DRIVER = r"""
+import json, os, signal, sys, time
+from sandlock_core import Policy, Sandbox
+r, w = os.pipe()
+host = os.fork()
+if host == 0:  # a host process (its own group) that counts the signals it gets
+    hit = []
+    signal.signal(signal.SIGUSR1, lambda *a: hit.append(1))
+    signal.signal(signal.SIGIO, lambda *a: hit.append(1))
+    os.setpgid(0, 0)
+    os.write(w, b"r")
+    time.sleep(3)
+    os._exit(len(hit))
+os.read(r, 1)
+res = Sandbox(Policy(isolate_pids=True)).run(["/usr/bin/python3", "-c", sys.argv[1], str(host)], timeout=60)
+status = os.waitstatus_to_exitcode(os.waitpid(host, 0)[1])
+print(json.dumps({"out": res.stdout.decode(), "err": res.stderr.decode()[-500:], "host": status}))
+"""
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
+def test_an_fd_owner_outside_the_sandbox_is_refused_and_signals_nobody(as_nobody):
+    if as_nobody:
+        p = run_as_nobody(OWNER_DRIVER, OWNER_SANDBOXED, timeout=90)
+    else:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        p = subprocess.run([sys.executable, "-c", OWNER_DRIVER, OWNER_SANDBOXED], capture_output=True, text=True,
+                           timeout=90, env={**os.environ, "PYTHONPATH": root}, cwd="/")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["out"], res["err"]
+    out = json.loads(res["out"])
+    refused = {k: v for k, v in out.items() if not k.startswith("own_")}
+    assert refused == dict.fromkeys(refused, errno.ESRCH) and len(refused) == 6, out
+    for own in ("own_setown", "own_setown_ex", "own_fiosetown"):  # the caller as the owner: set, and signalled
+        assert out[own][0] is True and out[own][1] >= 1, out
+    assert res["host"] == 0, res  # the host process got no signal
+
+
+def test_only_owner_changes_among_fcntl_and_ioctl_reach_the_supervisor():
+    code = """
+import fcntl, os, sys, termios
+r, w = os.pipe()
+for i in range(int(sys.argv[1])):
+    fcntl.fcntl(r, fcntl.F_GETFL); fcntl.fcntl(r, fcntl.F_GETOWN)
+    fcntl.ioctl(r, termios.FIONREAD, b"    ")
+"""
+    sb = Sandbox(Policy(isolate_pids=True))
+    none, many = (sb.run([*PY, code, k]) for k in ("0", "1000"))
+    assert none.success and many.success, many.stderr
+    assert many.notifications - none.notifications < 50, (none.notifications, many.notifications)
+
+
+def test_owner_ioctls_and_chattr_ioctls_share_the_argument_filter():
+    """isolate_pids notifies two ioctl commands, the metadata guard chattr's: the filter notifies exactly
+    those (tcgetattr and the like stay in the kernel) and still refuses fs-verity enabling itself."""
+    from sandlock_core import seccomp, syscalls
+    from sandlock_core.plan import Plan
+    d = tempfile.mkdtemp()
+    spec = Plan(Policy(isolate_pids=True, fs_readable=["/"], fs_writable=[d])).spec
+    ioctl = syscalls.number("ioctl")
+    cmds = {c[3] for c in spec.notify_if_arg if c[0] == ioctl}
+    assert cmds == {0x8901, 0x8902, *seccomp.FILEATTR_SET_IOCTLS}
+    assert spec.fileattr_ioctl == seccomp.SECCOMP_RET_USER_NOTIF and ioctl in spec.notify
