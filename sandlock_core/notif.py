@@ -116,6 +116,7 @@ class Supervisor:
         self.state: dict = {}          # per-sandbox state that mechanisms share (ledgers, maps)
         self.root_pid = 0              # the sandbox's first process
         self.recv_fast = None          # (C receive function, its context): answers some notifications in C
+        self.on_crash = None           # called if the loop itself fails: ends the sandbox (set by the Sandbox)
         self._pidfds: dict[int, int] = {}
         self._wake_r, self._wake_w = os.pipe2(O_CLOEXEC)
         self._thread: threading.Thread | None = None
@@ -167,6 +168,20 @@ class Supervisor:
 
     # ---- the loop (hot path: keep it short) ----
     def _loop(self) -> None:
+        """Serve until the sandbox ends. Should the loop itself fail (not a handler: those answer EPERM), the
+        sandbox must not wait forever on syscalls nobody answers: ``on_crash`` ends it (fail closed)."""
+        try:
+            self._serve()
+        except BaseException as exc:
+            self.errors.append(f"supervisor loop failed: {exc!r}; the sandbox was killed")
+            log.exception("sandlock: supervisor loop failed; killing the sandbox")
+            if self.on_crash is not None:
+                try:
+                    self.on_crash()
+                except Exception:  # pragma: no cover
+                    log.exception("sandlock: could not kill the sandbox after the supervisor failed")
+
+    def _serve(self) -> None:
         n = ffi.new("struct seccomp_notif *")
         listener, wake = self.listener, self._wake_r
         handlers = self.handlers

@@ -323,6 +323,7 @@ class Sandbox:
             child.take_listener(use_pidfd=not self._plan.handoff_scm)
             if child.listener >= 0:
                 sup = self._plan.make_supervisor(child.listener, child.root_pid)
+                sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
                 sup.start()
             child.release()

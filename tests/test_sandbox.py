@@ -702,3 +702,15 @@ def test_a_handoff_that_never_comes_fails_instead_of_hanging(monkeypatch):
     res = Sandbox(Policy(), handlers={"getppid": lambda sup, n: None}).run(["true"], timeout=30)
     assert time.monotonic() - t < 10
     assert res.exit_code != 0 and "confinement" in str(res.error), res
+
+
+def test_a_supervisor_loop_that_dies_kills_the_sandbox_instead_of_hanging_it():
+    """A handler raising BaseException (not Exception) escapes the fail-closed answer and ends the loop: the
+    sandbox is killed at once rather than left blocked in a syscall nobody will answer."""
+    def boom(sup, n):
+        raise SystemExit("boom")
+    t = time.monotonic()
+    res = Sandbox(Policy(), handlers={"getppid": boom}).run(
+        [sys.executable, "-I", "-S", "-c", "import os, time; os.getppid(); time.sleep(60)"], timeout=60)
+    assert time.monotonic() - t < 30
+    assert res.signal == signal.SIGKILL and res.reason is ExitReason.KILLED, res
