@@ -295,8 +295,11 @@ class CowMutations:
 
     def _meta(self, sup, n, idx, dirfd, follow, fn):
         """chmod/chown/utimensat/truncate of a path: fn(parent_fd, leaf) on the copied-up entry."""
+        return self._meta_path(sup, n, sup.path_arg(n, idx), dirfd, follow, fn)
+
+    def _meta_path(self, sup, n, path: bytes, dirfd, follow, fn):
         b = self.branch
-        r = self._resolve_w(sup, n, idx, dirfd, follow)
+        r = self.resolve(sup, n, dirfd, path, follow)
         if r.rel is None:
             if not r.touched:
                 return None
@@ -341,10 +344,8 @@ class CowMutations:
         return self._wrap(self._meta, sup, n, 1, s32(a[0]), not flags & AT_SYMLINK_NOFOLLOW,
                           self._chown_fn(s32(a[2]), s32(a[3])))
 
-    def h_utimensat(self, sup, n):
-        a = n.data.args
-        flags = s32(a[3])
-        times = sup.read_mem(n, a[2], 32) if a[2] else None
+    def _utimens_fn(self, times: bytes | None):
+        """fn(fd[, leaf]) setting ``times`` (struct timespec[2], or None: now) like utimensat."""
         tbuf = ffi.new("char[]", times) if times else ffi.NULL
         nr = self.nr["utimensat"]
 
@@ -353,6 +354,29 @@ class CowMutations:
             rc = lib.sl_raw_syscall6(nr, fd, _addr(name), _addr(tbuf), AT_SYMLINK_NOFOLLOW if leaf else 0, 0, 0)
             if rc < 0:
                 raise OSError(-rc, os.strerror(-rc))
+        return apply
+
+    def set_times(self, sup, n, dirfd: int, path_addr, nofollow: bool, empty_ok: bool, times: bytes):
+        """utimensat/utimes/utime whose times deterministic.py decided (its clock's "now"; it comes first in
+        the chain): done in the upper for a workdir object (never on the lower), None for anything else (the
+        caller goes on: metadata guard or its own lookup)."""
+        if self.branch is None:
+            return None
+        apply = self._utimens_fn(times)
+        path = sup.read_cstr(n, path_addr) if path_addr is not None else b""
+        if path == b"" and path_addr is not None and not empty_ok:
+            return Errno(errno.ENOENT)
+        if path == b"" and dirfd != AT_FDCWD:
+            return self._wrap(self._fd_meta, sup, n, dirfd, apply)
+        if path and self._outside_lexically(path) and self.branch.clean and not self.vcwd:
+            return None
+        return self._wrap(self._meta_path, sup, n, path or b".", dirfd, not nofollow,
+                          lambda pfd, leaf: apply(pfd, leaf))
+
+    def h_utimensat(self, sup, n):
+        a = n.data.args
+        flags = s32(a[3])
+        apply = self._utimens_fn(sup.read_mem(n, a[2], 32) if a[2] else None)
         if a[1] == 0:  # futimens
             return self._wrap(self._fd_meta, sup, n, s32(a[0]), apply)
         if flags & AT_EMPTY_PATH and sup.path_arg(n, 1) == b"":
@@ -460,8 +484,8 @@ class CowMutations:
         except OSError as exc:
             return Errno(exc.errno or errno.EBADF)
         os.close(dup)
-        if v is not None and self.branch.rel_of(v) is not None and not up:
-            return Errno(errno.ENOTSUP)
+        if v is not None and self.branch.rel_of(v) is not None:
+            return Errno(errno.ENOTSUP)  # lower or upper file: xattrs in the workdir are not versioned
         return None
 
     def _getxattr(self, sup, n, listing: bool, follow: bool):

@@ -662,6 +662,11 @@ class Deterministic:
         explicit = any(ns_ not in (UTIME_NOW, UTIME_OMIT) for _, ns_ in pairs)
         times = struct.pack("<qqqq", *[v for sec, ns_ in pairs for v in (now if ns_ == UTIME_NOW else (sec, ns_))])
         child_fd = dirfd if path_addr is None else None
+        cow = sup.state.get("cow_mech")
+        if cow is not None:  # a copy-on-write workdir object: changed in the upper, never the lower (cow_mutate)
+            done = cow.set_times(sup, n, dirfd, path_addr, nofollow, empty_ok, times)
+            if done is not None:
+                return done
         if sup.state.get("metadata.opener") is not None:
             return self._touch_via_metadata(sup, n, name, dirfd, path_addr, nofollow, empty_ok, times, explicit,
                                             child_fd)

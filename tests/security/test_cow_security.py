@@ -236,3 +236,26 @@ def test_fs_denied_holds_inside_the_copy_on_write_workdir(as_nobody, writable):
         assert f"{label} errno 13" in p.stdout, (label, p.stdout)
     assert "ALLOWED" not in p.stdout and "SECRET" not in p.stdout and "KEY" not in p.stdout, p.stdout
     assert "ok.txt: fine more" in p.stdout, p.stdout
+
+
+# ---------------------------------------------------------------- the metadata guard and COW's own upper
+@pytest.mark.parametrize("rules", ["wd-writable", "wd-readable", "no-rules"])
+def test_times_and_xattrs_of_workdir_files_stay_in_the_upper_under_time_start(tmp_path, rules):
+    from sandlock_core import BranchAction
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    f = wd / "f.txt"
+    f.write_text("x\n")
+    os.utime(f, (1000000000, 1000000000))
+    kw = {"wd-writable": dict(fs_readable=RO, fs_writable=[str(wd)]),
+          "wd-readable": dict(fs_readable=RO + [str(wd)]), "no-rules": {}}[rules]
+    ts = datetime.datetime(2001, 1, 1, tzinfo=datetime.timezone.utc)
+    script = ("sed -i s/x/y/ f.txt && touch f.txt && ls -l --time-style=+%Y f.txt && "
+              "/usr/bin/python3 -I -S -c \"import os, time; os.utime('f.txt'); "
+              "print('utime', time.gmtime(os.stat('f.txt').st_mtime).tm_year)\"")
+    r = Sandbox(Policy(workdir=str(wd), cwd=str(wd), time_start=ts, on_exit=BranchAction.ABORT, **kw)).run(
+        ["/bin/sh", "-c", script])
+    assert r.exit_code == 0 and r.stderr == b"", r.stderr
+    assert b" 2001 f.txt" in r.stdout and b"utime 2001" in r.stdout, r.stdout
+    assert r.denials == [], r.denials  # no "outside fs_writable" for the upper's own files
+    assert f.read_text() == "x\n" and os.stat(f).st_mtime == 1000000000  # the host file never changed
