@@ -572,7 +572,7 @@ class Net:
         keep)`` turns the copied name into the name to send to (default: _judge_send; policy_fn adds its own
         rules); fds it appends to ``keep`` travel with the _Msg and are closed with it."""
         name_p, namelen, iov_p, iovlen, ctl_p, ctllen, _ = MSGHDR.unpack(sup.read_mem(n, addr, MSGHDR.size))
-        name, keep = b"", []
+        name, keep, raw = b"", [], b""
         if name_p and namelen:
             raw = self._read_addr(sup, n, name_p, namelen)
             name = judge(raw, keep) if judge is not None else \
@@ -592,7 +592,7 @@ class Net:
         except BaseException:
             _close_all(keep)
             raise
-        return _Msg(name, data, control, fds + keep)
+        return _Msg(name, data, control, fds + keep, raw)
 
     @staticmethod
     def _read_iov(sup, n, iov_p: int, iovlen: int) -> bytes:
@@ -792,12 +792,12 @@ class Net:
 
 
 class _Msg:
-    """One copied message, ready to send on our duplicate."""
+    """One copied message, ready to send on our duplicate; ``dest`` is the name as copied from the child."""
 
-    __slots__ = ("name", "data", "control", "fds")
+    __slots__ = ("name", "data", "control", "fds", "dest")
 
-    def __init__(self, name: bytes, data: bytes, control: bytes, fds: list):
-        self.name, self.data, self.control, self.fds = name, data, control, fds
+    def __init__(self, name: bytes, data: bytes, control: bytes, fds: list, dest: bytes = b""):
+        self.name, self.data, self.control, self.fds, self.dest = name, data, control, fds, dest
 
     def send(self, s: _Sys, fd: int, flags: int) -> int:
         try:

@@ -1,7 +1,7 @@
 """Dynamic policy: ``Sandbox(policy, policy_fn=on_event)``.
 
-Held syscalls: ``execve``, ``execveat``, ``connect``, ``sendto``, ``bind``, ``openat`` (and the legacy ``open``,
-so a raw ``open`` cannot skip the callback). The mechanism is installed after every built-in mechanism and
+Held syscalls: ``execve``, ``execveat``, ``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``, ``bind``, ``openat``
+(and the legacy ``open``, so a raw ``open`` cannot skip the callback). The mechanism is installed after every built-in mechanism and
 wraps their chains for these syscalls: the built-in enforcers decide first; an event they denied is shown with
 ``denied=True`` (the callback cannot overrule it); otherwise the syscall is held while the callback runs on a
 worker thread (never on the supervisor loop) and the supervisor keeps serving every other process. A callback
@@ -29,6 +29,11 @@ No swap between check and use:
   EINPROGRESS as the child's would; a blocking one runs on a network worker with the socket's own blocking and
   timeout). Rewriting the sockaddr or dup2-ing another socket onto the fd after the check changes nothing.
   The helpers are network.py's (same caveats: AF_UNIX peers see the supervisor's pid in SO_PEERCRED).
+  ``sendmsg``/``sendmmsg`` are done on behalf the same way (network.py's copy of the msghdr: name, data,
+  SCM_RIGHTS fds duplicated); the event shows the message's destination, and a ``sendmmsg`` batch is cut
+  before the first message whose destination differs from the first one's (the kernel may send fewer; the
+  caller sends the rest, which is a new event). A message without a destination goes to the connected peer,
+  whose ``connect`` was judged: no host in the event, no ``restrict_network`` check (as ``sendto``).
   Residual: ``bind`` on a non-IP socket (an AF_UNIX path creates a file, which must stay under the child's
   own Landlock domain) continues in the child; its event carries no address. ``sendto`` without an address
   is decided on registers and continues.
@@ -58,9 +63,9 @@ from .notif import CONTINUE, DEFERRED, Errno, InjectFd, Value, s32
 AT_FDCWD = -100
 AUDIT = "audit"
 _MEM_RE = re.compile(r"^/proc/\d+/(task/\d+/)?mem$")
-HELD = ("execve", "execveat", "connect", "sendto", "bind", "openat", "open")
+HELD = ("execve", "execveat", "connect", "sendto", "sendmsg", "sendmmsg", "bind", "openat", "open")
 CATEGORY = {"execve": "process", "execveat": "process", "connect": "network", "sendto": "network",
-            "bind": "network", "openat": "file", "open": "file"}
+            "sendmsg": "network", "sendmmsg": "network", "bind": "network", "openat": "file", "open": "file"}
 WORKERS = 8
 
 
@@ -535,6 +540,8 @@ class Engine:
             dup = sup.dup_child_fd(n, s32(a[0]))
         except OSError as exc:
             return Errno(exc.errno or errno.EBADF)
+        if name in ("sendmsg", "sendmmsg"):
+            return self._net_msgs(sup, n, name, net, dup, event)
         try:
             op = self._prepare_net(sup, n, name, net, dup, event)
         except OSError as exc:
@@ -554,6 +561,94 @@ class Engine:
             os.close(dup)
             return Errno(errno.EPERM)
         return self._hold(sup, n, event, None, op, discard=lambda: os.close(dup))
+
+    def _net_msgs(self, sup, n, name, net, dup, event):
+        """sendmsg/sendmmsg: the messages are copied once (network.py), judged, shown, then sent on ``dup``."""
+        a = n.data.args
+        try:
+            domain, stype, _ = net._sock_info(dup)
+            msgs = self._read_batch(sup, n, name, net, domain, stype, event)
+        except OSError as exc:
+            os.close(dup)
+            return Errno(exc.errno or errno.EINVAL)
+        except BaseException:
+            os.close(dup)
+            raise
+
+        def discard():
+            for m in msgs:
+                m.close()
+            os.close(dup)
+        if type(msgs) is Errno:
+            os.close(dup)
+            event.denied = True
+            self._observe(sup, event)
+            return msgs
+        if self._pf_net_refused(sup, n, name, event):  # the whole batch has the event's destination
+            discard()
+            return Errno(errno.EPERM)
+        if name == "sendmsg":
+            flags, m = s32(a[2]), msgs[0]
+            call = lambda: m.send(net.s, dup, flags)  # noqa: E731
+        else:
+            flags = s32(a[3])
+            call = net._mmsg_op(n.pid, dup, a[1], msgs, flags)
+
+        def op():
+            try:
+                blocking = net._blocking(dup, flags)
+            except BaseException:
+                discard()
+                raise
+            return net._run(sup, n, dup, blocking, call)  # closes dup (and the messages' fds once sent)
+        return self._hold(sup, n, event, None, op, discard=discard)
+
+    def _read_batch(self, sup, n, name, net, domain, stype, event):
+        """The copied messages (one for sendmsg), or an Errno for the first. Every message of a batch has the
+        first one's destination (the event's): the batch ends before a message with another, as a short
+        sendmmsg would, and the caller sends the rest (a new event)."""
+        from . import network as nw
+        a = n.data.args
+        vec, count = (a[1], 1) if name == "sendmsg" else (a[1], min(a[2] & 0xFFFFFFFF, nw.UIO_MAXIOV))
+        msgs: list = []
+        ref = None  # the first message's copied name (b"": none)
+        cut = Errno(errno.EAGAIN)  # marker: another destination
+
+        def judge(raw, keep):
+            if ref is not None and raw != ref:
+                return cut
+            d = nw.judge_addr(domain, raw, for_send=True)
+            if d.kind == "ip":
+                v4 = d.v4()
+                event.host = socket.inet_ntop(socket.AF_INET, v4) if v4 is not None else \
+                    socket.inet_ntop(socket.AF_INET6, d.ip)
+                event.port = d.port
+            target = net._judge_send(sup, n, name, domain, stype, raw, keep)
+            if target is None:  # nothing for the network rules to decide: the copy as the kernel would read it
+                target = net._unix_addr(n, raw, keep) if domain == nw.AF_UNIX else d.raw
+            return target
+        try:
+            for i in range(count):
+                try:
+                    m = net._read_msg(sup, n, vec + 64 * i, domain, stype, name, judge)
+                except OSError:
+                    if not msgs:
+                        raise
+                    break  # a later bad message ends the batch; the kernel's send would fail there
+                if type(m) is Errno:
+                    if not msgs:
+                        return m
+                    break
+                if ref is not None and m.dest != ref:
+                    m.close()
+                    break
+                msgs.append(m)
+                ref = m.dest
+        except BaseException:
+            for m in msgs:
+                m.close()
+            raise
+        return msgs
 
     def _prepare_net(self, sup, n, name, net, dup, event):
         """Copy and judge the address once; returns the operation to run after the verdict (it answers and

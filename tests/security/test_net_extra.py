@@ -193,3 +193,118 @@ def test_overlay_unix_socket_made_inside_is_reached_by_its_path():
         assert not os.path.exists(os.path.join(w, "s.sock"))  # it really lives only in the overlay
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# policy_fn: sendmsg and sendmmsg are network events like sendto (done on behalf with the copied msghdr). The child
+# sends to A with each call, then a sendmmsg batch A, A, B (cut before B: 2 sent, then B alone), then a nameless
+# sendmsg on a UDP socket connected to A, and AF_UNIX: connect by absolute and relative path, SCM_RIGHTS.
+PF_CHILD = r"""
+import ctypes, errno, os, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+a, b, upath = ("127.0.0.1", int(sys.argv[1])), ("127.0.0.1", int(sys.argv[2])), sys.argv[3]
+def name(addr):
+    return ctypes.create_string_buffer(struct.pack("=HH", 2, socket.htons(addr[1])) + socket.inet_aton(addr[0]) + bytes(8))
+def mmsg(sock, addrs):
+    keep, vec = [], b""
+    for i, addr in enumerate(addrs):
+        nm, data = name(addr), ctypes.create_string_buffer(b"mm%d" % i)
+        iov = ctypes.create_string_buffer(struct.pack("=QQ", ctypes.addressof(data), 3))
+        keep += [nm, data, iov]
+        vec += struct.pack("=QI4xQQQQi4xI4x", ctypes.addressof(nm), 16, ctypes.addressof(iov), 1, 0, 0, 0, 0)
+    buf = ctypes.create_string_buffer(vec, len(vec))
+    r = libc.sendmmsg(sock.fileno(), buf, len(addrs), 0)
+    return r if r >= 0 else "E%d" % ctypes.get_errno()
+def attempt(f):
+    try:
+        r = f()
+        return r if isinstance(r, (int, str)) else "ok"
+    except OSError as e:
+        return "E%d" % e.errno
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+out = [attempt(lambda: u.sendto(b"to", a)), attempt(lambda: u.sendmsg([b"msg"], [], 0, a)),
+       attempt(lambda: mmsg(u, [a, a, b])), attempt(lambda: mmsg(u, [b]))]
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+out.append(attempt(lambda: c.connect(a)))
+out.append(attempt(lambda: c.sendmsg([b"conn"])))
+s = socket.socket(socket.AF_UNIX)
+out.append(attempt(lambda: s.connect(upath)))
+s2 = socket.socket(socket.AF_UNIX)
+out.append(attempt(lambda: s2.connect(os.path.basename(upath))))
+x, y = socket.socketpair()
+r, w = os.pipe()
+os.write(w, b"through-fd")
+out.append(attempt(lambda: x.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("=i", r))])))
+msg, anc, _, _ = y.recvmsg(1, socket.CMSG_SPACE(4))
+got = os.read(struct.unpack("=i", anc[0][2][:4])[0], 20).decode() if anc else "no-fd"
+out.append(got)
+print(" ".join(map(str, out)))
+"""
+
+PF_SCENARIO = r'''
+import json, os, socket, sys, tempfile, threading
+from sandlock_core import Policy, Sandbox
+
+def pf_scenario(child):
+    base = tempfile.mkdtemp(prefix="sandlock-pf-msg-")
+    os.chmod(base, 0o755)
+    upath = os.path.join(base, "u.sock")
+    srv = socket.socket(socket.AF_UNIX); srv.bind(upath); srv.listen(8); os.chmod(upath, 0o777)
+    rx = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for s in rx:
+        s.bind(("127.0.0.1", 0)); s.settimeout(0.5)
+    ports = [s.getsockname()[1] for s in rx]
+    out = {}
+    for label in ("allow", "restricted"):
+        seen = []
+        def on_event(event, ctx):
+            if event.syscall == "execve" and label == "restricted":
+                ctx.restrict_network([])
+            if event.category == "network":
+                seen.append([event.syscall, event.host, event.port, event.denied])
+            return 0
+        r = Sandbox(Policy(cwd=base), policy_fn=on_event).run(
+            ["/usr/bin/python3", "-I", "-S", "-c", child, *map(str, ports), upath],
+            timeout=60)
+        got = []
+        for s in rx:
+            while True:
+                try:
+                    got.append(s.recv(10).decode())
+                except socket.timeout:
+                    break
+        out[label] = [r.exit_code, r.stdout.decode().split(), r.stderr.decode()[-400:], sorted(got), seen]
+    for s in (srv, *rx):
+        s.close()
+    return out, ports
+'''
+
+EPERM = "E%d" % 1
+
+
+def _check_pf(out: dict, ports: list) -> None:
+    a, b = ports
+    code, stdout, err, got, seen = out["allow"]
+    assert code == 0, err
+    assert stdout == ["2", "3", "2", "1", "ok", "4", "ok", "ok", "1", "through-fd"], out
+    assert got == sorted(["to", "msg", "mm0", "mm1", "mm0", "conn"]), out  # mm0 twice: to A, then to B
+    assert ["sendmsg", "127.0.0.1", a, False] in seen and ["sendmmsg", "127.0.0.1", a, False] in seen
+    assert ["sendmmsg", "127.0.0.1", b, False] in seen  # the cut-off B was its own event
+    assert ["sendmsg", None, None, False] in seen  # the connected socket's message: no destination of its own
+    code, stdout, err, got, seen = out["restricted"]
+    assert code == 0, err
+    # sendto, sendmsg, both sendmmsg and the connect are refused; AF_UNIX and socketpair are not IP destinations
+    assert stdout == [EPERM, EPERM, EPERM, EPERM, EPERM, "E89", "ok", "ok", "1", "through-fd"], out
+    assert got == [], out  # nothing reached the receivers
+    assert ["sendmsg", "127.0.0.1", a, True] in seen and ["sendmmsg", "127.0.0.1", a, True] in seen
+
+
+def test_policy_fn_judges_sendmsg_and_sendmmsg_like_sendto():
+    ns: dict = {}
+    exec(PF_SCENARIO, ns)
+    _check_pf(*ns["pf_scenario"](PF_CHILD))
+
+
+def test_policy_fn_judges_sendmsg_and_sendmmsg_unprivileged():
+    r = run_as_nobody(PF_SCENARIO + "\nprint(json.dumps(pf_scenario(sys.argv[1])))", PF_CHILD, timeout=120)
+    assert r.returncode == 0, r.stderr
+    _check_pf(*json.loads(r.stdout))
