@@ -45,7 +45,14 @@ What is a boundary and what is not:
 * A file opened read-only before it was copied up keeps showing the lower content (as old OverlayFS).
 * A script run from the upper goes through a ``/bin/sh`` relay (one more exec, same argv and environment);
   without /bin/sh it sees ``$0`` as ``/dev/fd/N``. The branch directories are made on the first write.
-* xattrs under the workdir cannot be changed (ENOTSUP); legacy utime/utimes/futimesat there answer ENOSYS.
+* xattrs under the workdir cannot be changed (ENOTSUP); legacy utime/utimes/futimesat there answer ENOSYS
+  (with NULL times under ``time_start`` they are done in the upper: deterministic.py hands them over).
+* COW acts only on objects of the workdir and of its own upper; any other path or fd passes on (None) to
+  Landlock, the metadata guard and fsdeny, and what COW must open outside the workdir (an upper symlink's
+  target) is opened on the Landlock-confined thread. fs_denied holds inside the workdir: a denied entry is
+  never copied up, opened, moved, linked, whited out or created (EACCES; judged by inode on the opened file).
+* The branch storage (upper and commit journal) must not be writable by a child that cannot write the
+  workdir: such a policy is refused (``_check_storage_not_writable``).
 """
 from __future__ import annotations
 
