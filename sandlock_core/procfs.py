@@ -319,7 +319,8 @@ class ProcFs:
 
     def _open(self, sup, n, name_syscall: str, dirfd: int, path_index: int, flags: int, mode: int = 0):
         path = sup.path_arg(n, path_index)
-        name = self._fast(n, dirfd, path)
+        nofollow = bool(flags & os.O_NOFOLLOW)  # a dangling last link: ELOOP from the kernel, not ENOENT
+        name = self._fast(n, dirfd, path, nofollow)
         if name is OUTSIDE:
             return None
         if name is False:  # does not exist: still refuse a sensitive name (same answer on every kernel)
@@ -338,7 +339,7 @@ class ProcFs:
         missing = name is MISSING
         if name and not missing and not (name.startswith("/proc") or name.startswith("/sys")):
             return None
-        name = self.resolve(n, dirfd, path)
+        name = self._resolve_last(n, dirfd, path, nofollow)
         if name is None or not (name.startswith("/proc") or name.startswith("/sys")):
             if missing and not flags & os.O_CREAT:
                 return Errno(errno.ENOENT)  # answered now: see the False case above
@@ -352,6 +353,8 @@ class ProcFs:
                 if not self._ours(sup, int(m.group(1))):
                     sup.record(name_syscall, n.pid, errno.ENOENT, name, "isolate_pids hides other processes")
                     return Errno(errno.ENOENT)
+                if nofollow and not flags & os.O_PATH and os.path.islink(name):
+                    return Errno(errno.ELOOP)  # /proc/<pid>/exe, cwd...: links the kernel made, not swappable
                 return self._open_pid_entry(sup, n, name_syscall, name, flags, mode)
         data = self._virtual(sup, name)
         if data is None:
@@ -403,15 +406,18 @@ class ProcFs:
         fast = self._fast(n, dirfd, path, nofollow)
         if fast is OUTSIDE or fast is False:
             return fast
-        if not nofollow:
-            name = self.resolve(n, dirfd, path)
-        else:
-            head, _, tail = path.rpartition(b"/")
-            parent = self.resolve(n, dirfd, head or (b"/" if path.startswith(b"/") else b"."))
-            name = None if parent is None else os.path.join(parent, os.fsdecode(tail))
+        name = self._resolve_last(n, dirfd, path, nofollow)
         if fast is MISSING and not (name and (name.startswith("/proc") or name.startswith("/sys"))):
             return False
         return name
+
+    def _resolve_last(self, n, dirfd: int, path: bytes, nofollow: bool) -> str | None:
+        """``resolve``, the last component a link itself when ``nofollow``."""
+        if not nofollow:
+            return self.resolve(n, dirfd, path)
+        head, _, tail = path.rpartition(b"/")
+        parent = self.resolve(n, dirfd, head or (b"/" if path.startswith(b"/") else b"."))
+        return None if parent is None else os.path.join(parent, os.fsdecode(tail))
 
     def _stat_like(self, sup, n, syscall: str, dirfd: int, path_index: int, nofollow: bool, buf=None,
                    empty_ok: bool = False):

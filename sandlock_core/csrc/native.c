@@ -1071,8 +1071,16 @@ static int proc_layout(int kind, const __u64 *a, uint64_t *addr, int *nofollow, 
         return 1;
     case SL_PK_STATX: *addr = a[1]; *nofollow = ((uint32_t)a[2] & AT_SYMLINK_NOFOLLOW) != 0; return 1;
     case SL_PK_FACCESSAT: *addr = a[1]; return 1;
-    case SL_PK_OPEN: *addr = a[0]; *creat = ((uint32_t)a[1] & O_CREAT) != 0; return 1;
-    case SL_PK_OPENAT: *addr = a[1]; *creat = ((uint32_t)a[2] & O_CREAT) != 0; return 1;
+    case SL_PK_OPEN:  /* O_NOFOLLOW: a dangling last link is ELOOP for the kernel, not ENOENT */
+        *addr = a[0];
+        *creat = ((uint32_t)a[1] & O_CREAT) != 0;
+        *nofollow = ((uint32_t)a[1] & O_NOFOLLOW) != 0;
+        return 1;
+    case SL_PK_OPENAT:
+        *addr = a[1];
+        *creat = ((uint32_t)a[2] & O_CREAT) != 0;
+        *nofollow = ((uint32_t)a[2] & O_NOFOLLOW) != 0;
+        return 1;
     }
     return 0;
 }

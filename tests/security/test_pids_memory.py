@@ -266,3 +266,38 @@ def test_owner_ioctls_and_chattr_ioctls_share_the_argument_filter():
     cmds = {c[3] for c in spec.notify_if_arg if c[0] == ioctl}
     assert cmds == {0x8901, 0x8902, *seccomp.FILEATTR_SET_IOCTLS}
     assert spec.fileattr_ioctl == seccomp.SECCOMP_RET_USER_NOTIF and ioctl in spec.notify
+
+
+# ---- procfs: O_NOFOLLOW of open/openat, in C (absolute names) and in Python (relative names, /proc) ----
+NOFOLLOW_CODE = r"""
+import os, sys
+d = sys.argv[1]
+dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+out = []
+for path, kw in ((d + "/dangling", {}), ("dangling", {"dir_fd": dfd}), (d + "/link", {}),
+                 ("/proc/self/exe", {}), ("/proc/self/cwd", {})):
+    for fl in (os.O_RDONLY | os.O_NOFOLLOW, os.O_RDONLY):
+        try:
+            os.close(os.open(path, fl, **kw)); out.append(0)
+        except OSError as e:
+            out.append(e.errno)
+print(out)
+"""
+
+
+@pytest.mark.parametrize("path", ["C", "Python"])
+@pytest.mark.parametrize("policy", [{"max_memory": "256M"}, {"isolate_pids": True}], ids=["max_memory", "isolate_pids"])
+def test_o_nofollow_of_a_link_is_eloop_as_with_the_kernel(path, policy):
+    d = tempfile.mkdtemp(prefix="pfnf-")
+    os.chmod(d, 0o755)
+    os.symlink(d + "/nowhere", d + "/dangling")
+    open(d + "/file", "w").close()
+    os.symlink(d + "/file", d + "/link")
+    argv = ["/usr/bin/python3", "-c", NOFOLLOW_CODE, d]
+    bare = subprocess.run(argv, capture_output=True, text=True)
+    loop, noent = errno.ELOOP, errno.ENOENT
+    assert bare.stdout == f"[{loop}, {noent}, {loop}, {noent}, {loop}, 0, {loop}, 0, {loop}, 0]\n", bare
+    names = ("open", "openat", "stat", "newfstatat", "statx")  # a user handler takes the chain off the C path
+    handlers = {n: (lambda sup, n: None) for n in names} if path == "Python" else None
+    r = Sandbox(Policy(**policy), handlers=handlers).run(argv, timeout=60)
+    assert r.stdout.decode() == bare.stdout, (r.stdout, r.stderr)
