@@ -1,11 +1,12 @@
 """Dynamic policy: ``Sandbox(policy, policy_fn=on_event)``.
 
 Held syscalls: ``execve``, ``execveat``, ``connect``, ``sendto``, ``sendmsg``, ``sendmmsg``, ``bind``, ``openat``
-(and the legacy ``open``, so a raw ``open`` cannot skip the callback). The mechanism is installed after every built-in mechanism and
-wraps their chains for these syscalls: the built-in enforcers decide first; an event they denied is shown with
-``denied=True`` (the callback cannot overrule it); otherwise the syscall is held while the callback runs on a
-worker thread (never on the supervisor loop) and the supervisor keeps serving every other process. A callback
-that raises, returns an unknown verdict, or exceeds ``policy_fn_timeout`` (default 5 s) denies.
+(and the legacy ``open``, so a raw ``open`` cannot skip the callback). The mechanism is installed after every
+built-in mechanism and wraps their chains for these syscalls: the built-in enforcers decide first; an event
+they denied is shown with ``denied=True`` (the callback cannot overrule it); otherwise the syscall is held
+while the callback runs on a worker thread (never on the supervisor loop) and the supervisor keeps serving
+every other process. A callback that raises, returns an unknown verdict, or exceeds ``policy_fn_timeout``
+(default 5 s) denies.
 
 Verdicts: ``0``/``False``/``None`` allow; ``True``/``-1`` deny with EPERM; a positive int denies with that
 errno; ``"audit"``/``-2`` allows and flags (``result.audit``). Anything else fails closed (EPERM).

@@ -171,7 +171,8 @@ for kind, name in ((socket.SOCK_STREAM, "s.sock"), (socket.SOCK_DGRAM, "d.sock")
             if kind == socket.SOCK_STREAM:
                 c.connect(target); c.sendall(b"x"); out.append(srv.accept()[0].recv(1).decode())
             else:
-                c.sendto(b"y", target); c.sendmsg([b"z"], [], 0, target); out.append(srv.recv(1).decode() + srv.recv(1).decode())
+                c.sendto(b"y", target); c.sendmsg([b"z"], [], 0, target)
+                out.append(srv.recv(1).decode() + srv.recv(1).decode())
         except OSError as e:
             out.append("E%d" % e.errno)
 print(" ".join(out))
@@ -203,7 +204,8 @@ import ctypes, errno, os, socket, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 a, b, upath = ("127.0.0.1", int(sys.argv[1])), ("127.0.0.1", int(sys.argv[2])), sys.argv[3]
 def name(addr):
-    return ctypes.create_string_buffer(struct.pack("=HH", 2, socket.htons(addr[1])) + socket.inet_aton(addr[0]) + bytes(8))
+    raw = struct.pack("=HH", 2, socket.htons(addr[1])) + socket.inet_aton(addr[0]) + bytes(8)
+    return ctypes.create_string_buffer(raw)
 def mmsg(sock, addrs):
     keep, vec = [], b""
     for i, addr in enumerate(addrs):
