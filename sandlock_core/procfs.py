@@ -23,7 +23,9 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
 
 Names are resolved as the kernel would for the child: relative to its cwd or dirfd, following symlinks
 component by component, with ``/proc/self`` and ``/proc/thread-self`` meaning the *child's* pid (the supervisor's
-own magic links are never followed). Synthesized files are sealed memfds. Opens that are neither refused nor
+own magic links are never followed). Under a chroot or a mount namespace (``fs_isolation=overlayfs``,
+``privileged``) names are walked from the child's root (``/proc/<pid>/root``, ``RESOLVE_IN_ROOT``), relative ones
+from its cwd's name in its own view, so files that exist only there are found. Synthesized files are sealed memfds. Opens that are neither refused nor
 synthesized go on to the next mechanism (the kernel opens them).
 
 A path that does not exist is answered ``ENOENT`` here (not continued) when its walk never left the starting
@@ -55,6 +57,7 @@ from .resources import stat_fields
 AT_FDCWD = -100
 RESOLVE_NO_XDEV = 0x01
 RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
 OUTSIDE = "(not on /proc or /sys)"
 MISSING = "(absent, unless the child's /proc/self says otherwise)"
 AT_SYMLINK_NOFOLLOW = 0x100
@@ -125,13 +128,18 @@ class ProcFs:
             self.proc_dev = -1
         self._cpuinfo: bytes | None = None
         self.kernel_devs = _kernel_devs()
+        # chroot, overlayfs, privileged: the child's / is not the supervisor's (a mount namespace, a new root):
+        # its absolute names are resolved from /proc/<pid>/root, as the child would
+        from .plan import _namespaces
+        self.in_root = _namespaces(policy)
         # open_how for the fast resolution: [follow the last link?][stay on the starting mount?]
+        root = RESOLVE_IN_ROOT if self.in_root else 0
         self._how_bufs = [ffi.new("uint64_t[3]", [
             os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0), 0,
-            RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_XDEV if same else 0)])
-            for nofollow in (False, True) for same in (False, True)]
-        self._hows = {(nofollow, same): ffi.cast("long", self._how_bufs[2 * nofollow + same])
-                      for nofollow in (False, True) for same in (False, True)}
+            RESOLVE_NO_MAGICLINKS | (RESOLVE_NO_XDEV if same else 0) | (root if absolute else 0)])
+            for nofollow in (False, True) for same in (False, True) for absolute in (False, True)]
+        self._hows = {(nofollow, same, absolute): ffi.cast("long", self._how_bufs[4 * nofollow + 2 * same + absolute])
+                      for nofollow in (False, True) for same in (False, True) for absolute in (False, True)}
 
     # ---- the sandbox's pids ----
     def _pids(self, sup, fresh: bool = False) -> set[int]:
@@ -158,20 +166,35 @@ class ProcFs:
     def _tgid(tid: int) -> int:
         return tgid_of(tid)
 
+    def _start_dir(self, n, dirfd: int) -> str | None:
+        """The name of the child's cwd (or ``dirfd``) as the child sees it; None if it is no directory or lies
+        outside its root."""
+        try:
+            cur = os.readlink(f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}")
+            top = os.readlink(f"/proc/{n.pid}/root") if self.in_root else "/"
+        except OSError:
+            return None
+        if not cur.startswith("/"):
+            return None  # not a directory (pipe, socket): ENOTDIR from the kernel
+        if top != "/":  # our name of it, made the child's: the part below its root
+            if cur != top and not cur.startswith(top + "/"):
+                return None
+            cur = cur[len(top):] or "/"
+        return cur
+
     def resolve(self, n, dirfd: int, path: bytes) -> str | None:
-        """The name the kernel would open for the child, or None if it cannot tell (the kernel answers)."""
+        """The name the kernel would open for the child, or None if it cannot tell (the kernel answers). Under a
+        mount namespace or chroot (``in_root``) absolute names are walked in the child's root (its view)."""
         p = os.fsdecode(path)
         if not p:
             return None
+        root = f"/proc/{n.pid}/root" if self.in_root else ""
         if p.startswith("/"):
             cur = "/"
         else:
-            try:
-                cur = os.readlink(f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}")
-            except OSError:
+            cur = self._start_dir(n, dirfd)
+            if cur is None:
                 return None
-            if not cur.startswith("/"):
-                return None  # not a directory (pipe, socket): ENOTDIR from the kernel
         stack = [c for c in reversed(p.split("/")) if c not in ("", ".")]
         links = 0
         tgid = None
@@ -187,7 +210,7 @@ class ProcFs:
                 continue
             nxt = (cur if cur != "/" else "") + "/" + c
             try:
-                target = os.readlink(nxt)
+                target = os.readlink(root + nxt)
             except OSError:
                 cur = nxt
                 continue
@@ -263,23 +286,29 @@ class ProcFs:
         if self.nr_openat2 is None or not path:
             return None
         base = -1
+        absolute = path.startswith(b"/")
+        if not absolute and self.in_root:  # walked from its root too: its absolute links are in its view
+            start = self._start_dir(n, dirfd)
+            if start is None:
+                return None
+            path, absolute = os.fsencode(start.rstrip("/")) + b"/" + path, True
         try:
-            if not path.startswith(b"/"):
+            if not absolute or self.in_root:
+                where = "root" if absolute else "cwd" if dirfd == AT_FDCWD else f"fd/{dirfd}"
                 try:
-                    base = os.open(f"/proc/{n.pid}/cwd" if dirfd == AT_FDCWD else f"/proc/{n.pid}/fd/{dirfd}",
-                                   os.O_PATH | os.O_CLOEXEC)
+                    base = os.open(f"/proc/{n.pid}/{where}", os.O_PATH | os.O_CLOEXEC)
                 except OSError:
                     return None
             # First without leaving the starting mount: most names (libraries, modules) live on the root
             # file system, which is not /proc: found there, they are outside; missing there, exactly absent.
-            fd = self._openat2(base, path, self._hows[nofollow, True])
+            fd = self._openat2(base, path, self._hows[nofollow, True, absolute])
             if fd == -errno.ENOENT:
                 return False
             if fd >= 0 and base < 0:
                 os.close(fd)
                 return OUTSIDE
             if fd == -errno.EXDEV:
-                fd = self._openat2(base, path, self._hows[nofollow, False])
+                fd = self._openat2(base, path, self._hows[nofollow, False, absolute])
                 if fd == -errno.ENOENT:
                     return MISSING  # exact unless the walk went through /proc/self: the caller resolves
             if fd < 0:

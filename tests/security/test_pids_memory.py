@@ -301,3 +301,50 @@ def test_o_nofollow_of_a_link_is_eloop_as_with_the_kernel(path, policy):
     handlers = {n: (lambda sup, n: None) for n in names} if path == "Python" else None
     r = Sandbox(Policy(**policy), handlers=handlers).run(argv, timeout=60)
     assert r.stdout.decode() == bare.stdout, (r.stdout, r.stderr)
+
+
+# ---- procfs under a chroot or a mount namespace: names are the child's, resolved in its root ----
+NS_CODE = r"""
+import json, os, sys, tempfile
+from sandlock_core import Policy, Sandbox
+exec(sys.argv[1], globals())  # make_root
+base = tempfile.mkdtemp(prefix="pfns-"); os.chmod(base, 0o755)
+root = make_root(base + "/root", ("sh", "cat"))
+os.makedirs(root + "/d/sub")
+open(root + "/d/sub/f", "w").write("rel\n")
+os.symlink("/d/sub", root + "/d/abs")  # an absolute link: the chroot's /d/sub
+for d, _, _ in os.walk(root):
+    os.chmod(d, 0o755)
+out = {}
+for name, kw in (("plain", {}), ("isolate_pids", {"isolate_pids": True}), ("max_memory", {"max_memory": "256M"})):
+    r = Sandbox(Policy(chroot=root, fs_readable=[root], **kw)).run(
+        ["/bin/sh", "-c", "cat /etc/marker; cd /d; cat sub/f abs/f /d/abs/f"])
+    out[name] = [r.stdout.decode(), r.stderr.decode()]
+wd = tempfile.mkdtemp(prefix="pfov-"); os.chmod(wd, 0o755)
+for name, kw in (("overlay", {}), ("overlay_procfs", {"max_memory": "256M", "isolate_pids": True})):
+    r = Sandbox(Policy(workdir=wd, cwd=wd, fs_isolation="overlayfs", **kw)).run(
+        ["/bin/sh", "-c", f"echo hi > new.txt; cat {wd}/new.txt new.txt; head -c 9 /proc/meminfo; echo; "
+                          f"cat /proc/1/status > /dev/null || echo hidden; cd /proc && cat 1/status > /dev/null || echo hidden"])
+    out[name] = [r.stdout.decode(), r.stderr.decode()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
+def test_procfs_resolves_names_in_the_childs_root(as_nobody):
+    from test_chroot import MAKE_ROOT, _userns_works
+    if _userns_works() is not None:
+        pytest.skip(_userns_works())
+    if as_nobody:
+        p = run_as_nobody(NS_CODE, MAKE_ROOT, timeout=120)
+    else:
+        top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        p = subprocess.run([sys.executable, "-c", NS_CODE, MAKE_ROOT], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONPATH": top}, cwd="/")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    for name in ("plain", "isolate_pids", "max_memory"):  # a file only inside the chroot, by every kind of name
+        assert out[name][0] == "inside\nrel\nrel\nrel\n", (name, out[name])
+    assert out["overlay"][0].startswith("hi\nhi\nMemTotal:"), out["overlay"]
+    # procfs still acts inside the overlay: a file made there opens, the limit shows, host processes stay hidden
+    assert out["overlay_procfs"][0] == "hi\nhi\nMemTotal:\nhidden\nhidden\n", out["overlay_procfs"]
