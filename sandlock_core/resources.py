@@ -9,7 +9,8 @@ it: ``/proc/PID/statm`` field 6 (data + stack, i.e. ``VmData + VmStk``), summed 
 sandbox, plus anonymous shared mappings and SysV segments, which that field leaves out.
 
 * Requests are judged on registers (no child memory is read): ``mmap`` of private writable memory or of shared
-  anonymous memory whatever its protection (reading shmem, or ``MAP_POPULATE``, allocates it),
+  anonymous memory (``MAP_ANONYMOUS`` or ``/dev/zero``) whatever its protection (reading shmem, or
+  ``MAP_POPULATE``, allocates it; a process with a shared file mapping has its maps scanned like one),
   ``mprotect``/``pkey_mprotect`` adding ``PROT_WRITE``, ``brk`` growth, ``mremap`` growth, ``shmget`` that can
   create (``IPC_CREAT``, or ``IPC_PRIVATE``, which always creates), and ``fork``/``clone`` without ``CLONE_VM``
   (the child's copy of the address space). The filter lets the others through unnotified (private read-only
@@ -50,10 +51,11 @@ from __future__ import annotations
 import errno
 from . import _lazylog as logging  # the real module (~5 ms of CLI start-up) at the first log call
 import os
+import stat
 import threading
 import time
 
-from .notif import Errno, Kill, Value
+from .notif import Errno, Kill, Value, s32
 
 log = logging.getLogger("sandlock.resources")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -630,10 +632,15 @@ class Resources:
     def h_mmap(self, sup, n):
         a = n.data.args
         length, prot, flags = a[1], a[2] & 0xFFFFFFFF, a[3] & 0xFFFFFFFF
-        if flags & MAP_ANONYMOUS and flags & MAP_SHARED:
+        if flags & MAP_SHARED:
             # whatever its protection: reading shmem (or MAP_POPULATE) allocates pages too, and mprotect of
             # a shared mapping to PROT_NONE and back would escape a charge taken only with PROT_WRITE
-            return sup.state["resources"].request(n, _pages(length), "mmap", shared=True)
+            r = sup.state["resources"]
+            if flags & MAP_ANONYMOUS or _is_dev_zero(n.pid, s32(a[4])):  # /dev/zero: anonymous shmem too
+                return r.request(n, _pages(length), "mmap", shared=True)
+            with r.lock:  # a file (page cache): not charged; /dev/zero dup2'ed over the fd meanwhile would
+                r.shared_users.add(r.tgid(n.pid))  # be, by the scan of this process's maps (every 100 ms)
+            return None
         if not prot & PROT_WRITE:
             return None  # a private reservation: charged if it becomes writable (mprotect)
         if flags & MAP_ANONYMOUS or flags & MAP_PRIVATE:
@@ -737,6 +744,15 @@ def _shared_anon(pids) -> int:
     return sum(objects.values())
 
 
+def _is_dev_zero(pid: int, fd: int) -> bool:
+    """Is fd of pid the zero device (a MAP_SHARED mapping of it is anonymous shared memory), wherever its node?"""
+    try:
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 5)
+
+
 def _current_brk(pid: int, start: int) -> int:
     """The end of the heap mapping (page-aligned break), or its start when there is no heap yet."""
     try:
@@ -774,10 +790,9 @@ def install(builder) -> None:
     if mech.mem_limit is not None:
         # Only calls that can add memory reach the supervisor: private read-only and executable mappings
         # (most of what ld.so maps), mprotect to read-only, brk(0) and shmget of an existing key (neither
-        # IPC_CREAT nor IPC_PRIVATE) are let through by the filter. Shared anonymous mappings are notified
-        # whatever their protection (reading shmem allocates it).
-        shared_anon = MAP_SHARED | MAP_ANONYMOUS
-        builder.notify("mmap", mech.h_mmap, when=((2, PROT_WRITE), (3, shared_anon, shared_anon)))
+        # IPC_CREAT nor IPC_PRIVATE) are let through by the filter. Shared mappings are notified whatever
+        # their protection (reading shmem allocates it; MAP_SHARED of /dev/zero is shmem too).
+        builder.notify("mmap", mech.h_mmap, when=((2, PROT_WRITE), (3, MAP_SHARED)))
         builder.notify("mprotect", mech.h_mprotect, when=(2, PROT_WRITE))
         builder.notify("pkey_mprotect", mech.h_mprotect, when=(2, PROT_WRITE))
         builder.notify("mremap", mech.h_mremap)

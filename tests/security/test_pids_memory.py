@@ -348,3 +348,21 @@ def test_procfs_resolves_names_in_the_childs_root(as_nobody):
     assert out["overlay"][0].startswith("hi\nhi\nMemTotal:"), out["overlay"]
     # procfs still acts inside the overlay: a file made there opens, the limit shows, host processes stay hidden
     assert out["overlay_procfs"][0] == "hi\nhi\nMemTotal:\nhidden\nhidden\n", out["overlay_procfs"]
+
+
+def test_a_shared_mapping_of_dev_zero_is_charged_and_other_shared_files_are_not():
+    code = LIBC + """
+fd = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT, 0o600)
+if sys.argv[2] != "/dev/zero":
+    os.ftruncate(fd, n)
+p = libc.mmap(None, n, int(sys.argv[3]), mmap.MAP_SHARED | 0x8000, fd, 0)  # MAP_POPULATE
+print("mapped" if p not in (None, 2**64 - 1) else ctypes.get_errno())
+"""
+    f = tempfile.mktemp(dir=tempfile.mkdtemp())
+    sb = Sandbox(Policy(max_memory="64M"))
+    for prot in ("1", "3"):  # PROT_READ, PROT_READ|PROT_WRITE
+        zero = sb.run([*PY, code, "256", "/dev/zero", prot], timeout=60)
+        assert zero.stdout == f"{errno.ENOMEM}\n".encode(), (zero.stdout, zero.stderr)
+        assert sb.run([*PY, code, "16", "/dev/zero", prot], timeout=60).stdout == b"mapped\n"
+        # a file on disk: page cache, not counted (mapped beyond the limit)
+        assert sb.run([*PY, code, "96", f, prot], timeout=60).stdout == b"mapped\n"
