@@ -135,8 +135,9 @@ class Supervisor:
         self._thread = threading.Thread(target=self._loop, name="sandlock-supervisor", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Ask the loop to end (the sandbox is over) and release every resource."""
+    def end_loop(self, timeout: float = 5.0) -> None:
+        """Ask the loop to end (the sandbox is over) and wait for it: its figures (``notifications``) are
+        final afterwards, while the mechanisms' state stays available until ``close``."""
         if self._thread is not None:
             try:
                 os.write(self._wake_w, b"x")
@@ -144,6 +145,10 @@ class Supervisor:
                 pass
             self._thread.join(timeout)
             self._thread = None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop and release every resource."""
+        self.end_loop(timeout)
         self.close()
 
     def on_close(self, fn) -> None:

@@ -354,6 +354,8 @@ class Sandbox:
     def _conclude(self, child, sup, out, err, timed_out, setup_error, start) -> Result:
         """The Result of a finished child; runs the plan's finish hooks and stops the supervisor."""
         try:
+            if sup is not None:
+                sup.end_loop()  # the loop's count is final only once it has stopped
             result = self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
             result.cpu_time = getattr(child, "cpu_time", None)
             for fn in self._plan.finish:
