@@ -754,6 +754,7 @@ F_SETOWN, F_SETOWN_EX = 8, 15
 F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP = 0, 1, 2
 FIOSETOWN, SIOCSPGRP = 0x8901, 0x8902
 INT_MIN = -(1 << 31)
+U32 = 0xFFFFFFFF  # the command is an unsigned int: compared whole
 
 
 class OwnerCalls:
@@ -766,11 +767,13 @@ class OwnerCalls:
         self.calls = pid_calls
         self.fs = pid_calls.fs
 
-    def _foreign_owner(self, sup, n, name: str, who: int, group: bool) -> bool:
+    def _foreign_owner(self, sup, n, name: str, who: int) -> bool:
+        """``who``: a pid, or minus a process group (F_SETOWN's convention)."""
         if who == 0 or who == INT_MIN:
             return False  # 0 clears the owner; INT_MIN: the kernel answers EINVAL
-        if not group:
+        if who > 0:
             return self.calls._foreign(sup, n, name, who)
+        who = -who
         if self._group_is_ours(sup, who):
             return False
         sup.record(name, n.pid, errno.ESRCH, f"process group {who}", "isolate_pids hides other processes")
@@ -794,7 +797,7 @@ class OwnerCalls:
         cmd = a[1] & 0xFFFFFFFF
         if cmd == F_SETOWN:
             who = s32(a[2])
-            return Errno(errno.ESRCH) if self._foreign_owner(sup, n, "fcntl", abs(who), who < 0) else None
+            return Errno(errno.ESRCH) if self._foreign_owner(sup, n, "fcntl", who) else None
         if cmd != F_SETOWN_EX:
             return None
         try:
@@ -805,7 +808,7 @@ class OwnerCalls:
             return Errno(errno.EFAULT)
         kind, who = struct.unpack("=ii", raw)
         if kind in (F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP) and who > 0 and self._foreign_owner(
-                sup, n, "fcntl", who, kind == F_OWNER_PGRP):
+                sup, n, "fcntl", -who if kind == F_OWNER_PGRP else who):
             return Errno(errno.ESRCH)
         return self._on_behalf(sup, n, lambda fd: fcntl_mod().fcntl(fd, F_SETOWN_EX, raw))
 
@@ -821,7 +824,7 @@ class OwnerCalls:
                 raise
             return Errno(errno.EFAULT)
         who = struct.unpack("=i", raw)[0]
-        if self._foreign_owner(sup, n, "ioctl", abs(who), who < 0):
+        if self._foreign_owner(sup, n, "ioctl", who):
             return Errno(errno.ESRCH)
         return self._on_behalf(sup, n, lambda fd: fcntl_mod().ioctl(fd, cmd, raw))
 
@@ -1036,8 +1039,8 @@ def install(builder) -> None:
         builder.notify("kill", calls.h_kill)  # kill(0) too: the caller's group may hold host processes
         owners = OwnerCalls(calls)
         for name in ("fcntl", "fcntl64"):  # False: no such syscall on this arch
-            builder.notify(name, owners.h_fcntl, when=((1, PID_MASK, F_SETOWN), (1, PID_MASK, F_SETOWN_EX)))
-        builder.notify("ioctl", owners.h_ioctl, when=((1, PID_MASK, FIOSETOWN), (1, PID_MASK, SIOCSPGRP)))
+            builder.notify(name, owners.h_fcntl, when=((1, U32, F_SETOWN), (1, U32, F_SETOWN_EX)))
+        builder.notify("ioctl", owners.h_ioctl, when=((1, U32, FIOSETOWN), (1, U32, SIOCSPGRP)))
         builder.notify("setpgid", calls.h_setpgid)
         for name in ("stat", "lstat", "access"):
             builder.notify(name, getattr(fs, f"h_{name}"))
