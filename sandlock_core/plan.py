@@ -187,6 +187,7 @@ class Plan:
         self.spec = seccomp.FilterSpec(
             arch=self.arch, notify=notify, deny=frozenset(deny), allow_only=allow_only,
             no_raw_sockets=policy.no_raw_sockets, no_udp=policy.no_udp,
+            deny_fastopen=policy.net_connect is not None,
             errno_actions=tuple(sorted(builder.errno_actions.items())),
             fileattr_ioctl=fileattr_action, notify_if_arg=self._notify_if_arg(builder, notify))
         self.filter = seccomp.build_filter(self.spec)

@@ -14,6 +14,7 @@ Program layout (``build_filter``)::
                 (u32)arg1 in FILEATTR_REFUSED_IOCTLS -> ERRNO(EPERM)           (when fileattr_ioctl is set)
         socket  arg0 in {AF_INET, AF_INET6} and (arg1 & 0xf) in {SOCK_RAW[, SOCK_DGRAM]} -> ERRNO(EPERM)
         prctl   arg0 == PR_SET_DUMPABLE              -> ERRNO(EPERM)
+        sendto/sendmsg/sendmmsg flags & MSG_FASTOPEN -> ERRNO(EOPNOTSUPP)   (deny_fastopen: net_connect in force)
     errno_actions: nr == n                           -> ERRNO(e)
     notify_if_arg: nr == n and no condition holds   -> ALLOW          (only some calls need the supervisor;
                    a condition is arg & mask != 0, or (u32)arg & mask == value)
@@ -96,6 +97,7 @@ SOCK_TYPE_MASK = 0xF
 IPPROTO_ICMP = 1
 IPPROTO_ICMPV6 = 58
 PR_SET_DUMPABLE = 4
+MSG_FASTOPEN = 0x20000000
 # chattr's ioctls (linux/fs.h): _IOW('f', 2, long), _IOW('f', 2, int), _IOW('X', 32, struct fsxattr). The
 # kernel asks only for inode ownership, not for write access: Landlock, which has no right for them, lets a
 # process that may read a file set its immutable/append-only flags.
@@ -137,6 +139,7 @@ class FilterSpec:
     no_raw_sockets: bool = True
     no_udp: bool = False
     deny_set_dumpable: bool = True
+    deny_fastopen: bool = False                      # send*(..., MSG_FASTOPEN) -> EOPNOTSUPP
     errno_actions: tuple[tuple[int, int], ...] = ()  # (nr, errno), checked before notify/deny
     fileattr_ioctl: int | None = None                # action for ioctl(FILEATTR_SET_IOCTLS); None: no rule
     # (nr, arg, mask): a notified nr reaches the supervisor only when args[arg] & mask != 0 (both halves of
@@ -331,6 +334,19 @@ def build_filter(spec: FilterSpec) -> bytes:
             p.ret(eperm)
             p.label(ok)
         arg_block("socket", inet_types)
+
+    if spec.deny_fastopen:
+        # TCP Fast Open connects inside sendto/sendmsg, where Landlock's connect hook never runs: with
+        # net_connect ports in force the flag would reach any port. EOPNOTSUPP is what a kernel with TFO
+        # off answers; programs then connect() first. The flags are a register: no race.
+        for name, flags_arg in (("sendto", 3), ("sendmsg", 2), ("sendmmsg", 3)):
+            def fastopen(flags_arg=flags_arg, name=name):
+                ok = p.new_label(f"{name}_no_tfo")
+                p.ld_abs(arg_lo(flags_arg))
+                p.jset(MSG_FASTOPEN, jf=ok)
+                p.ret(_errno(errno.EOPNOTSUPP))
+                p.label(ok)
+            arg_block(name, fastopen)
 
     if spec.deny_set_dumpable:
         def dumpable():

@@ -2,6 +2,7 @@
 against isolate_ipc."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import textwrap
@@ -98,6 +99,39 @@ def test_tcp_fast_open_sendto_to_a_forbidden_host(listeners):
     out = run_lines(Sandbox(ALLOW), code)
     assert out[1] != "SENT" and out[3] != "SENT", out
     assert accepted(bad) == 0
+
+
+@pytest.mark.parametrize("with_hosts", [False, True])
+def test_tcp_fast_open_cannot_reach_a_port_net_connect_forbids(listeners, with_hosts):
+    """Landlock's connect rule is not consulted when sendto/sendmsg(MSG_FASTOPEN) connects: under net_connect
+    the filter answers EOPNOTSUPP (TFO off) while connect() keeps its EACCES and allowed ports still work."""
+    port, good, bad = listeners
+    code = f"""
+    import errno, socket
+    def attempt(how, p):
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            if how == "connect":
+                s.connect(("127.0.0.1", p))
+            elif how == "sendto":
+                s.sendto(b"tfo", socket.MSG_FASTOPEN, ("127.0.0.1", p))
+            else:
+                s.sendmsg([b"tfo"], [], socket.MSG_FASTOPEN, ("127.0.0.1", p))
+            print("OK")
+        except OSError as e:
+            print(errno.errorcode.get(e.errno, e.errno))
+        s.close()
+    for how in ("connect", "sendto", "sendmsg"):
+        attempt(how, {port})
+    attempt("connect", {port} + 1 if {port} < 65535 else 1)
+    """
+    extra = {"net_allow_hosts": ["127.0.0.1"]} if with_hosts else {}
+    allowed = port + 1 if port < 65535 else 1
+    out = run_lines(Sandbox(Policy(net_connect=[allowed], **extra)), code)
+    eopnotsupp = errno.errorcode[errno.EOPNOTSUPP]  # spelled ENOTSUP on Linux (same number)
+    assert out == ["EACCES", eopnotsupp, eopnotsupp, "ECONNREFUSED"], out  # the allowed port: refused by nobody
+    assert accepted(good) == 0
 
 
 def test_sendmmsg_vector_mixing_allowed_and_forbidden_destinations():
