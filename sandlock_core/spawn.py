@@ -9,7 +9,7 @@ import errno as _errno
 import os
 import _signal as signal  # the C module: signal.py adds enums, ~0.6 ms of CLI start-up
 import struct
-import threading
+import _thread  # the C module: threading.py pulls in functools and collections (CLI start-up)
 
 from . import _sys
 from ._native import ffi, lib
@@ -189,7 +189,7 @@ class Spawned:
 
 
 _pending: list[int] = []
-_pending_lock = threading.Lock()
+_pending_lock = _thread.allocate_lock()
 
 
 def reap_pending(block: bool = False) -> None:
