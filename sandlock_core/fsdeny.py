@@ -323,13 +323,14 @@ class FsDeny:
                 return None
 
         own = (b"/proc/%d/" % tgid, b"/proc/%d/" % tid)
-        try:
-            if path.startswith(own):  # the child's own /proc entries: the opener's domain cannot see them
-                raise OSError(errno.ELOOP, "resolve in the child's view")
-            fd = sup.state["fsdeny.opener"].call(lambda: lookup(path, base_fd))
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
+        mine = f"/proc/{os.getpid()}"
+
+        def in_the_supervisor(fd) -> bool:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+            return real == mine or real.startswith(mine + "/")
+
+        def as_the_child():
+            """Walk the symlinks with the child's /proc/self (e.g. /etc/mtab -> ../proc/self/mounts)."""
             base = os.readlink(f"/proc/self/fd/{base_fd}") if base_fd != AT_FDCWD else "/"
             kind, val = self._child_resolve(os.fsdecode(path), base, tgid, tid)
             if kind == "fd":
@@ -337,13 +338,26 @@ class FsDeny:
                     return None, sup.dup_child_fd(n, val)
                 except OSError as e:  # no such fd: what the kernel says for /proc/<pid>/fd/N
                     raise OSError(errno.ENOENT if e.errno == errno.EBADF else e.errno, "no such fd") from None
-            fd = sup.state["fsdeny.opener"].call(lambda: lookup(val, AT_FDCWD))
-        if fd is not None:
-            real = os.readlink(f"/proc/self/fd/{fd}")
-            mine = f"/proc/{os.getpid()}"
-            if real == mine or real.startswith(mine + "/"):
+            return sup.state["fsdeny.opener"].call(lambda: lookup(val, AT_FDCWD)), -1
+
+        try:
+            if path.startswith(own):  # the child's own /proc entries: the opener's domain cannot see them
+                raise OSError(errno.ELOOP, "resolve in the child's view")
+            fd = sup.state["fsdeny.opener"].call(lambda: lookup(path, base_fd))
+            if fd is not None and in_the_supervisor(fd):  # a symlink on the way named /proc/self
                 os.close(fd)
-                raise OSError(errno.EACCES, "the supervisor's /proc entries are not the child's")
+                fd, child_fd = as_the_child()
+                if child_fd >= 0:
+                    return None, child_fd
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            fd, child_fd = as_the_child()
+            if child_fd >= 0:
+                return None, child_fd
+        if fd is not None and in_the_supervisor(fd):
+            os.close(fd)
+            raise OSError(errno.EACCES, "the supervisor's /proc entries are not the child's")
         return fd, -1
 
     def _open_on_behalf(self, sup, n, name, base_fd, path, flags, mode, resolve):

@@ -433,3 +433,21 @@ def test_linking_or_moving_a_file_from_outside_into_a_writable_dir(tmp_path):
         outcome = probe(sb, code)
         assert outcome.split()[0] in ("EXDEV", "EACCES", "EPERM"), (code, outcome)
     assert f.read_text() == "OUTSIDE-SECRET"
+
+
+def test_a_symlink_through_proc_self_resolves_as_the_child(tmp_path):
+    """/etc/mtab -> ../proc/self/mounts, opened on behalf under fs_denied: the supervisor's /proc/self must
+    not be what it reaches (that was refused with EACCES); the child's own entry is, and nothing of ours."""
+    (tmp_path / "denied").mkdir()
+    link = tmp_path / "status-link"
+    link.symlink_to("/proc/self/status")
+    fdlink = tmp_path / "fd-link"
+    fdlink.symlink_to("/proc/self/fd/0")
+    os.chmod(tmp_path, 0o755)
+    sb = Sandbox(Policy(fs_readable=[*SYSTEM_RO, "/proc", str(tmp_path)], fs_denied=[str(tmp_path / "denied")]))
+    res = sb.run(["sh", "-c", f"head -1 /etc/mtab | wc -l; grep ^Name: {link}; "
+                              f"readlink /proc/self/fd/0 </dev/null; cat {fdlink} </dev/null; echo end"])
+    assert res.exit_code == 0, res
+    out = res.stdout.decode().split("\n")
+    assert out[0].strip() == "1" and out[1] == "Name:\tgrep", (out, res.stderr)
+    assert out[-2] == "end", out
