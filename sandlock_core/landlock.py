@@ -24,12 +24,12 @@ Choices made here (they are the semantics users see):
 """
 from __future__ import annotations
 
-import functools
 import os
 import stat
-from collections.abc import Iterable
+from _collections_abc import Iterable  # = collections.abc.Iterable, without importing collections (CLI start-up)
 
 from . import _sys
+from ._cache import memoize
 from .errors import ConfinementError, LandlockUnavailableError, PolicyError
 
 # ---- filesystem access rights (include/uapi/linux/landlock.h) ----
@@ -82,7 +82,7 @@ MAX_KNOWN_ABI = 7
 _KERNEL_OF_ABI = {1: "5.13", 2: "5.19", 3: "6.2", 4: "6.7", 5: "6.10", 6: "6.12", 7: "6.15"}
 
 
-@functools.lru_cache(maxsize=None)
+@memoize
 def abi_version() -> int:
     """The running kernel's Landlock ABI version (cached); 0 when Landlock is missing or disabled."""
     return _sys.landlock_abi_version()

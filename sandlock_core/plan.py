@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 from . import _imports as importlib  # import_module without the importlib package (warnings: CLI start-up)
 import os
-from collections.abc import Callable
+from _collections_abc import Callable  # = collections.abc.Callable, without importing collections (CLI start-up)
 
 from . import _sys, seccomp, syscalls
 from .errors import PolicyError

@@ -12,6 +12,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from ._enum import Enum as _LiteEnum
 from . import policy_spec as _spec
 from .errors import PolicyError
 from .policy_spec import (MAX_CPU_NUMBER, BranchAction, FsIsolation, parse_cpu_list, parse_ports,  # noqa: F401
@@ -96,7 +97,7 @@ class Policy:
 
 
 def _plain(v):
-    if isinstance(v, enum.Enum):
+    if isinstance(v, (enum.Enum, _LiteEnum)):
         return v.value
     if isinstance(v, tuple):
         return list(v)

@@ -11,22 +11,22 @@ Adding a field: one row in ``FIELDS`` and its step in ``normalise()``; ``Policy`
 """
 from __future__ import annotations
 
-import enum
 import os
 import sys
 import types
-from collections.abc import Mapping
+from _collections_abc import Mapping  # = collections.abc.Mapping, without importing collections (CLI start-up)
 
+from ._enum import Enum
 from .errors import PolicyError
 
 
-class FsIsolation(enum.Enum):
+class FsIsolation(Enum):
     NONE = "none"
     OVERLAYFS = "overlayfs"
     BRANCHFS = "branchfs"
 
 
-class BranchAction(enum.Enum):
+class BranchAction(Enum):
     COMMIT = "commit"
     ABORT = "abort"
     KEEP = "keep"

@@ -1,11 +1,11 @@
 """The public API: ``Sandbox(policy).run(cmd)`` and ``confine(policy)``."""
 from __future__ import annotations
 
-import enum
 import os
 import select
 import _signal as signal  # the C module: signal.py adds enums, ~0.6 ms of CLI start-up
 import time
+from ._enum import Enum as _Enum
 from ._records import dataclass, field  # dataclasses costs ~10 ms of CLI start-up
 
 from . import spawn as _spawn
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # annotations only: Policy is imported when Sandbox() needs a
 _DEVNULL = os.devnull
 
 
-class ExitReason(enum.Enum):
+class ExitReason(_Enum):
     EXITED = "exited"
     SIGNALED = "signaled"
     KILLED = "killed"

@@ -39,12 +39,12 @@ Consequences the callers rely on:
 from __future__ import annotations
 
 import errno
-import functools
 import sys
 from ._records import dataclass  # dataclasses costs ~10 ms of CLI start-up
-from collections.abc import Iterable
+from _collections_abc import Iterable  # = collections.abc.Iterable, without importing collections (CLI start-up)
 
 from . import bpf, syscalls
+from ._cache import memoize
 
 # seccomp return actions (linux/seccomp.h); the low 16 bits carry data (errno for ERRNO).
 SECCOMP_RET_KILL_PROCESS = 0x80000000
@@ -241,7 +241,7 @@ def _check_spec(spec: FilterSpec) -> None:
                              "within the mask")
 
 
-@functools.lru_cache(maxsize=128)
+@memoize
 def build_filter(spec: FilterSpec) -> bytes:
     """The assembled program (``struct sock_filter[]`` bytes) for ``spec``; see the module docstring."""
     _check_spec(spec)

@@ -6,10 +6,10 @@ uses the running machine's architecture when it is ``None``.
 """
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Iterable
+from _collections_abc import Iterable  # = collections.abc.Iterable, without importing collections (CLI start-up)
 
+from ._cache import memoize
 from ._syscall_table import TABLES
 
 # linux/audit.h: what seccomp_data.arch holds for each calling convention.
@@ -38,7 +38,7 @@ DEFAULT_BLOCKLIST: tuple[str, ...] = (
 _MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv8l": "aarch64"}
 
 
-@functools.lru_cache(maxsize=None)
+@memoize
 def native_arch() -> str:
     """``"x86_64"`` or ``"aarch64"`` (from ``uname -m``); other machines are returned as named."""
     m = os.uname().machine.lower()
@@ -55,7 +55,7 @@ def table(arch: str | None = None) -> dict[str, int]:
                       f"(supported: {', '.join(ARCHES)})") from None
 
 
-@functools.lru_cache(maxsize=None)
+@memoize
 def _numbers_to_names(arch: str) -> dict[int, str]:
     return {nr: name for name, nr in table(arch).items()}
 
