@@ -52,3 +52,16 @@ def run_as_nobody(code: str, *args: str, timeout: float = 60, **kw) -> subproces
     """Run ``python -c code args...`` as an unprivileged user; capture text output."""
     return subprocess.run([*nobody_python(), "-c", code, *args], capture_output=True, text=True,
                           timeout=timeout, cwd="/", **kw)
+
+
+def userns_unavailable() -> str | None:
+    """Why this kernel gives no unprivileged user namespace (None when it does): for skip reasons."""
+    if not os.path.exists("/proc/self/ns/user"):
+        return "no user namespaces in this kernel"
+    try:
+        with open("/proc/sys/user/max_user_namespaces") as f:
+            if f.read().strip() == "0":
+                return "user.max_user_namespaces is 0"
+    except OSError:
+        pass
+    return None

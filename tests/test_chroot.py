@@ -14,21 +14,16 @@ import pytest
 from sandlock_core import Policy, PolicyError, Sandbox
 from sandlock_core.policy import BranchAction, FsIsolation
 
-from support import run_as_nobody
+from support import run_as_nobody, userns_unavailable
 
 PROGS = ("sh", "id", "ls", "cat", "touch", "stat", "rm", "mkdir", "chroot")
 FIND = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"  # chroot(8) lives in sbin, often off a user's PATH
 
 
 def _userns_works() -> str | None:
-    if not os.path.exists("/proc/self/ns/user"):
-        return "no user namespaces in this kernel"
-    try:
-        with open("/proc/sys/user/max_user_namespaces") as f:
-            if f.read().strip() == "0":
-                return "user.max_user_namespaces is 0"
-    except OSError:
-        pass
+    why = userns_unavailable()
+    if why is not None:
+        return why
     if shutil.which("ldd", path=FIND) is None or any(shutil.which(p, path=FIND) is None for p in PROGS):
         return "ldd and " + ", ".join(PROGS) + " are needed to build a small root"
     return None

@@ -15,7 +15,7 @@ import pytest
 from sandlock_core import Policy, PolicyError, Sandbox
 from sandlock_core.policy import BranchAction, FsIsolation
 
-from support import run_as_nobody
+from support import run_as_nobody, userns_unavailable
 
 SYSTEM_RO = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
 OVERLAY = FsIsolation.OVERLAYFS
@@ -27,14 +27,9 @@ GIT_INDEX = os.path.join(".git", "index")  # holds inode numbers and ctimes: dif
 
 def _userns_overlay_works() -> str | None:
     """None when an unprivileged user namespace may mount an overlay here, else why not."""
-    if not os.path.exists("/proc/self/ns/user"):
-        return "no user namespaces in this kernel"
-    try:
-        with open("/proc/sys/user/max_user_namespaces") as f:
-            if f.read().strip() == "0":
-                return "user.max_user_namespaces is 0"
-    except OSError:
-        pass
+    why = userns_unavailable()
+    if why is not None:
+        return why
     with open("/proc/filesystems") as f:
         if "overlay" not in f.read():
             return "no overlay filesystem in this kernel"

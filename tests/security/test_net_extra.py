@@ -14,7 +14,7 @@ import pytest
 from sandlock_core import Policy, Sandbox
 from sandlock_core.policy import BranchAction, FsIsolation
 
-from support import run_as_nobody
+from support import run_as_nobody, userns_unavailable
 from .helpers import SYSTEM_RO, py
 
 # For each argument "stream:PATH" (connect + write), "dgram:PATH" (sendto) or "msg:PATH" (sendmsg): one line,
@@ -49,19 +49,7 @@ int main(int argc, char **argv) {
 """
 
 
-def _userns() -> str | None:
-    if not os.path.exists("/proc/self/ns/user"):
-        return "no user namespaces in this kernel"
-    try:
-        with open("/proc/sys/user/max_user_namespaces") as f:
-            if f.read().strip() == "0":
-                return "user.max_user_namespaces is 0"
-    except OSError:
-        pass
-    return None
-
-
-needs_userns = pytest.mark.skipif(_userns() is not None, reason=str(_userns()))
+needs_userns = pytest.mark.skipif(userns_unavailable() is not None, reason=str(userns_unavailable()))
 
 
 @pytest.fixture(scope="module")
