@@ -849,8 +849,8 @@ class Deterministic:
         dup = sup.dup_child_fd(n, s32(a[0]))
         try:
             buf = ffi.new("char[]", 144)
-            r = _raw("newfstatat", dup, ffi.cast("long", ffi.new("char[]", b"")), ffi.cast("long", buf),
-                     AT_EMPTY_PATH)
+            empty = ffi.new("char[]", b"")  # held until the call returns (a temporary is freed at once)
+            r = _raw("newfstatat", dup, ffi.cast("long", empty), ffi.cast("long", buf), AT_EMPTY_PATH)
         finally:
             os.close(dup)
         if r < 0:

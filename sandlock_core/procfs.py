@@ -325,8 +325,9 @@ class ProcFs:
 
     def _openat2(self, base: int, path: bytes, how) -> int:
         """An O_PATH fd or -errno."""
+        name = ffi.new("char[]", path)  # held until the call returns: a temporary would be freed before it
         return lib.sl_raw_syscall6(self.nr_openat2, base if base >= 0 else AT_FDCWD,
-                                   ffi.cast("long", ffi.new("char[]", path)), how, 24, 0, 0)
+                                   ffi.cast("long", name), how, 24, 0, 0)
 
     # ---- /proc/<pid> of the sandbox: opened and read on behalf, decided on the object ----
     def behalf(self, sup) -> "ProcBehalf":
