@@ -43,7 +43,9 @@ Context (``ctx``): ``restrict_network(ips)``, ``grant_network(ips)`` (only while
 beyond the initial policy), ``restrict_pid_network(pid, ips)``, ``deny_path(p)``, ``allow_path(p)`` (lifts only
 a path denied through ``deny_path``), ``restrict_max_memory(b)``, ``restrict_max_processes(n)``. Restrictions
 are permanent. The memory/process limits are stored in ``sup.state["max_memory"]`` / ``["max_processes"]``
-(the smaller value wins) for the resources mechanism to enforce.
+(the smaller value wins) for the resources mechanism to enforce; where the policy counts no memory (no
+``max_memory``) or no processes (``max_processes`` not enforced), those two raise, so the callback fails and
+its event is denied instead of the restriction silently doing nothing.
 """
 from __future__ import annotations
 
@@ -124,12 +126,22 @@ class PolicyContext:
         with self._lock:
             self._s.setdefault("pf_deny", set()).discard(os.path.normpath(os.path.abspath(path)))
 
+    def _counted(self, what: str, limit_attr: str, field: str) -> None:
+        """A limit can only be lowered where the resources mechanism counts it: otherwise the restriction would
+        silently do nothing. Raising makes the callback fail, which denies the event (fail closed)."""
+        r = self._s.get("resources")
+        if r is None or getattr(r.mech, limit_attr) is None:
+            raise PermissionError(f"{what}: this sandbox does not count {field.split('_')[1]} (set {field} in "
+                                  f"the policy so that a callback can lower it)")
+
     def restrict_max_memory(self, nbytes: int) -> None:
+        self._counted("restrict_max_memory", "mem_limit", "max_memory")
         with self._lock:
             cur = self._s.get("max_memory")
             self._s["max_memory"] = int(nbytes) if cur is None else min(cur, int(nbytes))
 
     def restrict_max_processes(self, n: int) -> None:
+        self._counted("restrict_max_processes", "proc_limit", "max_processes")
         with self._lock:
             cur = self._s.get("max_processes")
             self._s["max_processes"] = int(n) if cur is None else min(cur, int(n))

@@ -103,10 +103,26 @@ def test_context_methods(tmp_path):
                 ctx.restrict_network(["127.0.0.1"]) or ctx.grant_network(["10.0.0.1"])
         return 0
 
-    sb = Sandbox(_policy(tmp_path), policy_fn=on_event)
+    sb = Sandbox(_policy(tmp_path, max_memory="2G", max_processes=20), policy_fn=on_event)
     r = sb.run(["sh", "-c", f"cat {tmp_path}/f; echo rc=$?"], timeout=30)
     assert b"rc=1" in r.stdout and b"Permission denied" in r.stderr
     assert sb._sup.state["max_memory"] == 1 << 30 and sb._sup.state["max_processes"] == 10
+
+
+def test_restricting_processes_takes_effect_and_an_uncounted_limit_fails_closed(tmp_path):
+    """restrict_max_processes lowers a counted limit for real (forks then fail); where the policy counts no
+    processes the call raises, the callback fails and the event is denied: never a silent no-op."""
+    def on_event(event, ctx):
+        if event.syscall == "execve" and event.argv and event.argv[0] == "sh":
+            ctx.restrict_max_processes(1)
+        return 0
+    code = "(true) && echo forked || echo refused"
+    r = Sandbox(_policy(tmp_path, max_processes=20), policy_fn=on_event).run(["sh", "-c", code], timeout=30)
+    assert b"forked" not in r.stdout and any("max_processes (1) reached" in str(d) for d in r.denials), r
+    uncounted = Sandbox(_policy(tmp_path), policy_fn=on_event)
+    r = uncounted.run(["sh", "-c", "echo ran"], timeout=30)
+    assert r.exit_code != 0 and b"ran" not in r.stdout, r
+    assert any("restrict_max_processes" in e for e in uncounted._sup.errors), uncounted._sup.errors
 
 
 def test_raising_callback_denies(tmp_path):
