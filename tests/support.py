@@ -65,3 +65,56 @@ def userns_unavailable() -> str | None:
     except OSError:
         pass
     return None
+
+
+# ---- copy-on-write comparisons (test_cow.py, test_cow_overlay.py) ----
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
+           "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z",
+           "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
+GIT_INDEX = os.path.join(".git", "index")  # holds inode numbers and ctimes: differs per copy
+
+
+def tree_snapshot(root) -> dict:
+    """path -> (type, mode, content or target) for every entry under root (mtimes and inodes left out)."""
+    import stat
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("l", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("d", stat.S_IMODE(st.st_mode))
+            elif rel == GIT_INDEX:
+                out[rel] = ("f", stat.S_IMODE(st.st_mode))
+            else:
+                with open(full, "rb") as f:
+                    out[rel] = ("f", stat.S_IMODE(st.st_mode), f.read())
+    return out
+
+
+def expected_changes(before: dict, after: dict) -> list[tuple[str, str]]:
+    """The A/M/D list a dry run must report for two snapshots."""
+    ch = []
+    for p in sorted(set(before) | set(after)):
+        if p not in after:
+            ch.append(("D", p))
+        elif p not in before:
+            ch.append(("A", p))
+        elif before[p] != after[p]:
+            ch.append(("M", p))
+    return ch
+
+
+def make_tree(root):
+    os.makedirs(root / "src" / "deep" / "er")
+    (root / "README").write_text("hello\nworld\n")
+    (root / "src" / "a.c").write_text("int a(void) { return 1; }\n")
+    (root / "src" / "deep" / "x.txt").write_text("x\n")
+    (root / "src" / "deep" / "er" / "y.txt").write_text("y\n")
+    (root / "tool.sh").write_text("#!/bin/sh\necho tool\n")
+    os.chmod(root / "tool.sh", 0o755)
+    os.symlink("README", root / "link")
+    return root

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import textwrap
@@ -15,57 +14,12 @@ import pytest
 from sandlock_core import BranchConflictError, Policy, Sandbox
 from sandlock_core.cow_branch import commit_lock
 
-from support import run_as_nobody
+from support import GIT_ENV, expected_changes, make_tree, run_as_nobody
+from support import tree_snapshot as snapshot
 
 SYSTEM_RO = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@e", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@e",
-       "GIT_AUTHOR_DATE": "2020-01-01T00:00:00Z", "GIT_COMMITTER_DATE": "2020-01-01T00:00:00Z",
-       "HOME": "/nonexistent", "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
-
-
-def snapshot(root) -> dict:
-    """path -> (type, mode, content or target) for every entry under root (mtimes and inodes left out)."""
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            full = os.path.join(dirpath, name)
-            rel = os.path.relpath(full, root)
-            st = os.lstat(full)
-            if stat.S_ISLNK(st.st_mode):
-                out[rel] = ("l", os.readlink(full))
-            elif stat.S_ISDIR(st.st_mode):
-                out[rel] = ("d", stat.S_IMODE(st.st_mode))
-            elif rel == os.path.join(".git", "index"):
-                out[rel] = ("f", stat.S_IMODE(st.st_mode))  # holds inode numbers and ctimes: differs per copy
-            else:
-                with open(full, "rb") as f:
-                    out[rel] = ("f", stat.S_IMODE(st.st_mode), f.read())
-    return out
-
-
-def expected_changes(before: dict, after: dict) -> list[tuple[str, str]]:
-    ch = []
-    for p in sorted(set(before) | set(after)):
-        if p not in after:
-            ch.append(("D", p))
-        elif p not in before:
-            ch.append(("A", p))
-        elif before[p] != after[p]:
-            ch.append(("M", p))
-    return ch
-
-
-def make_tree(root):
-    os.makedirs(root / "src" / "deep" / "er")
-    (root / "README").write_text("hello\nworld\n")
-    (root / "src" / "a.c").write_text("int a(void) { return 1; }\n")
-    (root / "src" / "deep" / "x.txt").write_text("x\n")
-    (root / "src" / "deep" / "er" / "y.txt").write_text("y\n")
-    (root / "tool.sh").write_text("#!/bin/sh\necho tool\n")
-    os.chmod(root / "tool.sh", 0o755)
-    os.symlink("README", root / "link")
-    return root
+ENV = GIT_ENV
 
 
 def compare_run(tmp_path, script: str, tree=make_tree, policy_kw=None, env=None):
