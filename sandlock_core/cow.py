@@ -422,19 +422,25 @@ class Cow(CowView, CowMutations, CowExec):
             return
         self.branch = None
         self.close()
-        if getattr(_dry, "active", False):
-            _dry.changes = b.changes()
-            b.discard()
-            return
-        from .policy import BranchAction
-        action = self.policy.on_exit if result.exit_code == 0 else self.policy.on_error
-        if action is BranchAction.COMMIT:
-            b.commit()
-        elif action is BranchAction.KEEP:
-            b.keep()
-            result.cow_upper = b.upper
-        else:
-            b.discard()
+        conclude(b, self.policy, result)
+
+
+def conclude(b, policy, result) -> None:
+    """A finished run's branch: its changes recorded and dropped (dry run), or on_exit/on_error applied.
+    Shared by the seccomp COW and the OverlayFS mode (whose upper is adopted into a branch first)."""
+    if getattr(_dry, "active", False):
+        _dry.changes = b.changes()
+        b.discard()
+        return
+    from .policy_spec import BranchAction
+    action = policy.on_exit if result.exit_code == 0 else policy.on_error
+    if action is BranchAction.COMMIT:
+        b.commit()
+    elif action is BranchAction.KEEP:
+        b.keep()
+        result.cow_upper = b.upper
+    else:
+        b.discard()
 
 
 HANDLERS = {

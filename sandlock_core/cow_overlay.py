@@ -93,20 +93,8 @@ class Overlay:
         except OSError as exc:
             b.keep()
             raise BranchError(f"the overlay upper {b.upper!r} could not be read back ({exc}); it is kept") from exc
-        from . import cow
-        from .policy import BranchAction
-        if getattr(cow._dry, "active", False):
-            cow._dry.changes = b.changes()
-            b.discard()
-            return
-        action = self.policy.on_exit if result.exit_code == 0 else self.policy.on_error
-        if action is BranchAction.COMMIT:
-            b.commit()
-        elif action is BranchAction.KEEP:
-            b.keep()
-            result.cow_upper = b.upper
-        else:
-            b.discard()
+        from .cow import conclude
+        conclude(b, self.policy, result)
 
 
 def adopt_upper(b) -> None:
