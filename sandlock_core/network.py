@@ -647,46 +647,41 @@ class Net:
             raise
         return bytes(out), fds
 
-    def h_sendmsg(self, sup, n):
-        a = n.data.args
-        flags = s32(a[2])
+    def dup_and_read(self, sup, n, read):
+        """(dup of the child's socket, ``read(dup, domain, stype)``), or an Errno with nothing left open: the
+        message is copied once, from the supervisor's own duplicate, before anything is judged or sent."""
         try:
-            dup = sup.dup_child_fd(n, s32(a[0]))
+            dup = sup.dup_child_fd(n, s32(n.data.args[0]))
         except OSError as exc:
-            return Errno(exc.errno or errno.EBADF)
+            return Errno(exc.errno or errno.EBADF), None
         try:
             domain, stype, _ = self._sock_info(dup)
-            msg = self._read_msg(sup, n, a[1], domain, stype, "sendmsg")
+            got = read(dup, domain, stype)
         except OSError as exc:
             os.close(dup)
-            return Errno(exc.errno or errno.EINVAL)
+            return Errno(exc.errno or errno.EINVAL), None
         except BaseException:
             os.close(dup)
             raise
-        if isinstance(msg, Errno):
+        if isinstance(got, Errno):
             os.close(dup)
-            return msg
+            return got, None
+        return dup, got
+
+    def h_sendmsg(self, sup, n):
+        a = n.data.args
+        flags = s32(a[2])
+        dup, msg = self.dup_and_read(sup, n, lambda d, dom, st: self._read_msg(sup, n, a[1], dom, st, "sendmsg"))
+        if msg is None:
+            return dup
         return self._run(sup, n, dup, self._blocking(dup, flags), lambda: msg.send(self.s, dup, flags))
 
     def h_sendmmsg(self, sup, n):
         a = n.data.args
         vec, vlen, flags = a[1], min(a[2] & 0xFFFFFFFF, UIO_MAXIOV), s32(a[3])
-        try:
-            dup = sup.dup_child_fd(n, s32(a[0]))
-        except OSError as exc:
-            return Errno(exc.errno or errno.EBADF)
-        try:
-            domain, stype, _ = self._sock_info(dup)
-            msgs = self._read_mmsg(sup, n, vec, vlen, domain, stype)
-        except OSError as exc:
-            os.close(dup)
-            return Errno(exc.errno or errno.EINVAL)
-        except BaseException:
-            os.close(dup)
-            raise
-        if isinstance(msgs, Errno):
-            os.close(dup)
-            return msgs
+        dup, msgs = self.dup_and_read(sup, n, lambda d, dom, st: self._read_mmsg(sup, n, vec, vlen, dom, st))
+        if msgs is None:
+            return dup
         return self._run(sup, n, dup, self._blocking(dup, flags), self._mmsg_op(n.pid, dup, vec, msgs, flags))
 
     def _read_mmsg(self, sup, n, vec: int, vlen: int, domain: int, stype: int, judge=None):

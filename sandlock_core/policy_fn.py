@@ -549,12 +549,12 @@ class Engine:
             # no destination (decided on a register): the socket's connect was judged; nothing read
             return self._hold(sup, n, event, None, lambda: CONTINUE)
         net = self._net_mechanism(sup)
+        if name in ("sendmsg", "sendmmsg"):
+            return self._net_msgs(sup, n, name, net, event)
         try:
             dup = sup.dup_child_fd(n, s32(a[0]))
         except OSError as exc:
             return Errno(exc.errno or errno.EBADF)
-        if name in ("sendmsg", "sendmmsg"):
-            return self._net_msgs(sup, n, name, net, dup, event)
         try:
             op = self._prepare_net(sup, n, name, net, dup, event)
         except OSError as exc:
@@ -575,28 +575,27 @@ class Engine:
             return Errno(errno.EPERM)
         return self._hold(sup, n, event, None, op, discard=lambda: os.close(dup))
 
-    def _net_msgs(self, sup, n, name, net, dup, event):
-        """sendmsg/sendmmsg: the messages are copied once (network.py), judged, shown, then sent on ``dup``."""
+    def _net_msgs(self, sup, n, name, net, event):
+        """sendmsg/sendmmsg: the messages are copied once (network.py), judged, shown, then sent on a dup."""
         a = n.data.args
-        try:
-            domain, stype, _ = net._sock_info(dup)
-            msgs = self._read_batch(sup, n, name, net, domain, stype, event)
-        except OSError as exc:
-            os.close(dup)
-            return Errno(exc.errno or errno.EINVAL)
-        except BaseException:
-            os.close(dup)
-            raise
+        refused = []
+
+        def read(dup, domain, stype):
+            got = self._read_batch(sup, n, name, net, domain, stype, event)
+            if type(got) is Errno:
+                refused.append(got)
+            return got
+        dup, msgs = net.dup_and_read(sup, n, read)
+        if msgs is None:  # dup is the Errno; a refusal by the built-in rules is this event's denial
+            if refused:
+                event.denied = True
+                self._observe(sup, event)
+            return dup
 
         def discard():
             for m in msgs:
                 m.close()
             os.close(dup)
-        if type(msgs) is Errno:
-            os.close(dup)
-            event.denied = True
-            self._observe(sup, event)
-            return msgs
         if self._pf_net_refused(sup, n, name, event):  # the whole batch has the event's destination
             discard()
             return Errno(errno.EPERM)
