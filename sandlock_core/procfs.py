@@ -801,12 +801,9 @@ class OwnerCalls:
             return Errno(errno.ESRCH) if self._foreign_owner(sup, n, "fcntl", who) else None
         if cmd != F_SETOWN_EX:
             return None
-        try:
-            raw = sup.read_mem(n, a[2], 8)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                raise
-            return Errno(errno.EFAULT)
+        raw = _copy_arg(sup, n, a[2], 8)
+        if type(raw) is Errno:
+            return raw
         kind, who = struct.unpack("=ii", raw)
         if kind in (F_OWNER_TID, F_OWNER_PID, F_OWNER_PGRP) and who > 0 and self._foreign_owner(
                 sup, n, "fcntl", -who if kind == F_OWNER_PGRP else who):
@@ -818,12 +815,9 @@ class OwnerCalls:
         cmd = a[1] & 0xFFFFFFFF
         if cmd not in (FIOSETOWN, SIOCSPGRP):
             return None
-        try:
-            raw = sup.read_mem(n, a[2], 4)
-        except OSError as exc:
-            if exc.errno == errno.ESRCH:
-                raise
-            return Errno(errno.EFAULT)
+        raw = _copy_arg(sup, n, a[2], 4)
+        if type(raw) is Errno:
+            return raw
         who = struct.unpack("=i", raw)[0]
         if self._foreign_owner(sup, n, "ioctl", who):
             return Errno(errno.ESRCH)
@@ -934,6 +928,17 @@ class ProcBehalf:
         data = os.fsencode(target)[:size]
         sup.write_mem(n, buf, data)
         return Value(len(data))
+
+
+def _copy_arg(sup, n, addr: int, size: int):
+    """The argument's bytes, copied once (what the on-behalf call then uses), or Errno(EFAULT); a stale
+    notification (ESRCH) propagates and fails closed."""
+    try:
+        return sup.read_mem(n, addr, size)
+    except OSError as exc:
+        if exc.errno == errno.ESRCH:
+            raise
+        return Errno(errno.EFAULT)
 
 
 # The C fast path (native.c, sl_proc_wait_recv): the syscalls it may answer, and how their arguments are laid out.
