@@ -120,7 +120,12 @@ class Spawned:
 
     def read_exec_result(self) -> None:
         """After release: EOF means exec succeeded (the socket is close-on-exec); a message means it failed."""
-        data, fd = _sys.recv_msg_fd(self.sock, _MSG.size)
+        try:
+            data, fd = _sys.recv_msg_fd(self.sock, _MSG.size)
+        except ConnectionResetError:
+            # killed before it read our "G" (unread data makes its close a reset): no exec result to report,
+            # the reaper's status says how it ended
+            return
         if fd >= 0:
             os.close(fd)
         if len(data) == _MSG.size:
