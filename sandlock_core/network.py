@@ -61,6 +61,7 @@ from .notif import CONTINUE, DEFERRED, Errno, Value, s32, serve_virtual
 
 AF_UNSPEC, AF_UNIX, AF_INET, AF_INET6 = 0, 1, 2, 10
 SOL_SOCKET, SO_TYPE, SO_PROTOCOL, SO_DOMAIN = 1, 3, 38, 39
+SO_REUSEADDR, SO_REUSEPORT = 2, 15
 SCM_RIGHTS, SCM_CREDENTIALS = 1, 2
 SOCK_STREAM, SOCK_DGRAM = 1, 2
 IPPROTO_TCP, IPPROTO_MPTCP = 6, 262
@@ -87,6 +88,7 @@ class _Sys:
         nr = lambda name: syscalls.number(name, arch)  # noqa: E731
         self.connect, self.bind, self.sendmsg = nr("connect"), nr("bind"), nr("sendmsg")
         self.getsockname, self.getpeername, self.getsockopt = nr("getsockname"), nr("getpeername"), nr("getsockopt")
+        self.setsockopt = nr("setsockopt")
 
 
 def _addr(buf) -> int:
@@ -98,6 +100,11 @@ def _getsockopt_int(s: _Sys, fd: int, level: int, opt: int) -> int:
     ln = ffi.new("unsigned int *", 4)
     _sys.raw_syscall(s.getsockopt, fd, level, opt, _addr(val), _addr(ln))
     return val[0]
+
+
+def _setsockopt_int(s: _Sys, fd: int, level: int, opt: int, value: int) -> None:
+    val = ffi.new("int *", value)
+    _sys.raw_syscall(s.setsockopt, fd, level, opt, _addr(val), 4)
 
 
 def _sockname(s: _Sys, nr: int, fd: int) -> bytes:
@@ -459,7 +466,7 @@ class Net:
                 sup.record("bind", n.pid, errno.EACCES, f"port {port}", f"add {port} to net_bind")
                 return Errno(errno.EACCES)
             m = sup.state.setdefault("port_map" if stype & 0xF == SOCK_STREAM else "port_map_udp", {})
-            return self._bind_remapped(n, dup, raw, port, m)
+            return self._bind_remapped(sup, n, dup, raw, port, m)
         except OSError as exc:
             return Errno(exc.errno or errno.EINVAL)
         finally:
@@ -469,14 +476,21 @@ class Net:
         buf = ffi.new("char[]", raw)
         _sys.raw_syscall(self.s.bind, fd, _addr(buf), len(raw))
 
-    def _bind_remapped(self, n, dup: int, raw: bytes, port: int, m: dict):
+    def _bind_remapped(self, sup, n, dup: int, raw: bytes, port: int, m: dict):
         real = m.get(port)
         if real is not None:
-            self._bind(dup, _with_port(raw, real))  # EADDRINUSE here is the sandbox's own conflict
-            return Value(0)
-        if port >= _unprivileged_port_start() or _has_cap(n.pid, CAP_NET_BIND_SERVICE):
             try:
-                self._bind(dup, raw)
+                self._bind(dup, _with_port(raw, real))
+                return Value(0)
+            except OSError as exc:
+                # Still held by one of the sandbox's sockets: the sandbox's own conflict, as the kernel says.
+                stream = m is sup.state.get("port_map")
+                if exc.errno != errno.EADDRINUSE or _sandbox_holds_port(sup, real, stream):
+                    raise
+            # The sandbox let go of it and a process outside took the real port since: map to a fresh one.
+        elif port >= _unprivileged_port_start() or _has_cap(n.pid, CAP_NET_BIND_SERVICE):
+            try:
+                self._bind_exclusive(dup, raw)
                 m[port] = port
                 return Value(0)
             except OSError as exc:
@@ -485,6 +499,21 @@ class Net:
         self._bind(dup, _with_port(raw, 0))
         m[port] = _port(_sockname(self.s, self.s.getsockname, dup))
         return Value(0)
+
+    def _bind_exclusive(self, fd: int, raw: bytes) -> None:
+        """Bind the virtual port as the real one only if nobody else has it. With SO_REUSEADDR on both sockets, a
+        port another process has bound but not yet listened on looks free: both binds succeed and the second
+        listen() fails EADDRINUSE, too late to remap. So bind with the reuse options off, then restore the child's."""
+        saved = [(opt, _getsockopt_int(self.s, fd, SOL_SOCKET, opt)) for opt in (SO_REUSEADDR, SO_REUSEPORT)]
+        for opt, on in saved:
+            if on:
+                _setsockopt_int(self.s, fd, SOL_SOCKET, opt, 0)
+        try:
+            self._bind(fd, raw)
+        finally:
+            for opt, on in saved:
+                if on:
+                    _setsockopt_int(self.s, fd, SOL_SOCKET, opt, on)
 
     # ---- getsockname / getpeername (port_remap) ----
     def _name_handler(self, which: str):
@@ -895,6 +924,24 @@ def _sandbox_socket_inodes(sup) -> set[int]:
             if link.startswith("socket:["):
                 inodes.add(int(link[8:-1]))
     return inodes
+
+
+def _sandbox_holds_port(sup, real: int, stream: bool) -> bool:
+    """Whether a socket of the sandbox is bound to local port ``real`` (from /proc/net: the supervisor shares
+    the sandbox's network namespace). TIME_WAIT entries carry inode 0 and hold nothing."""
+    inodes = _sandbox_socket_inodes(sup)
+    want = f":{real:04X}".encode()
+    for name in (("tcp", "tcp6") if stream else ("udp", "udp6")):
+        try:
+            with open(f"/proc/net/{name}", "rb") as f:
+                lines = f.read().split(b"\n")[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) >= 10 and f[1].endswith(want) and f[9].isdigit() and int(f[9]) in inodes:
+                return True
+    return False
 
 
 def _status(pid: int) -> dict[bytes, bytes]:

@@ -727,7 +727,7 @@ class Engine:
             return Errno(errno.EACCES)
         if net.remap and d.port and stype & 0xF in (nw.SOCK_STREAM, nw.SOCK_DGRAM):
             m = sup.state.setdefault("port_map" if stype & 0xF == nw.SOCK_STREAM else "port_map_udp", {})
-            return self._bind_op(dup, lambda: net._bind_remapped(n, dup, d.raw, d.port, m))
+            return self._bind_op(dup, lambda: net._bind_remapped(sup, n, dup, d.raw, d.port, m))
         # The supervisor may hold CAP_NET_BIND_SERVICE the child lacks: answer as the kernel would answer it.
         if 0 < d.port < nw._unprivileged_port_start() and not nw._has_cap(n.pid, nw.CAP_NET_BIND_SERVICE):
             sup.record("bind", n.pid, errno.EACCES, f"port {d.port}", "privileged port")

@@ -484,6 +484,74 @@ def test_port_remap_respects_net_bind():
     assert res.stdout.split() == [b"OK", b"EACCES"], res
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_port_bound_but_not_listening_elsewhere_is_not_shared_with_the_sandbox():
+    """Two SO_REUSEADDR sockets may both bind a port nobody listens on yet; the second listen() then fails
+    EADDRINUSE, too late to remap. So the sandbox's first bind of a port is exclusive and remaps on conflict."""
+    port = _free_port()
+    host = socket.socket()
+    host.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    host.bind(("127.0.0.1", port))            # bound, not listening (another xdist worker, mid-test)
+    code = f"""
+    import socket
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", {port})); s.listen()
+    print("listening", s.getsockname()[1], s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0)
+    """
+    try:
+        sb = Sandbox(Policy(port_remap=True))
+        res = sb.run(py(code), timeout=30)
+        host.listen()                          # the host's own socket still works: nobody took its port
+    finally:
+        host.close()
+    assert res.stdout.split() == [b"listening", str(port).encode(), b"True"], res
+    assert sb.ports()[port] != port
+
+
+def test_virtual_port_rebound_after_the_host_took_its_real_port_gets_a_fresh_one(tmp_path):
+    code = f"""
+    import errno, os, socket, time
+    a = socket.socket(); a.bind(("127.0.0.1", 8080)); a.close()
+    open({str(tmp_path / "closed")!r}, "w").close()
+    while not os.path.exists({str(tmp_path / "go")!r}):
+        time.sleep(0.01)
+    b = socket.socket(); b.bind(("127.0.0.1", 8080)); b.listen()
+    c = socket.socket()
+    try:
+        c.bind(("127.0.0.1", 8080)); print("second bind succeeded")
+    except OSError as e:
+        print("own", errno.errorcode[e.errno])
+    print("name", b.getsockname()[1])
+    """
+    sb = Sandbox(Policy(port_remap=True, fs_writable=[str(tmp_path)], fs_readable=["/usr", "/lib", "/lib64"]))
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("res", sb.run(py(code), timeout=60)))
+    t.start()
+    holder = None
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "closed").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first = sb.ports()[8080]
+        holder = socket.socket()               # the host takes the real port the sandbox let go of
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", first))
+        holder.listen()
+        (tmp_path / "go").touch()
+        t.join(60)
+    finally:
+        if holder is not None:
+            holder.close()
+    res = box["res"]
+    assert res.stdout.decode().split("\n")[:2] == ["own EADDRINUSE", "name 8080"], res
+    assert sb.ports()[8080] != first
+
+
 XDIST_TEST = '''
 import os, sys, textwrap, threading, time, urllib.request
 from sandlock_core import Policy, Sandbox
