@@ -34,6 +34,9 @@ Port space (``port_remap``)
     P -> R is recorded for this run. ``getsockname``/``getpeername`` report P; ``connect`` (and ``sendto``) to
     a loopback address and P reaches R. ``/proc/net/{tcp,tcp6,udp,udp6}`` lists only the sandbox's own
     sockets, with virtual ports. ``Sandbox.ports()`` gives the host {P: R} (identity entries included).
+    "Free" is checked with SO_REUSEADDR/SO_REUSEPORT off for that bind (two reuse sockets may both bind a port
+    nobody listens on yet, and the second listen() would fail too late to remap). A later bind of P reuses R,
+    unless no socket of the sandbox holds R any more and a process outside took it: then a fresh R.
     Without ``net_allow_hosts``, remapping is a convenience, not a boundary: whatever is not remapped
     CONTINUEs and Landlock stays in charge.
 
