@@ -154,3 +154,74 @@ def test_the_sandbox_runs_a_lean_policy_like_a_policy(fields):
     assert (lean.exit_code, lean.stdout, lean.stderr) == (full.exit_code, full.stdout, full.stderr) == (
         3, full.stdout, b"")
     assert lean.stdout.startswith(b"1\n" if "env" in fields else b"none\n")
+
+
+# ---- the launcher (scripts/bootstrap.sh): `sandlock` without `site` ----------------------------------------
+
+ECHO_RUN = ["run", *RO, "--", "/bin/echo", "hi"]
+
+
+def _launcher(tmp_path, paths=None):
+    from sandlock_core import launcher
+    path = tmp_path / "sandlock"
+    if paths is None:
+        launcher.write(str(path))
+    else:
+        path.write_text(launcher.script_text(sys.executable, paths))
+        path.chmod(0o755)
+    return path
+
+
+def _run_importing(argv, env=None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run ``argv`` with Python's import log on; (process, names of the modules it imported)."""
+    env = {**os.environ, **(env or {}), "PYTHONPROFILEIMPORTTIME": "1"}
+    env = {k: v for k, v in env.items() if v is not None}
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    names = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    return proc, names
+
+
+def test_the_launcher_starts_without_site(tmp_path):
+    path = _launcher(tmp_path)
+    assert path.read_text().startswith(f"#!{sys.executable} -S\n")
+    proc, names = _run_importing([str(path), *ECHO_RUN])
+    assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
+    assert "sandlock_core.cli" in names and "site" not in names and "sitecustomize" not in names
+
+
+def test_the_launcher_keeps_pythonpath_first(tmp_path):
+    shadow = tmp_path / "shadow" / "sandlock_core"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    (shadow / "cli.py").write_text("def main():\n    print('shadow')\n    return 5\n")
+    proc = subprocess.run([str(_launcher(tmp_path)), *ECHO_RUN], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "shadow")})
+    assert (proc.returncode, proc.stdout) == (5, "shadow\n"), proc.stderr
+
+
+@pytest.mark.parametrize("stale", ["no cffi", "a package without cli"])
+def test_the_launcher_falls_back_to_site_when_its_paths_are_stale(stale, tmp_path):
+    """Recorded paths that no longer hold cffi or the package: the usual start-up (site), same result."""
+    if stale == "no cffi":
+        paths, env = [], {}
+    else:
+        old = tmp_path / "old" / "sandlock_core"
+        old.mkdir(parents=True)
+        (old / "__init__.py").write_text("")
+        import _cffi_backend
+        paths = [str(tmp_path / "old"), os.path.dirname(_cffi_backend.__file__)]
+        env = {"PYTHONPATH": None}  # else PYTHONPATH's sandlock_core would come before the stale one
+    proc, names = _run_importing([str(_launcher(tmp_path, paths)), *ECHO_RUN], env)
+    assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
+    assert {"site", "sandlock_core.cli"} <= names
+
+
+def test_bootstrap_installs_the_launcher():
+    """scripts/bootstrap.sh (the README's set-up) writes the launcher over pip's script: checked on the
+    environment the suite runs in when that is the checkout's own .venv (CI, scripts/test.sh)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(os.path.dirname(sys.executable), "sandlock")
+    if os.path.dirname(os.path.dirname(sys.executable)) != os.path.join(root, ".venv"):
+        pytest.skip("not the checkout's own .venv (scripts/bootstrap.sh did not make this environment)")
+    with open(script) as f:
+        assert f.readline() == f"#!{sys.executable} -S\n"
