@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 from _collections_abc import Mapping  # = collections.abc.Mapping, without importing collections (CLI start-up)
 
 from ._enum import Enum
 from .errors import PolicyError
+
+_MappingProxy = type(type.__dict__)  # = types.MappingProxyType, as types.py defines it (CLI start-up)
 
 
 class FsIsolation(Enum):
@@ -392,7 +393,7 @@ def _env(value) -> Mapping[str, str]:
         if not isinstance(v, str) or "\0" in v:
             raise _fail(f"env[{k}]", v, "is not a string value")
         out[k] = v
-    return types.MappingProxyType(out)
+    return _MappingProxy(out)
 
 
 def _hosts(value):
