@@ -43,8 +43,12 @@ import sys
 from ._records import dataclass  # dataclasses costs ~10 ms of CLI start-up
 from _collections_abc import Iterable  # = collections.abc.Iterable, without importing collections (CLI start-up)
 
-from . import bpf, syscalls
+from . import syscalls
 from ._cache import memoize
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # annotations only: bpf is imported when a program must be assembled (CLI start-up)
+    from . import bpf
 
 # seccomp return actions (linux/seccomp.h); the low 16 bits carry data (errno for ERRNO).
 SECCOMP_RET_KILL_PROCESS = 0x80000000
@@ -241,10 +245,29 @@ def _check_spec(spec: FilterSpec) -> None:
                              "within the mask")
 
 
+def spec_key(spec: FilterSpec) -> tuple:
+    """Every field of ``spec`` by name, sets sorted: the key of ``_filters.FILTERS``, the same in any process."""
+    def canon(v):
+        return tuple(sorted(v)) if isinstance(v, frozenset) else v
+    return tuple((name, canon(getattr(spec, name))) for name in FilterSpec.__match_args__)
+
+
 @memoize
 def build_filter(spec: FilterSpec) -> bytes:
-    """The assembled program (``struct sock_filter[]`` bytes) for ``spec``; see the module docstring."""
+    """The assembled program (``struct sock_filter[]`` bytes) for ``spec``; see the module docstring.
+
+    The specs of the most common ``sandlock run`` policies come assembled already (``_filters.py``, written
+    by tools/gen_filters.py from ``assemble``; a test checks each against it): assembling costs ~1 ms of
+    the CLI's start-up with the import of ``bpf``. Any other spec is assembled here."""
     _check_spec(spec)
+    from ._filters import FILTERS
+    program = FILTERS.get(spec_key(spec))
+    return program if program is not None else assemble(spec)
+
+
+def assemble(spec: FilterSpec) -> bytes:
+    """``build_filter`` without the precomputed programs (``spec`` checked already)."""
+    from . import bpf
     arch = spec.arch
     nr_of = syscalls.table(arch).get
     eperm = _errno(errno.EPERM)

@@ -187,3 +187,55 @@ def test_far_jump_program_runs_in_the_kernel():
 
     status = _child_status(child)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+# ---- the precomputed programs (_filters.py, tools/gen_filters.py) ------------------------------------------
+
+def test_every_precomputed_program_is_what_the_assembler_makes():
+    """A stored program is used instead of assembling: it must be byte for byte the assembler's, for the spec
+    its key spells out (a stale table would enforce an older filter)."""
+    from sandlock_core import seccomp
+    from sandlock_core._filters import FILTERS
+    assert FILTERS
+    for key, program in FILTERS.items():
+        fields = {name: frozenset(v) if name in ("notify", "deny", "allow_only") and v is not None else v
+                  for name, v in key}
+        spec = seccomp.FilterSpec(**fields)
+        assert seccomp.spec_key(spec) == key
+        assert seccomp.assemble(spec) == program, f"stale: run tools/gen_filters.py ({fields['arch']})"
+
+
+def test_the_precomputed_table_is_up_to_date():
+    """The policies it is made for still give the specs it holds (else they would be assembled at each run)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "tools", "gen_filters.py"), "--check"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("fields", [{}, {"fs_readable": ["/usr", "/lib"]},
+                                    {"fs_readable": ["/usr"], "fs_writable": ["/tmp"]}])
+def test_common_policies_take_a_precomputed_program(fields, monkeypatch):
+    from sandlock_core import Policy, seccomp
+    from sandlock_core.plan import Plan
+    from sandlock_core.policy_spec import LeanPolicy
+
+    def refuse(spec):
+        raise AssertionError("assembled, not taken from _filters.py")
+    for policy in (Policy(**fields), LeanPolicy(**fields)):
+        seccomp.build_filter.cache_clear()
+        monkeypatch.setattr(seccomp, "assemble", refuse)
+        plan = Plan(policy)
+        monkeypatch.undo()
+        assert plan.filter == seccomp.assemble(plan.spec)
+        plan.close()
+
+
+def test_other_specs_are_assembled():
+    from sandlock_core import seccomp
+    spec = seccomp.deny_only_spec(deny=["ptrace"])
+    from sandlock_core._filters import FILTERS
+    assert seccomp.spec_key(spec) not in FILTERS
+    assert seccomp.build_filter(spec) == seccomp.assemble(spec)
