@@ -27,7 +27,7 @@ SCRIPT = ("import sys\n"
           "sys.exit(code)\n")
 HEAVY = {"dataclasses", "argparse", "inspect", "datetime", "shutil", "re", "typing", "logging", "gettext",
          "locale", "copy", "difflib", "tomllib", "importlib", "warnings", "signal", "queue",
-         "enum", "functools", "collections", "threading", "types", "sandlock_core.bpf",
+         "enum", "functools", "collections", "threading", "types", "struct", "sandlock_core.bpf",
          "sandlock_core.learn", "sandlock_core.policy", "sandlock_core.profile"}
 
 
