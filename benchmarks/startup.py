@@ -5,6 +5,8 @@ On a busy machine wall times swing; the load average is printed, and so is a mea
 the sum of the CLI's import times (``-X importtime``, each module's fastest of several runs) next to that of a
 bare ``python -c pass``, with the list of what the CLI imports beyond it (-X importtime leaves out the modules
 loaded through importlib.import_module, i.e. plan.py's mechanisms such as metadata, though not what they import).
+The CLI is the ``sandlock`` script next to the interpreter: after scripts/bootstrap.sh the launcher that starts
+Python without ``site`` (sandlock_core/launcher.py), else pip's console script; the output says which.
 Usage: .venv/bin/python benchmarks/startup.py [ROUNDS]
 """
 import os
@@ -69,11 +71,16 @@ def main():
                         lambda: subprocess.run(cli_argv(), stdout=subprocess.DEVNULL), n)
     rows.append(("(for scale) sandlock run -r ... -- echo vs python -c pass", python, cli))
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    with open(SANDLOCK) as f:
+        launcher = f.readline().rstrip().endswith(" -S")
+    print(f"{SANDLOCK}: " + ("the launcher without site (scripts/bootstrap.sh, sandlock_core/launcher.py)"
+                             if launcher else "pip's console script (with site; scripts/bootstrap.sh writes "
+                             "the faster launcher)"))
     print(f"{'workload':58} {'bare ms':>8} {'sandlock ms':>12} {'ratio':>6} {'delta ms':>9}")
     for name, b, s in rows:
         print(f"{name:58} {b:8.2f} {s:12.2f} {s / b:6.2f} {s - b:9.2f}")
     base = import_times([sys.executable, "-c", "pass"])
-    ours = import_times([sys.executable, *cli_argv()])
+    ours = import_times(cli_argv())  # the script itself: `python SCRIPT` would ignore the launcher's -S
     extra = {m: us for m, us in ours.items() if m not in base}
     print(f"imports (-X importtime, sum of self times): python -c pass {sum(base.values()) / 1000:.1f} ms, "
           f"sandlock run {sum(ours.values()) / 1000:.1f} ms: +{sum(extra.values()) / 1000:.1f} ms in "
