@@ -8,8 +8,8 @@ only syscalls that some handler registered are notified.
 from __future__ import annotations
 
 import errno
-from . import _imports as importlib  # import_module without the importlib package (warnings: CLI start-up)
 import os
+import sys
 from _collections_abc import Callable  # = collections.abc.Callable, without importing collections (CLI start-up)
 
 from . import _sys, seccomp, syscalls
@@ -43,6 +43,14 @@ MECHANISMS: list[tuple[Callable[[Policy], bool], str]] = [
 # removes its entry when it lands.
 UNSUPPORTED: list[tuple[str, Callable[[Policy], bool]]] = [
 ]
+
+
+def _mechanism(module: str):
+    """The mechanism module ``module`` of this package, imported on first use (``importlib.import_module``
+    without the importlib package, whose import pulls in ``warnings``: CLI start-up)."""
+    name = f"{__package__}.{module}"
+    __import__(name)
+    return sys.modules[name]
 
 
 def _namespaces(p: Policy) -> bool:
@@ -147,17 +155,17 @@ class Plan:
         builder.ruleset_fd = self.ruleset.fd if self.ruleset is not None else -1
         for applies, module in MECHANISMS:
             if applies(policy):
-                importlib.import_module(f"{__package__}.{module}").install(builder)
+                _mechanism(module).install(builder)
         if policy_fn is not None:
             # After every built-in mechanism: it wraps their chains for the held syscalls, so the callback sees
             # each event once the enforcers decided (event.denied) and can only tighten their answer.
             builder.policy_fn, builder.policy_fn_timeout = policy_fn, policy_fn_timeout
-            importlib.import_module(f"{__package__}.policy_fn").install(builder)
+            _mechanism("policy_fn").install(builder)
         for name, handler in (handlers or {}).items():  # user handlers run after the built-in ones
             if not builder.notify(name, handler):
                 raise PolicyError(f"handlers: no syscall {name!r} on {self.arch}")
         if record_denials:  # last: it only records, after every enforcing handler had its say
-            importlib.import_module(f"{__package__}.denials").install(builder)
+            _mechanism("denials").install(builder)
         self.setup = builder.setup
         self.finish = builder.finish
         self.cfg_hooks = builder.cfg_hooks
