@@ -963,9 +963,10 @@ class FastPath:
         self.usable = not (policy.chroot is not None or policy.privileged
                            or policy.fs_isolation is FsIsolation.OVERLAYFS)
 
-    def setup(self, sup) -> None:
-        if not self.usable or sup.recv_fast is not None:
-            return  # another mechanism's C path owns the receive loop: the Python handlers answer
+    def prepare(self, sup) -> None:
+        """Before the fork: the C context for this run (made now, it costs no copy-on-write faults)."""
+        if not self.usable:
+            return
         ctx = ffi.new("struct sl_proc_fast *")
         for name, nr in self.nrs.items():
             chain = sup.handlers.get(nr)
@@ -976,10 +977,16 @@ class FastPath:
         nr = self.nr_getdents64
         ctx.nr_getdents64 = nr if nr is not None and sup.handlers.get(nr) == (self.fs.h_getdents64,) else -1
         ctx.proc_dev, ctx.proc_ino = max(self.fs.proc_dev, 0), PROC_ROOT_INO
+        ctx.arch = self.audit_arch
         if ctx.n or ctx.nr_getdents64 >= 0:
-            ctx.arch = self.audit_arch
-            sup.recv_fast = (lib.sl_proc_wait_recv, ctx)
-            sup.state["procfs.fast"] = ctx  # kept alive for the loop
+            sup.state["procfs.fast.ready"] = ctx
+
+    def setup(self, sup) -> None:
+        ctx = sup.state.pop("procfs.fast.ready", None)
+        if ctx is None or sup.recv_fast is not None:
+            return  # another mechanism's C path owns the receive loop: the Python handlers answer
+        sup.recv_fast = (lib.sl_proc_wait_recv, ctx)
+        sup.state["procfs.fast"] = ctx  # kept alive for the loop
 
     @staticmethod
     def finish(sup, result) -> None:
@@ -1022,6 +1029,7 @@ def install(builder) -> None:
     fs = ProcFs(policy, builder.arch)
     fs.ruleset_fd = builder.ruleset_fd
     fast = FastPath(fs, policy, builder.arch)
+    builder.on_prepare(fast.prepare)
     builder.on_supervisor(fast.setup)
     builder.on_finish(fast.finish)
     builder.notify("open", fs.h_open)

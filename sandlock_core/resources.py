@@ -163,14 +163,13 @@ class Run:
     """Per-run state (a Sandbox's plan serves many runs, possibly at once): lives in ``sup.state["resources"]``."""
 
     def __init__(self, mech: "Resources", sup):
+        """Made before the fork (``Resources.prepare``): the pids are filled in by ``attach``."""
         self.mech = mech
         self.sup = sup
         self.lock = threading.Lock()
-        self.reaper = ppid_of(sup.root_pid)
-        sup.state["reaper_pid"] = self.reaper
-        mark_paused(self.reaper, False)  # a reused pid of a sandbox that ended while paused
+        self.reaper = 0
         # processes
-        self.known: set[int] = {sup.root_pid}  # tgids at the last walk
+        self.known: set[int] = set()            # tgids at the last walk
         self.since = 0                          # forks allowed since the last walk
         self.tokens: dict[int, float] = {}      # tid -> time of an allowed fork maybe still in progress
         self.started = 1
@@ -196,6 +195,14 @@ class Run:
         self.mem_checked = time.monotonic()
         self.throttle = Throttle(self, mech.cpu_pct) if mech.cpu_pct else None
         self.cpu_stops = 0
+
+    def attach(self, sup) -> None:
+        """The run's processes are known (the listener arrived): its root, and the reaper above it."""
+        self.reaper = sup.reaper_pid or ppid_of(sup.root_pid)
+        sup.state["reaper_pid"] = self.reaper
+        mark_paused(self.reaper, False)  # a reused pid of a sandbox that ended while paused
+        self.known = {sup.root_pid}
+        self.mem_checked = time.monotonic()
 
     # ---- limits (policy_fn may lower them at run time) ----
     def mem_limit(self) -> int | None:
@@ -703,9 +710,12 @@ class Resources:
         return act
 
     # ---- lifecycle ----
+    def prepare(self, sup) -> None:
+        sup.state["resources"] = Run(self, sup)
+
     def setup(self, sup) -> None:
-        r = Run(self, sup)
-        sup.state["resources"] = r
+        r = sup.state["resources"]
+        r.attach(sup)
         # The root is not measured now: before its exec it is a copy of the caller (a big pytest, say), which
         # says nothing of the program; its first request after the exec measures it.
         if self.mem_limit is not None or self.cpu_pct:
@@ -798,5 +808,6 @@ def install(builder) -> None:
         builder.notify("mremap", mech.h_mremap)
         builder.notify("brk", mech.h_brk, when=(0, (1 << 64) - 1))
         builder.notify("shmget", mech.h_shmget, when=((2, IPC_CREAT), (0, 0xFFFFFFFF, IPC_PRIVATE)))
+    builder.on_prepare(mech.prepare)
     builder.on_supervisor(mech.setup)
     builder.on_finish(mech.finish)
