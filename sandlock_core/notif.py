@@ -104,9 +104,10 @@ class Denial:
 class _Workers:
     """Idle supervisor threads, reused by the next run: creating and starting a thread cost ~0.4 ms of every
     run's start-up (more right after the fork of the reaper, when each page the new thread touches is copied).
-    A worker runs one loop at a time; at most ``KEEP`` wait idle, the others end."""
+    A worker runs one loop at a time; at most ``KEEP`` wait idle (one serves back-to-back runs; concurrent runs
+    start threads as before, which end afterwards), the others end."""
 
-    KEEP = 4
+    KEEP = 1
 
     def __init__(self):
         self._lock = _thread.allocate_lock()
