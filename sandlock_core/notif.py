@@ -137,6 +137,9 @@ class _Workers:
 
 
 WORKERS = _Workers()
+# A forked child has none of the parent's threads: its idle list must not hand a loop to a thread that does
+# not exist there (the sandbox would wait forever), nor inherit a lock held by another thread at the fork.
+os.register_at_fork(after_in_child=WORKERS.__init__)
 
 
 class Supervisor:
