@@ -198,11 +198,13 @@ class Run:
 
     def attach(self, sup) -> None:
         """The run's processes are known (the listener arrived): its root, and the reaper above it."""
-        self.reaper = sup.reaper_pid or ppid_of(sup.root_pid)
-        sup.state["reaper_pid"] = self.reaper
-        mark_paused(self.reaper, False)  # a reused pid of a sandbox that ended while paused
-        self.known = {sup.root_pid}
-        self.mem_checked = time.monotonic()
+        reaper = sup.reaper_pid or ppid_of(sup.root_pid)
+        sup.state["reaper_pid"] = reaper
+        mark_paused(reaper, False)  # a reused pid of a sandbox that ended while paused
+        with self.watch_lock:  # the watcher may be ticking: it sees the run whole or not at all
+            self.known = {sup.root_pid}
+            self.mem_checked = time.monotonic()
+            self.reaper = reaper
 
     # ---- limits (policy_fn may lower them at run time) ----
     def mem_limit(self) -> int | None:
@@ -423,7 +425,7 @@ class Run:
 
     def watch_tick(self, now: float) -> None:
         with self.watch_lock:
-            if self.ended:
+            if self.ended or not self.reaper:  # over, or not attached yet (no processes to measure)
                 return
             if self.mem_limit() is not None and now - self.mem_checked >= TICK * MEM_EVERY:
                 self.mem_checked = now
@@ -711,16 +713,17 @@ class Resources:
 
     # ---- lifecycle ----
     def prepare(self, sup) -> None:
-        sup.state["resources"] = Run(self, sup)
-
-    def setup(self, sup) -> None:
-        r = sup.state["resources"]
-        r.attach(sup)
-        # The root is not measured now: before its exec it is a copy of the caller (a big pytest, say), which
-        # says nothing of the program; its first request after the exec measures it.
+        # The watcher is given the run now (before the fork, where waking its thread costs less); it skips
+        # the run until ``attach`` names the reaper.
+        r = sup.state["resources"] = Run(self, sup)
         if self.mem_limit is not None or self.cpu_pct:
             r.start_watcher()
         sup.on_close(r.stop_watcher)
+
+    def setup(self, sup) -> None:
+        # The root is not measured now: before its exec it is a copy of the caller (a big pytest, say), which
+        # says nothing of the program; its first request after the exec measures it.
+        sup.state["resources"].attach(sup)
 
     def finish(self, sup, result) -> None:
         if sup is None:
