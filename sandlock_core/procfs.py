@@ -964,9 +964,11 @@ class FastPath:
                            or policy.fs_isolation is FsIsolation.OVERLAYFS)
 
     def prepare(self, sup) -> None:
-        """Before the fork: the C context for this run (made now, it costs no copy-on-write faults)."""
-        if not self.usable:
-            return
+        """Before the fork (made now, the context costs no copy-on-write faults): the C receive loop of this run.
+        procfs comes first in plan.MECHANISMS, so no other fast path was set before it (deterministic's, set
+        later, then stands aside)."""
+        if not self.usable or sup.recv_fast is not None:
+            return  # another mechanism's C path owns the receive loop: the Python handlers answer
         ctx = ffi.new("struct sl_proc_fast *")
         for name, nr in self.nrs.items():
             chain = sup.handlers.get(nr)
@@ -977,16 +979,10 @@ class FastPath:
         nr = self.nr_getdents64
         ctx.nr_getdents64 = nr if nr is not None and sup.handlers.get(nr) == (self.fs.h_getdents64,) else -1
         ctx.proc_dev, ctx.proc_ino = max(self.fs.proc_dev, 0), PROC_ROOT_INO
-        ctx.arch = self.audit_arch
         if ctx.n or ctx.nr_getdents64 >= 0:
-            sup.state["procfs.fast.ready"] = ctx
-
-    def setup(self, sup) -> None:
-        ctx = sup.state.pop("procfs.fast.ready", None)
-        if ctx is None or sup.recv_fast is not None:
-            return  # another mechanism's C path owns the receive loop: the Python handlers answer
-        sup.recv_fast = (lib.sl_proc_wait_recv, ctx)
-        sup.state["procfs.fast"] = ctx  # kept alive for the loop
+            ctx.arch = self.audit_arch
+            sup.recv_fast = (lib.sl_proc_wait_recv, ctx)
+            sup.state["procfs.fast"] = ctx  # kept alive for the loop
 
     @staticmethod
     def finish(sup, result) -> None:
@@ -1030,7 +1026,6 @@ def install(builder) -> None:
     fs.ruleset_fd = builder.ruleset_fd
     fast = FastPath(fs, policy, builder.arch)
     builder.on_prepare(fast.prepare)
-    builder.on_supervisor(fast.setup)
     builder.on_finish(fast.finish)
     builder.notify("open", fs.h_open)
     builder.notify("openat", fs.h_openat)
