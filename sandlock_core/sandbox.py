@@ -528,9 +528,12 @@ class Sandbox:
 
 def _cpu_time(reaper: int) -> float | None:
     """The CPU time of every process the reaper reaped (its cutime + cstime): the whole sandbox's."""
-    try:
-        with open(f"/proc/{reaper}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+    try:  # os.open/os.read: no buffered file object on every run's path
+        fd = os.open(f"/proc/{reaper}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+        finally:
+            os.close(fd)
         return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
