@@ -6,11 +6,15 @@
    timed inside the program (the loop only), medians over rounds.
 
 The supervised syscalls of one run are counted by name (a counting handler put in front of every chain).
+``--phases`` also prints where a run's time goes: wall time and page faults of this process (the supervisor's)
+between the steps of ``Sandbox.run`` (spawn, listener hand-off, supervisor set-up and release, exec, the
+command's run, the end), medians over rounds, for bare ``Sandbox()``, ``--isolate-pids``, ``-m`` and all limits.
 
-Usage: .venv/bin/python benchmarks/limits.py [ROUNDS]
+Usage: .venv/bin/python benchmarks/limits.py [ROUNDS] [--phases]
 """
 import collections
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -18,7 +22,8 @@ import time
 
 from sandlock_core import Policy, Sandbox
 
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 40
+ARGS = [a for a in sys.argv[1:] if not a.startswith("--")]
+ROUNDS = int(ARGS[0]) if ARGS else 40
 PY = "/usr/bin/python3"
 IMPORT = [PY, "-c", "import json, sqlite3"]
 LOOP = [PY, "-I", "-S", "-c", """
@@ -72,7 +77,77 @@ def answered_in_c(policy, cmd) -> int:
     return seen[0] if seen else 0
 
 
+class Phases:
+    """Timestamps (and this process's minor page faults) at the steps of Sandbox.run, by patching them."""
+
+    STEPS = [("spawn", "sandbox", "_spawn.spawn"), ("listener", "spawn", "Spawned.take_listener"),
+             ("released", "spawn", "Spawned.release"), ("exec", "spawn", "Spawned.read_exec_result"),
+             ("child ran", "sandbox", "Sandbox._communicate"), ("reaped", "sandbox", "Sandbox._end"),
+             ("concluded", "sandbox", "Sandbox._conclude")]
+
+    def __init__(self):
+        self.marks = []
+        from sandlock_core import sandbox, spawn
+        mods = {"sandbox": sandbox, "spawn": spawn}
+        for label, mod, path in self.STEPS:
+            owner = mods[mod]
+            *head, attr = path.split(".")
+            for h in head:
+                owner = getattr(owner, h)
+            setattr(owner, attr, self._after(getattr(owner, attr), label))
+
+    def _after(self, fn, label):
+        def wrapped(*a, **k):
+            try:
+                return fn(*a, **k)
+            finally:
+                self.mark(label)
+        return wrapped
+
+    def mark(self, label):
+        self.marks.append((label, time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt))
+
+    def run(self, sb, cmd):
+        self.marks.clear()
+        self.mark("start")
+        sb.run(cmd)
+        self.mark("returned")
+        out, prev = [], self.marks[0]
+        for m in self.marks[1:]:
+            out.append((m[0], (m[1] - prev[1]) * 1000, m[2] - prev[2]))
+            prev = m
+        return out
+
+
+def phases():
+    """Where a run's time goes, per policy: medians of each step's wall time and page faults."""
+    policies = {"Sandbox()": Policy(), "--isolate-pids": Policy(isolate_pids=True), "-m 512M": Policy(max_memory="512M"),
+                "all limits": Policy(max_memory="512M", max_processes=64, num_cpus=2, isolate_pids=True)}
+    sbs = {k: Sandbox(p) for k, p in policies.items()}
+    ph = Phases()
+    acc = {k: collections.defaultdict(list) for k in sbs}
+    bare = []
+    for _ in range(ROUNDS):
+        bare.append(timed(lambda: subprocess.run(IMPORT, stdout=subprocess.DEVNULL)))
+        for k, sb in sbs.items():
+            total = 0.0
+            for label, ms, faults in ph.run(sb, IMPORT):
+                acc[k][label].append((ms, faults))
+                total += ms
+            acc[k]["TOTAL"].append((total, 0))
+    print(f"phases (ms / page faults of the supervising process), bare {statistics.median(bare):.1f} ms:")
+    for k, steps in acc.items():
+        print(f"  {k:15}", "  ".join(f"{label} {statistics.median(m for m, _ in v):.2f}"
+                                       + (f"/{statistics.median(f for _, f in v):.0f}" if label != "TOTAL" else "")
+                                       for label, v in steps.items()))
+
+
 def main():
+    if "--phases" in sys.argv:
+        print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        phases()
+        print("load average:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+        return
     policy = Policy(max_memory="512M", max_processes=64, num_cpus=2, isolate_pids=True)
     full = Sandbox(policy)
     mem = Sandbox(Policy(max_memory="512M"))

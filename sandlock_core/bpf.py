@@ -221,11 +221,17 @@ def disassemble(blob: bytes) -> list[tuple[int, int, int, int]]:
 def run(blob: bytes, data: bytes) -> int:
     """Interpret an assembled program over ``data`` (a packed seccomp_data) the way the kernel does, for
     the subset this assembler emits. Used by tests to check layouts without installing a filter."""
+    return execute(blob, data)[0]
+
+
+def execute(blob: bytes, data: bytes) -> tuple[int, int]:
+    """``run``, also returning how many instructions were executed (the path length)."""
     prog = disassemble(blob)
-    a, pc = 0, 0
+    a, pc, steps = 0, 0, 0
     while True:
         code, jt, jf, k = prog[pc]
         pc += 1
+        steps += 1
         if code == LD_W_ABS:
             a = struct.unpack_from("=I", data, k)[0]
         elif code == ALU_AND_K:
@@ -241,6 +247,6 @@ def run(blob: bytes, data: bytes) -> int:
         elif code == JMP_JSET_K:
             pc += jt if a & k else jf
         elif code == RET_K:
-            return k
+            return k, steps
         else:
             raise BPFError(f"unknown opcode {code:#x} at {pc - 1}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno as _errno
 from . import _lazylog as logging  # the real module (~5 ms of CLI start-up) at the first log call
 import os
+import _thread
 import threading
 from collections.abc import Callable  # not typing: ~3 ms of CLI start-up
 
@@ -100,6 +101,47 @@ class Denial:
         return f"Denial({self.as_dict()})"
 
 
+class _Workers:
+    """Idle supervisor threads, reused by the next run: creating and starting a thread cost ~0.4 ms of every
+    run's start-up (more right after the fork of the reaper, when each page the new thread touches is copied).
+    A worker runs one loop at a time; at most ``KEEP`` wait idle (one serves back-to-back runs; concurrent runs
+    start threads as before, which end afterwards), the others end."""
+
+    KEEP = 1
+
+    def __init__(self):
+        self._lock = _thread.allocate_lock()
+        self._idle: list[list] = []  # [go lock, job] of waiting workers
+
+    def run(self, job) -> None:
+        """Run ``job()`` on an idle worker, or on a new one."""
+        with self._lock:
+            slot = self._idle.pop() if self._idle else None
+        if slot is None:
+            slot = [_thread.allocate_lock(), job]
+            slot[0].acquire()
+            threading.Thread(target=self._work, args=(slot,), name="sandlock-supervisor", daemon=True).start()
+        slot[1] = job
+        slot[0].release()
+
+    def _work(self, slot) -> None:
+        go = slot[0]
+        while True:
+            go.acquire()
+            job, slot[1] = slot[1], None
+            job()  # Supervisor._loop: never raises
+            with self._lock:
+                if len(self._idle) >= self.KEEP:
+                    return
+                self._idle.append(slot)
+
+
+WORKERS = _Workers()
+# A forked child has none of the parent's threads: its idle list must not hand a loop to a thread that does
+# not exist there (the sandbox would wait forever), nor inherit a lock held by another thread at the fork.
+os.register_at_fork(after_in_child=WORKERS.__init__)
+
+
 class Supervisor:
     """Serves one listener fd on its own thread until every sandboxed process is gone or ``stop()``."""
 
@@ -119,32 +161,54 @@ class Supervisor:
         self.on_crash = None           # called if the loop itself fails: ends the sandbox (set by the Sandbox)
         self._pidfds: dict[int, int] = {}
         self._wake_r, self._wake_w = os.pipe2(O_CLOEXEC)
-        self._thread: threading.Thread | None = None
+        self._done = None              # held while the loop runs (on a WORKERS thread)
         self._lock = threading.Lock()
         self._on_close: list = []
         self._path_cache: tuple = (None, None, None)  # (notification id, arg index, bytes)
         self.notifications = 0
+        self.reaper_pid = 0            # the sandbox's reaper, when the caller knows it (Sandbox runs)
+        if listener >= 0:
+            self.attach(listener)
+
+    def attach(self, listener: int) -> None:
+        """Serve ``listener`` (a supervisor made before the fork gets it once the child handed it over)."""
+        self.listener = listener
+        if listener < 0:
+            return
         try:
-            _sys.prctl  # keep import used
             lib.sl_notif_set_flags(listener, _sys.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
         except Exception:  # pragma: no cover - flag missing on old kernels: slower, still correct
             pass
 
     # ---- lifecycle ----
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sandlock-supervisor", daemon=True)
-        self._thread.start()
+        """Serve on a worker thread (an idle one when there is one). Returns at once: a notification that
+        comes before the loop runs waits in the kernel."""
+        done = self._done = _thread.allocate_lock()
+        done.acquire()
+
+        def job():
+            try:
+                self._loop()
+            finally:
+                done.release()
+        WORKERS.run(job)
 
     def end_loop(self, timeout: float = 5.0) -> None:
         """Ask the loop to end (the sandbox is over) and wait for it: its figures (``notifications``) are
         final afterwards, while the mechanisms' state stays available until ``close``."""
-        if self._thread is not None:
+        if self.serving:
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
-            self._thread.join(timeout)
-            self._thread = None
+            if self._done.acquire(True, timeout):
+                self._done.release()
+
+    @property
+    def serving(self) -> bool:
+        """The loop is running (started and not yet returned)."""
+        return self._done is not None and self._done.locked()
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the loop and release every resource."""

@@ -963,7 +963,10 @@ class FastPath:
         self.usable = not (policy.chroot is not None or policy.privileged
                            or policy.fs_isolation is FsIsolation.OVERLAYFS)
 
-    def setup(self, sup) -> None:
+    def prepare(self, sup) -> None:
+        """Before the fork (made now, the context costs no copy-on-write faults): the C receive loop of this run.
+        procfs comes first in plan.MECHANISMS, so no other fast path was set before it (deterministic's, set
+        later, then stands aside)."""
         if not self.usable or sup.recv_fast is not None:
             return  # another mechanism's C path owns the receive loop: the Python handlers answer
         ctx = ffi.new("struct sl_proc_fast *")
@@ -1022,7 +1025,7 @@ def install(builder) -> None:
     fs = ProcFs(policy, builder.arch)
     fs.ruleset_fd = builder.ruleset_fd
     fast = FastPath(fs, policy, builder.arch)
-    builder.on_supervisor(fast.setup)
+    builder.on_prepare(fast.prepare)
     builder.on_finish(fast.finish)
     builder.notify("open", fs.h_open)
     builder.notify("openat", fs.h_openat)

@@ -163,14 +163,13 @@ class Run:
     """Per-run state (a Sandbox's plan serves many runs, possibly at once): lives in ``sup.state["resources"]``."""
 
     def __init__(self, mech: "Resources", sup):
+        """Made before the fork (``Resources.prepare``): the pids are filled in by ``attach``."""
         self.mech = mech
         self.sup = sup
         self.lock = threading.Lock()
-        self.reaper = ppid_of(sup.root_pid)
-        sup.state["reaper_pid"] = self.reaper
-        mark_paused(self.reaper, False)  # a reused pid of a sandbox that ended while paused
+        self.reaper = 0
         # processes
-        self.known: set[int] = {sup.root_pid}  # tgids at the last walk
+        self.known: set[int] = set()            # tgids at the last walk
         self.since = 0                          # forks allowed since the last walk
         self.tokens: dict[int, float] = {}      # tid -> time of an allowed fork maybe still in progress
         self.started = 1
@@ -196,6 +195,16 @@ class Run:
         self.mem_checked = time.monotonic()
         self.throttle = Throttle(self, mech.cpu_pct) if mech.cpu_pct else None
         self.cpu_stops = 0
+
+    def attach(self, sup) -> None:
+        """The run's processes are known (the listener arrived): its root, and the reaper above it."""
+        reaper = sup.reaper_pid or ppid_of(sup.root_pid)
+        sup.state["reaper_pid"] = reaper
+        mark_paused(reaper, False)  # a reused pid of a sandbox that ended while paused
+        with self.watch_lock:  # the watcher may be ticking: it sees the run whole or not at all
+            self.known = {sup.root_pid}
+            self.mem_checked = time.monotonic()
+            self.reaper = reaper
 
     # ---- limits (policy_fn may lower them at run time) ----
     def mem_limit(self) -> int | None:
@@ -416,7 +425,7 @@ class Run:
 
     def watch_tick(self, now: float) -> None:
         with self.watch_lock:
-            if self.ended:
+            if self.ended or not self.reaper:  # over, or not attached yet (no processes to measure)
                 return
             if self.mem_limit() is not None and now - self.mem_checked >= TICK * MEM_EVERY:
                 self.mem_checked = now
@@ -703,14 +712,18 @@ class Resources:
         return act
 
     # ---- lifecycle ----
-    def setup(self, sup) -> None:
-        r = Run(self, sup)
-        sup.state["resources"] = r
-        # The root is not measured now: before its exec it is a copy of the caller (a big pytest, say), which
-        # says nothing of the program; its first request after the exec measures it.
+    def prepare(self, sup) -> None:
+        # The watcher is given the run now (before the fork, where waking its thread costs less); it skips
+        # the run until ``attach`` names the reaper.
+        r = sup.state["resources"] = Run(self, sup)
         if self.mem_limit is not None or self.cpu_pct:
             r.start_watcher()
         sup.on_close(r.stop_watcher)
+
+    def setup(self, sup) -> None:
+        # The root is not measured now: before its exec it is a copy of the caller (a big pytest, say), which
+        # says nothing of the program; its first request after the exec measures it.
+        sup.state["resources"].attach(sup)
 
     def finish(self, sup, result) -> None:
         if sup is None:
@@ -798,5 +811,6 @@ def install(builder) -> None:
         builder.notify("mremap", mech.h_mremap)
         builder.notify("brk", mech.h_brk, when=(0, (1 << 64) - 1))
         builder.notify("shmget", mech.h_shmget, when=((2, IPC_CREAT), (0, 0xFFFFFFFF, IPC_PRIVATE)))
+    builder.on_prepare(mech.prepare)
     builder.on_supervisor(mech.setup)
     builder.on_finish(mech.finish)

@@ -171,12 +171,15 @@ class Sandbox:
             else:
                 ours.append(-1)
                 stdio.append(i if mode is None else int(mode))
+        prepared = self._prepare()
         try:
             child = _spawn.spawn(self._plan, list(cmd), stdio=tuple(stdio))
         except BaseException:
             for fd in theirs + ours:
                 if fd >= 0:
                     os.close(fd)
+            if prepared is not None:
+                prepared.close()
             raise
         finally:
             for fd in theirs:
@@ -185,7 +188,7 @@ class Sandbox:
                 except OSError:
                     pass
         try:
-            sup, setup_error = self._launch(child)
+            sup, setup_error = self._launch(child, prepared)
         except BaseException:
             for fd in ours:
                 if fd >= 0:
@@ -302,27 +305,32 @@ class Sandbox:
                 os._exit(code & 0xFF)
         return self._supervise(child, None, -1, -1, timeout, start)
 
-    def _supervise(self, child, stdin_data, out_r, err_r, timeout, start) -> Result:
+    def _supervise(self, child, stdin_data, out_r, err_r, timeout, start, prepared=None) -> Result:
         """Take the listener, start the supervisor, release the child, wait; always clean up."""
         sup = setup_error = None
         out = err = b""
         timed_out = False
         try:
-            sup, setup_error = self._launch(child)
+            sup, setup_error = self._launch(child, prepared)
             out, err, timed_out = self._communicate(child, stdin_data, out_r, err_r, timeout)
         finally:
             self._end(child)
         return self._conclude(child, sup, out, err, timed_out, setup_error, start)
 
-    def _launch(self, child):
-        """Take the listener, start the supervisor, release the child. Returns (supervisor, setup_error);
-        the child is registered as running (``_end`` unregisters it)."""
+    def _prepare(self):
+        """The run's supervisor, made before the fork (``Plan.prepare_supervisor``), or None if none serves."""
+        return self._plan.prepare_supervisor() if self._plan.want_listener else None
+
+    def _launch(self, child, prepared=None):
+        """Take the listener, start the supervisor (``prepared`` before the fork, or made now), release the
+        child. Returns (supervisor, setup_error); the child is registered as running (``_end`` unregisters it)."""
         self._running.append(child)
         setup_error = sup = None
         try:
             child.take_listener(use_pidfd=not self._plan.handoff_scm)
             if child.listener >= 0:
-                sup = self._plan.make_supervisor(child.listener, child.root_pid)
+                sup = self._plan.make_supervisor(child.listener, child.root_pid, prepared, child.reaper)
+                prepared = None
                 sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
                 sup.start()
@@ -337,6 +345,9 @@ class Sandbox:
             if sup is not None:
                 sup.stop()
             raise
+        finally:
+            if prepared is not None:  # not used: no listener came
+                prepared.close()
         return sup, setup_error
 
     def _end(self, child) -> None:
@@ -422,9 +433,12 @@ class Sandbox:
             stdio = (in_fd, out_w, err_w)
         else:
             stdio = (in_fd, 1, 2)
+        prepared = self._prepare()
         try:
             child = _spawn.spawn(self._plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
         except BaseException:
+            if prepared is not None:
+                prepared.close()
             for fd in fds_to_close:
                 os.close(fd)
             if stdin_data:
@@ -435,7 +449,7 @@ class Sandbox:
             raise
         for fd in fds_to_close:
             os.close(fd)
-        return self._supervise(child, stdin_data, out_r, err_r, timeout, start)
+        return self._supervise(child, stdin_data, out_r, err_r, timeout, start, prepared)
 
     def _communicate(self, child, stdin_data, out_r, err_r, timeout):
         """Feed stdin, drain stdout/stderr, watch the reaper's report, enforce the timeout."""
@@ -514,9 +528,12 @@ class Sandbox:
 
 def _cpu_time(reaper: int) -> float | None:
     """The CPU time of every process the reaper reaped (its cutime + cstime): the whole sandbox's."""
-    try:
-        with open(f"/proc/{reaper}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+    try:  # os.open/os.read: no buffered file object on every run's path
+        fd = os.open(f"/proc/{reaper}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+        finally:
+            os.close(fd)
         return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None

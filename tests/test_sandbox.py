@@ -714,3 +714,24 @@ def test_a_supervisor_loop_that_dies_kills_the_sandbox_instead_of_hanging_it():
         [sys.executable, "-I", "-S", "-c", "import os, time; os.getppid(); time.sleep(60)"], timeout=60)
     assert time.monotonic() - t < 30
     assert res.signal == signal.SIGKILL and res.reason is ExitReason.KILLED, res
+
+
+def test_a_forked_caller_runs_supervised_sandboxes_after_the_parent_did():
+    """Supervisor threads are reused between runs; a child forked from a caller that ran one (multiprocessing's
+    fork start method, pytest-xdist) has no such thread and must start its own instead of waiting for it."""
+    sb = Sandbox(Policy(isolate_pids=True))
+    assert sb.run(["true"]).exit_code == 0  # leaves an idle supervisor thread in this process
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            res = Sandbox(Policy(isolate_pids=True)).run(["cat", "/proc/self/status"], timeout=20)
+            os.write(w, b"%d %d" % (res.exit_code, res.notifications > 0))
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.read(r, 64) == b"0 1" and status == 0
+    finally:
+        os.close(r)

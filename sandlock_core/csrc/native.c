@@ -1101,10 +1101,18 @@ static int proc_try(struct sl_proc_fast *f, int listener, const struct seccomp_n
     if (!kind || !proc_layout(kind, n->data.args, &addr, &nofollow, &creat) || addr == 0) return 0;
     char path[4096];
     size_t chunk = 4096 - (size_t)(addr % 4096);
-    struct iovec l = { path, chunk }, r = { (void *)(uintptr_t)addr, chunk };
+    /* Most names are short: copy 256 bytes first, the rest of the page only when no NUL came (a page-sized
+       copy costs ~0.4 us more, on each of the hundreds of stats a Python start-up makes). */
+    size_t first = chunk < 256 ? chunk : 256;
+    struct iovec l = { path, first }, r = { (void *)(uintptr_t)addr, first };
     ssize_t got = process_vm_readv((pid_t)n->pid, &l, 1, &r, 1, 0);
     if (got <= 0) return 0;
-    if (memchr(path, 0, (size_t)got) == NULL) return 0;
+    if (memchr(path, 0, (size_t)got) == NULL) {
+        if ((size_t)got != first || first == chunk) return 0;
+        struct iovec l2 = { path + first, chunk - first }, r2 = { (void *)(uintptr_t)(addr + first), chunk - first };
+        ssize_t more = process_vm_readv((pid_t)n->pid, &l2, 1, &r2, 1, 0);
+        if (more <= 0 || memchr(path + first, 0, (size_t)more) == NULL) return 0;
+    }
     if (path[0] == 0) {  /* fstat through AT_EMPTY_PATH (or ENOENT from the kernel): names nothing */
         sl_notif_continue(listener, n->id);
         f->served++;
