@@ -238,6 +238,9 @@ def _check_spec(spec: FilterSpec) -> None:
                          "(drop the handlers of denied syscalls)")
     seen: dict[int, int] = {}
     for nr, e in spec.errno_actions:
+        # unsigned in the filter: a negative number would sort first in the binary search and never be reached
+        if not isinstance(nr, int) or not 0 <= nr < syscalls.X32_SYSCALL_BIT:
+            raise ValueError(f"FilterSpec.errno_actions: {nr!r} is not a syscall number")
         _errno(e)
         if seen.setdefault(nr, e) != e:
             raise ValueError(f"errno_actions: syscall {_describe([nr], spec.arch)} given two errnos")

@@ -108,6 +108,15 @@ def test_notify_and_deny_overlap_is_an_error():
         build_filter(FilterSpec(arch=ARCH, notify=nrs("getpid"), errno_actions=((NR["getpid"], 1),)))
 
 
+@pytest.mark.parametrize("field", ["notify", "deny", "allow_only", "errno_actions"])
+@pytest.mark.parametrize("bad", [-1, 1 << 30, "read"])
+def test_a_number_that_is_no_syscall_number_is_refused_in_every_field(field, bad):
+    # The filter compares unsigned: a negative entry would sort first in the binary search and never be reached.
+    value = ((bad, 5),) if field == "errno_actions" else frozenset([bad])
+    with pytest.raises(ValueError, match=f"FilterSpec.{field}: .* is not a syscall number"):
+        build_filter(FilterSpec(arch=ARCH, **{field: value}))
+
+
 def test_build_filter_is_cached_and_fast():
     import time
     spec = default_spec(no_udp=True)
