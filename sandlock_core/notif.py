@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno as _errno
 from . import _lazylog as logging  # the real module (~5 ms of CLI start-up) at the first log call
 import os
+import _thread
 import threading
 from collections.abc import Callable  # not typing: ~3 ms of CLI start-up
 
@@ -119,7 +120,7 @@ class Supervisor:
         self.on_crash = None           # called if the loop itself fails: ends the sandbox (set by the Sandbox)
         self._pidfds: dict[int, int] = {}
         self._wake_r, self._wake_w = os.pipe2(O_CLOEXEC)
-        self._thread: threading.Thread | None = None
+        self._done: _thread.LockType | None = None  # held while the loop runs (start() to the loop's end)
         self._lock = threading.Lock()
         self._on_close: list = []
         self._path_cache: tuple = (None, None, None)  # (notification id, arg index, bytes)
@@ -132,19 +133,31 @@ class Supervisor:
 
     # ---- lifecycle ----
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="sandlock-supervisor", daemon=True)
-        self._thread.start()
+        """Serve on a new thread. A bare ``_thread`` (daemon-like): ``threading.Thread.start`` waits until the
+        new thread has run, a GIL round trip on every sandbox run (the pytest plugin starts one per test)."""
+        done = _thread.allocate_lock()
+        done.acquire()
+        self._done = done
+        _thread.start_new_thread(self._run, (done,))
+
+    def _run(self, done) -> None:
+        try:
+            self._loop()
+        finally:
+            done.release()
 
     def end_loop(self, timeout: float = 5.0) -> None:
         """Ask the loop to end (the sandbox is over) and wait for it: its figures (``notifications``) are
         final afterwards, while the mechanisms' state stays available until ``close``."""
-        if self._thread is not None:
+        done = self._done
+        if done is not None:
             try:
                 os.write(self._wake_w, b"x")
             except OSError:
                 pass
-            self._thread.join(timeout)
-            self._thread = None
+            if done.acquire(timeout=timeout):
+                done.release()
+            self._done = None
 
     def stop(self, timeout: float = 5.0) -> None:
         """End the loop and release every resource."""

@@ -315,8 +315,10 @@ class Sandbox:
         return self._conclude(child, sup, out, err, timed_out, setup_error, start)
 
     def _launch(self, child):
-        """Take the listener, start the supervisor, release the child. Returns (supervisor, setup_error);
-        the child is registered as running (``_end`` unregisters it)."""
+        """Take the listener, prepare the supervisor, release the child, start serving. Returns (supervisor,
+        setup_error); the child is registered as running (``_end`` unregisters it). The thread starts after the
+        release: the child's notifications wait in the kernel until it serves them, so the child need not wait
+        for a thread start."""
         self._running.append(child)
         setup_error = sup = None
         try:
@@ -325,8 +327,9 @@ class Sandbox:
                 sup = self._plan.make_supervisor(child.listener, child.root_pid)
                 sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
-                sup.start()
             child.release()
+            if sup is not None:
+                sup.start()
         except _spawn.ChildSetupError as exc:
             setup_error = exc
         except (ChildError, SandboxError) as exc:
