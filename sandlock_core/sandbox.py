@@ -282,27 +282,15 @@ class Sandbox:
     def run_function(self, fn, *args, timeout: float | None = None) -> Result:
         """Run ``fn(*args)`` in a forked child confined by this policy (the pytest plugin's confined test
         body). The child inherits the caller's memory and fds; its exit code is fn's int result (0 for
-        None), 1 if it raised. Talk to it through pipes or files made beforehand.
-
-        Returns once fn has returned and every process of the sandbox is killed: the child says "done" (with
-        its exit code) before it exits, and the sandbox is ended then, so the caller does not wait for the
-        child to tear down its copy of the caller's memory. ``cpu_time`` may then miss the child's last
-        moments. A child that says "done" early only ends its own sandbox early."""
+        None), 1 if it raised. Talk to it through pipes or files made beforehand."""
         start = time.monotonic()
-        done_r, done_w = os.pipe2(os.O_CLOEXEC)
-        try:
-            pid, child = _spawn.fork_confined(self._plan)
-        except BaseException:
-            os.close(done_r)
-            os.close(done_w)
-            raise
+        pid, child = _spawn.fork_confined(self._plan)
         if child is None:  # confined child
             code = 1
+            if self.policy.clean_env or self.policy.env:
+                os.environ.clear()  # the policy's environment holds for the function too, not only for execs
+                os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self._plan.environ().items()})
             try:
-                os.close(done_r)
-                if self.policy.clean_env or self.policy.env:
-                    os.environ.clear()  # the policy's environment holds for the function too, not only for execs
-                    os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self._plan.environ().items()})
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
             except SystemExit as exc:
@@ -311,27 +299,17 @@ class Sandbox:
                 import traceback
                 traceback.print_exc()
             finally:
-                try:
-                    os.write(done_w, bytes([code & 0xFF]))
-                finally:
-                    os._exit(code & 0xFF)
-        os.close(done_w)
-        # Finish hooks (copy-on-write commit, resource figures) want the root's last write landed and its
-        # CPU time counted: they keep the wait for its exit.
-        try:
-            return self._supervise(child, None, -1, -1, timeout, start,
-                                   done_fd=-1 if self._plan.finish else done_r)
-        finally:
-            os.close(done_r)
+                os._exit(code & 0xFF)
+        return self._supervise(child, None, -1, -1, timeout, start)
 
-    def _supervise(self, child, stdin_data, out_r, err_r, timeout, start, done_fd: int = -1) -> Result:
+    def _supervise(self, child, stdin_data, out_r, err_r, timeout, start) -> Result:
         """Take the listener, start the supervisor, release the child, wait; always clean up."""
         sup = setup_error = None
         out = err = b""
         timed_out = False
         try:
             sup, setup_error = self._launch(child)
-            out, err, timed_out = self._communicate(child, stdin_data, out_r, err_r, timeout, done_fd)
+            out, err, timed_out = self._communicate(child, stdin_data, out_r, err_r, timeout)
         finally:
             self._end(child)
         return self._conclude(child, sup, out, err, timed_out, setup_error, start)
@@ -462,10 +440,8 @@ class Sandbox:
             os.close(fd)
         return self._supervise(child, stdin_data, out_r, err_r, timeout, start)
 
-    def _communicate(self, child, stdin_data, out_r, err_r, timeout, done_fd: int = -1):
-        """Feed stdin, drain stdout/stderr, watch the reaper's report, enforce the timeout. ``done_fd``
-        (run_function): the child's exit code arrives there once the function returned; the sandbox is then
-        killed at once (``Spawned.done_code`` keeps the code)."""
+    def _communicate(self, child, stdin_data, out_r, err_r, timeout):
+        """Feed stdin, drain stdout/stderr, watch the reaper's report, enforce the timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         poller = select.poll()
         bufs = {out_r: [], err_r: []}
@@ -479,8 +455,6 @@ class Sandbox:
         if stdin_data:
             os.set_blocking(stdin_data[0], False)
             poller.register(stdin_data[0], select.POLLOUT)
-        if done_fd >= 0:
-            poller.register(done_fd, select.POLLIN)
         sock_open, done, timed_out = True, False, False
         try:
             while not done or open_fds:
@@ -511,12 +485,6 @@ class Sandbox:
                         sock_open = False
                     elif stdin_data and fd == stdin_data[0]:
                         stdin_data = feed_stdin(poller, stdin_data)
-                    elif fd == done_fd:
-                        poller.unregister(fd)
-                        code = os.read(fd, 1)
-                        if code and not done:
-                            child.done_code = code[0]
-                            child.kill()
         finally:
             if stdin_data:
                 os.close(stdin_data[0])
@@ -541,8 +509,6 @@ class Sandbox:
         if child.status is not None:
             code, sig = _spawn.describe_status(child.status)
             reason = ExitReason.SIGNALED if sig else ExitReason.EXITED
-        elif child.done_code is not None:  # run_function: the function returned, then the sandbox was ended
-            code, reason = child.done_code, ExitReason.EXITED
         else:
             code, sig, reason = -signal.SIGKILL, signal.SIGKILL, ExitReason.KILLED
             error = "the sandbox was killed"

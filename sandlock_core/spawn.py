@@ -93,7 +93,6 @@ class Spawned:
         self.status: int | None = None      # raw wait status of the root process
         self.killed_by: int | None = None   # signal the reaper got asked to kill with
         self.exec_error: ChildSetupError | None = None
-        self.done_code: int | None = None   # run_function: the exit code the child said before it was ended
 
     # ---- hand-off ----
     def take_listener(self, use_pidfd: bool) -> None:

@@ -628,24 +628,9 @@ def _gone_within(pids, seconds: float) -> list[int]:
     return alive
 
 
-def test_run_function_returns_when_the_function_does_and_ends_the_child(tmp_path):
-    """The child says "done" with its code once the function returned: the run ends then (the child is killed)
-    instead of waiting for the child's own exit, here one that never comes."""
-    pidfile = tmp_path / "pid"
-
-    def body():
-        pidfile.write_text(str(os.getpid()))
-        os._exit = lambda code: time.sleep(300)  # the child would hang in its exit
-        return 7
-
-    res = Sandbox(Policy()).run_function(body, timeout=60)
-    assert (res.exit_code, res.reason, res.signal) == (7, ExitReason.EXITED, None), res
-    assert _gone_within([int(pidfile.read_text())], 5) == []
-
-
 def test_run_function_kills_what_the_function_left_running(tmp_path):
-    """A background child, and a setsid'd double-forked daemon: both die with the run, whose code is the
-    function's."""
+    """A background child, and a setsid'd double-forked daemon: both die with the run (the reaper kills what the
+    root left behind), whose code is the function's."""
     pids = tmp_path / "pids"
 
     def body():

@@ -584,91 +584,10 @@ static void kill_all_children(void)
     }
 }
 
-static pid_t reaper_root;      /* the sandbox's root process (set before the signal handlers) */
-static int reaper_early_end;   /* report a kill as soon as the root alone is killed (sl_fork_with_reaper) */
-
-/* Read a small /proc file whole (NUL-terminated); its length, or -1. */
-static ssize_t read_small(const char *path, char *buf, size_t cap)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
-    size_t len = 0;
-    ssize_t n;
-    while (len + 1 < cap && (n = read(fd, buf + len, cap - 1 - len)) != 0) {
-        if (n < 0) { if (errno == EINTR) continue; close(fd); return -1; }
-        len += (size_t)n;
-    }
-    close(fd);
-    buf[len] = 0;
-    return len + 1 < cap ? (ssize_t)len : -1;  /* a full buffer may be cut short: unknown */
-}
-
-/* "/proc/<pid>/task/<tid>/children" as "<pid> " lists it. */
-static void children_path(char *dst, pid_t pid, pid_t tid)
-{
-    strcpy(dst, "/proc/");
-    put_uint(dst + strlen(dst), (unsigned)pid);
-    strcat(dst, "/task/");
-    put_uint(dst + strlen(dst), (unsigned)tid);
-    strcat(dst, "/children");
-}
-
-/* True if this reaper's only child is the root. */
-static int only_child_is_root(void)
-{
-    char path[96], buf[64], want[16];
-    children_path(path, getpid(), getpid());
-    put_uint(want, (unsigned)reaper_root);
-    strcat(want, " ");
-    return read_small(path, buf, sizeof(buf)) >= 0 && strcmp(buf, want) == 0;
-}
-
-/* The number of threads of pid (field 20 of /proc/<pid>/stat), or -1. */
-static long thread_count(pid_t pid)
-{
-    char path[48], buf[1024];
-    strcpy(path, "/proc/");
-    put_uint(path + strlen(path), (unsigned)pid);
-    strcat(path, "/stat");
-    if (read_small(path, buf, sizeof(buf)) < 0) return -1;
-    char *p = strrchr(buf, ')');
-    if (!p) return -1;
-    for (int field = 2; field < 20; field++) {  /* p sits before field 3 (state) */
-        p = strchr(p + 1, ' ');
-        if (!p) return -1;
-    }
-    long v = 0;
-    for (p++; *p >= '0' && *p <= '9'; p++) v = v * 10 + (*p - '0');
-    return v;
-}
-
-/*
- * Kill the root and tell whether that alone ended the sandbox: the root is this reaper's only child and has
- * one thread and no child of its own. Sound without waiting for the root's exit: SIGKILL is pending before
- * the root's lists are read, and a process with a fatal signal pending can create neither a process nor a
- * thread (copy_process refuses), so what is read is final; a child it made with CLONE_PARENT before the kill
- * is this reaper's child (read after the kill, twice around the root's list, so a child re-parented from the
- * root to us in between is seen too). Anything else: the full kill-and-reap loop decides.
- */
-static int root_was_all(void)
-{
-    char path[96], buf[16];
-    if (reaper_root <= 0 || kill(reaper_root, SIGKILL) < 0) return 0;
-    if (!only_child_is_root() || thread_count(reaper_root) != 1) return 0;
-    children_path(path, reaper_root, reaper_root);
-    if (read_small(path, buf, sizeof(buf)) != 0) return 0;
-    return only_child_is_root();
-}
-
 static void on_reaper_signal(int sig)
 {
-    /* Asked to end (the caller's request, a timeout, or the caller died). When the root was all there was,
-       report as soon as it is killed: its exit (tearing down a copy of the caller's address space, ~1 ms for a
-       pytest process) then happens off the caller's critical path. */
-    int early = reaper_early_end && root_was_all();
-    if (early) report('K', sig);
     kill_all_children();
-    if (!early) report('K', sig);
+    report('K', sig);
     _exit(0);
 }
 
@@ -693,7 +612,6 @@ static void reaper_setup(const struct sl_cfg *cfg, pid_t caller)
 
 static void reaper_loop(pid_t root, const int *keep, int nkeep)
 {
-    reaper_root = root;
     /* Hold nothing of the caller's: an inherited pipe end would keep its reader from seeing EOF. */
     close_fds_except_from(0, keep, nkeep);
     struct sigaction sa;
@@ -762,7 +680,6 @@ long sl_fork_with_reaper(const struct sl_cfg *cfg)
     prctl(PR_SET_PDEATHSIG, SIGUSR1, 0, 0, 0);
     if (getppid() != caller) _exit(127);
     reaper_report_fd = cfg->report_fd;
-    reaper_early_end = 1;
     pid_t root = fork();
     if (root < 0) return -errno;
     if (root == 0) return 0;
