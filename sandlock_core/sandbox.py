@@ -318,7 +318,7 @@ class Sandbox:
         """Take the listener, prepare the supervisor, release the child, start serving. Returns (supervisor,
         setup_error); the child is registered as running (``_end`` unregisters it). The thread starts after the
         release: the child's notifications wait in the kernel until it serves them, so the child need not wait
-        for a thread start."""
+        for a thread start. A child without a listener does not wait for a release at all."""
         self._running.append(child)
         setup_error = sup = None
         try:
@@ -327,8 +327,7 @@ class Sandbox:
                 sup = self._plan.make_supervisor(child.listener, child.root_pid)
                 sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
-            child.release()
-            if sup is not None:
+                child.release()
                 sup.start()
         except _spawn.ChildSetupError as exc:
             setup_error = exc
