@@ -323,7 +323,9 @@ class Sandbox:
 
     def _launch(self, child, prepared=None):
         """Take the listener, start the supervisor (``prepared`` before the fork, or made now), release the
-        child. Returns (supervisor, setup_error); the child is registered as running (``_end`` unregisters it)."""
+        child. Returns (supervisor, setup_error); the child is registered as running (``_end`` unregisters it).
+        Serving starts after the release: the child's notifications wait in the kernel until it serves them. A
+        child without a listener does not wait for a release at all."""
         self._running.append(child)
         setup_error = sup = None
         try:
@@ -333,8 +335,8 @@ class Sandbox:
                 prepared = None
                 sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
+                child.release()
                 sup.start()
-            child.release()
         except _spawn.ChildSetupError as exc:
             setup_error = exc
         except (ChildError, SandboxError) as exc:

@@ -125,7 +125,8 @@ class Spawned:
                 os.close(pidfd)
 
     def release(self) -> None:
-        """Tell the child the supervisor is ready: it closes its fds and execs."""
+        """Tell the child the supervisor is ready: it closes its fds and execs. Only a child that handed over a
+        listener waits for this; without one it goes on at once."""
         os.write(self.sock, b"G")
 
     def read_exec_result(self) -> None:

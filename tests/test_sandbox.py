@@ -612,6 +612,45 @@ def test_run_function_applies_the_policy_environment(tmp_path):
     assert res.exit_code == 0 and out.read_text() == "bar -"
 
 
+def _gone_within(pids, seconds: float) -> list[int]:
+    """The pids still running (not dead, not a zombie) after up to ``seconds``."""
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + seconds
+    alive = [p for p in pids if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if running(p)]
+    return alive
+
+
+def test_run_function_kills_what_the_function_left_running(tmp_path):
+    """A background child, and a setsid'd double-forked daemon: both die with the run (the reaper kills what the
+    root left behind), whose code is the function's."""
+    pids = tmp_path / "pids"
+
+    def body():
+        subprocess.Popen(["sh", "-c", f"sleep 300 & echo $! >> {pids}; (setsid sh -c 'sleep 300 & echo $! >> "
+                                      f"{pids}') & wait"])
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(pids.read_text().split() if pids.exists() else []) < 2:
+            time.sleep(0.02)
+        return 3
+
+    res = Sandbox(Policy()).run_function(body, timeout=60)
+    assert (res.exit_code, res.reason) == (3, ExitReason.EXITED), res
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2
+    alive = _gone_within(started, 0)
+    for p in alive:
+        os.kill(p, signal.SIGKILL)
+    assert alive == []
+
+
 def test_fs_denied_holes_in_read_only_trees_are_enforced_by_the_kernel(deny_tree):
     """Without any supervisor, the carved Landlock ruleset alone refuses the hole (read and exec)."""
     from sandlock_core import landlock
