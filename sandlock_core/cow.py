@@ -8,9 +8,11 @@ path itself in the *merged* view (upper over lower, whiteouts, symlinks followed
   file at full speed (the fast path; when nothing was written yet the path is not even read). "Untouched":
   no component the walk went through is an upper entry other than a plain copy of the lower directory (those
   are made to hold copied-up children, and the kernel walking the lower finds the same names), and the entry
-  itself has no upper copy or whiteout. The lower is cached per run (it does not change while the sandbox
-  runs), so deciding costs no system call once a directory was seen; fstat through AT_EMPTY_PATH is one byte
-  read;
+  itself has no upper copy or whiteout. Most of these are answered by the C receive loop without waking
+  Python (``cow_fast``: before the first write on the registers alone, afterwards on the name checked against a
+  table of touched names, the lower walked with RESOLVE_NO_SYMLINKS); what it cannot decide comes here. The
+  lower is cached per run (it does not change while the sandbox runs). fstat (newfstatat/statx with
+  AT_EMPTY_PATH) is not notified at all;
 * opens that write, create or truncate copy the file up and inject an fd on the upper file (ADDFD|SEND), so
   later reads and writes run at kernel speed;
 * unlink/rmdir/mkdir/rename/link/symlink/chmod/chown/utimensat/truncate/mknod are done in the upper and
@@ -41,7 +43,9 @@ What is a boundary and what is not:
   child may write the whole host anyway) or one that makes the workdir or a parent writable gets COW as a
   convenience, not a boundary.
 * For reads, a path that is lexically outside the workdir is not resolved: a symlink elsewhere that points
-  into the workdir reads the lower (pre-run) file. Writes are always resolved.
+  into the workdir reads the lower (pre-run) file; in the C loop this holds for relative names too (made
+  absolute against a cwd or dirfd outside the workdir). Writes are always resolved. A stat with AT_EMPTY_PATH
+  and a non-empty name (no libc makes one) is not notified: it gets the lower entry.
 * A file opened read-only before it was copied up keeps showing the lower content (as old OverlayFS).
 * A script run from the upper goes through a ``/bin/sh`` relay (one more exec, same argv and environment);
   without /bin/sh it sees ``$0`` as ``/dev/fd/N``. The branch directories are made on the first write.

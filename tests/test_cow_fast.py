@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -159,7 +158,6 @@ def test_touched_names_reach_python(tmp_path, monkeypatch):
     root = tmp_path / "w"
     make_tree(root)
     calls = []
-    real = Sandbox  # noqa: F841
     from sandlock_core import cow
     orig = cow.Cow.h_newfstatat
 
