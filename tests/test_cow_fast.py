@@ -72,7 +72,7 @@ PROBE = textwrap.dedent(r"""
 
     top = ["mod.txt", "gone.txt", "keep.txt", "tree", "tree/t.txt", "dir1", "dir1/f.txt", "dir1/sub/g.txt",
            "dir2", "dir2/f.txt", "dir2/sub/g.txt", "new", "new/n.txt", "sub", "sub/s.txt", "sub/added.txt",
-           "sub/deep/d.txt", "link_mod", "link_gone", "link_dir1", "link_dir1/f.txt", "abslink", "missing",
+           "sub/deep/d.txt", "link_mod", "link_gone", "link_dir1", "link_dir1/f.txt", "link_dir1/", "link_dir1/.", "abslink", "missing",
            "mod.txt/x", "./sub//s.txt", "sub/../mod.txt", "."]
     probes("abs", [os.path.join(root, p) for p in top])
     probes("rel", top)

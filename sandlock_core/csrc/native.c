@@ -1396,7 +1396,8 @@ static int cow_path_ok(const struct sl_cow_fast *f, const struct seccomp_notif *
     long len = cow_read_str((pid_t)n->pid, c.addr, path, sizeof path);
     if (len < 0) return 0;
     if (len == 0) return c.empty_ok;
-    if (path[len - 1] == '/') c.nofollow = 0;  /* a trailing slash follows the last link */
+    /* "link/" and "link/." follow the link: after normalisation "link" is last, so follow it here */
+    if (path[len - 1] == '/' || (path[len - 1] == '.' && (len == 1 || path[len - 2] == '/'))) c.nofollow = 0;
     size_t alen = 0;
     if (path[0] != '/') {
         if (c.dirfd < 0 && c.dirfd != AT_FDCWD) return 0;
