@@ -1,6 +1,6 @@
 """Copy-on-write workdir overhead: bare vs seccomp COW vs OverlayFS COW (on_exit=abort: the tree stays as it was).
 
-    python benchmarks/cow.py [--repeat N] [--profile] [--storage DIR]
+    python benchmarks/cow.py [--repeat N] [--profile] [--storage DIR] [--round-trip]
 
 Three workloads: ``python3 -c pass`` run in the workdir (start-up, read-only), ``git status`` of a 1,000-file
 repository (read-mostly: lstat of every file, listings, an index refresh), and a write of 1,000 small files
@@ -119,6 +119,59 @@ def overlay_sandbox(repo: str, kw: dict):
     return sb, ""
 
 
+LSTAT_LOOP = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/stat.h>
+int main(int argc, char **argv) {  /* lstat(argv[2]) argv[1] times; microseconds per call */
+    long n = atol(argv[1]);
+    struct stat st;
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) lstat(argv[2], &st);
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    printf("%.2f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n / 1000.0);
+    return 0;
+}
+"""
+
+
+def round_trips(base: str, rounds: int = 5, n: int = 20000) -> None:
+    """Microseconds per lstat of a workdir file: bare; under COW before any write (answered in C on the
+    registers); after a write elsewhere (C reads the name, checks it, walks the lower); of a touched file (the
+    Python handlers answer on behalf). Medians of interleaved rounds."""
+    exe, src = os.path.join(base, "lstat"), os.path.join(base, "lstat.c")
+    with open(src, "w") as f:
+        f.write(LSTAT_LOOP)
+    if subprocess.run(["gcc", "-O2", "-o", exe, src], capture_output=True).returncode != 0:
+        print("round trips: no C compiler")
+        return
+    wd = os.path.join(base, "rt")
+    os.makedirs(os.path.join(wd, "a", "b"))
+    open(os.path.join(wd, "a", "b", "f.txt"), "w").close()
+    sb = Sandbox(Policy(workdir=wd, cwd=wd, on_exit=BranchAction.ABORT))
+    cases = {
+        "bare": lambda: subprocess.run([exe, str(n), "a/b/f.txt"], cwd=wd, capture_output=True).stdout,
+        "COW, nothing written (C)": lambda: sb.run([exe, str(n), "a/b/f.txt"]).stdout,
+        "COW, after a write (C)": lambda: sb.run(["/bin/sh", "-c", f": > new.txt && {exe} {n} a/b/f.txt"]).stdout,
+        "COW, touched file (Python)": lambda: sb.run(["/bin/sh", "-c", f": > a/b/f.txt && {exe} {n // 10} a/b/f.txt"]
+                                                      ).stdout,
+    }
+    got: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for k, fn in cases.items():
+            got[k].append(float(fn()))
+    print(f"lstat of a workdir file, us per call (median of {rounds}; load {os.getloadavg()[0]:.1f}):")
+    b = statistics.median(got["bare"])
+    for k, v in got.items():
+        m = statistics.median(v)
+        print(f"  {k:<30}{m:>8.2f}" + (f"   +{m - b:.2f} per notification" if k != "bare" else ""))
+    sb.close()
+
+
 MODES = (("sandbox", "no COW"), ("cow", "seccomp COW"), ("ovl", "overlayfs"))
 
 
@@ -144,9 +197,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=9)
     ap.add_argument("--profile", action="store_true", help="per-handler counts and times")
     ap.add_argument("--storage", help="fs_storage for the uppers (default: sandlock's default)")
+    ap.add_argument("--round-trip", action="store_true", help="also: the cost of one notified lstat, per path")
     a = ap.parse_args()
     prof = HandlerProfile()
     base = tempfile.mkdtemp(prefix="sandlock-cow-bench-")
+    if a.round_trip:
+        round_trips(base)
     repo = os.path.join(base, "repo")
     make_repo(repo)
     env = {**os.environ, **GIT_ENV}
