@@ -526,7 +526,7 @@ def _under(path: str, top: str) -> bool:
 
 
 # fstat is newfstatat/statx(fd, "", AT_EMPTY_PATH): the kernel answers for the very file the fd is on, so the
-# filter lets those through (no round trip; a third of python's start-up notifications). A caller that passes
+# filter lets those through (no round trip; a fifth of python3 -c pass's notifications). A caller that passes
 # AT_EMPTY_PATH with a non-empty name gets the kernel's (lower) answer for it: a stat, nothing more.
 NOTIFY_WHEN = {"newfstatat": (3, AT_EMPTY_PATH, 0), "statx": (2, AT_EMPTY_PATH, 0)}
 

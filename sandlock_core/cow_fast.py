@@ -10,9 +10,9 @@ the C code consults, with marks per name (native.h):
 * ``LEAF``: the name has an upper copy (also a plain directory copy: its own metadata comes from the upper);
 * ``LIST``: the directory's merged listing differs (something was added or removed in it).
 
-The branch's sets (``present``, ``deleted``, ``opaque``, ``dirty``) record the names they change; after every
-COW handler that ran in Python, ``sync()`` recomputes the marks of those names and puts them in the table, before
-the loop receives the next notification (one thread serves both). Marks can be stale only towards "touched":
+The branch's sets (``present``, ``deleted``, ``opaque``, ``dirty``) become ``TrackedSet``s: every add or discard
+recomputes that name's marks and puts them in the table at once, on the supervisor thread, so before the loop
+receives the next notification (whichever handler changed the branch). Marks can be stale only towards "touched":
 a name's own marks are recomputed whenever its membership changes, and what depends on its ancestors (hidden
 under a whiteout or opaque directory) is caught by the C code's check of every ancestor.
 
