@@ -110,7 +110,16 @@ class CowFast:
     def _changed(self, rel: str) -> None:
         b = self.branch
         self.ctx.clean = int(not b.present and not b.deleted)
-        self._mark(rel, self._marks_of(rel))
+        try:
+            self._mark(rel, self._marks_of(rel))
+        except BaseException:
+            self._give_up()  # the table may now miss a touched name: never consult it again
+            raise
+
+    def _give_up(self) -> None:
+        """Fail safe: every notification to Python from now on."""
+        self.broken = True
+        self.ctx.on = 0
 
     def _marks_of(self, rel: str) -> int:
         b = self.branch
@@ -159,8 +168,7 @@ class CowFast:
         self._table(size)
         for key, names in self.by_key.items():
             if lib.sl_cow_put(self.ctx, key, self._combined(names)) != 0:  # pragma: no cover - sized above
-                self.broken = True  # fail safe: every call goes to Python from now on
-                self.ctx.on = 0
+                self._give_up()
                 return
 
 

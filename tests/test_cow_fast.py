@@ -185,3 +185,29 @@ def test_tracked_set_refuses_untracked_changes():
         s.update({"c"})
     with pytest.raises(TypeError):
         s |= {"c"}
+
+
+def test_a_failure_while_marking_turns_the_fast_path_off(tmp_path, monkeypatch):
+    """If the table cannot be updated (here: the lower entry's kind cannot be read), the C path is switched off
+    for the rest of the run rather than left deciding on a table that misses a touched name."""
+    root = tmp_path / "w"
+    make_tree(root)
+    seen = []
+    real_setup = cow_fast.setup
+
+    def setup(*a):
+        f = real_setup(*a)
+        seen.append(f)
+        return f
+    monkeypatch.setattr(cow_fast, "setup", setup)
+
+    def broken(self, rel):
+        raise OSError(5, "EIO")
+    monkeypatch.setattr(cow_fast.CowFast, "_marks_of", broken)
+    code = ("import os\ntry:\n    open('mod.txt', 'a').write('12345')\nexcept OSError as e:\n    print(e.errno)\n"
+            "print(os.stat('mod.txt').st_size)\n")
+    r = Sandbox(Policy(workdir=str(root), cwd=str(root))).dry_run([PY, "-c", code])
+    assert r.exit_code == 0, r.stderr
+    assert seen[0].broken and seen[0].ctx.on == 0
+    # the open failed closed (EIO) after its copy-up; the stat then went to Python, which sees the upper copy
+    assert r.stdout.split() == [b"5", b"5"]
