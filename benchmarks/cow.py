@@ -7,7 +7,8 @@ repository (read-mostly: lstat of every file, listings, an index refresh), and a
 (every create goes through the supervisor in seccomp mode). Bare, seccomp COW and ``fs_isolation=overlayfs``
 runs, and a sandbox without COW (what any sandbox costs: start-up, Landlock, the filter), are interleaved (bare,
 no COW, COW, overlay, bare, ...) so that load changes hit all of them; the medians of the wall time are printed
-with the ratios to bare and the load average, then the notifications of one seccomp run: how many the C receive
+with the medians of each round's ratio to bare (paired: robust to load that changes between rounds) and the load
+average, then the notifications of one seccomp run: how many the C receive
 loop answered (``cow_fast``) and how many reached the Python handlers. (Wall time, not CPU time: a sandbox's
 processes are reaped by its reaper, whose accounting reaches this process late or in 10 ms ticks.) ``--profile`` adds those Python handler
 calls per handler (count, CONTINUE answers, time). OverlayFS mode needs no notifications; where the kernel refuses
@@ -184,7 +185,8 @@ def table(title: str, rows: dict, notifs: dict | None) -> None:
         for mode, _ in MODES:
             if mode in d:
                 m = statistics.median(d[mode])
-                line += f"{m * 1000:>8.1f}{m / b:>6.2f}x"
+                ratio = statistics.median(x / y for x, y in zip(d[mode], d["bare"]))  # paired: same round
+                line += f"{m * 1000:>8.1f}{ratio:>6.2f}x"
             else:
                 line += f"{'n/a':>15}"
         if notifs:
