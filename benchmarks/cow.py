@@ -4,22 +4,24 @@
 
 Three workloads: ``python3 -c pass`` run in the workdir (start-up, read-only), ``git status`` of a 1,000-file
 repository (read-mostly: lstat of every file, listings, an index refresh), and a write of 1,000 small files
-(every create goes through the supervisor in seccomp mode). Bare, seccomp COW and ``fs_isolation=overlayfs``
-runs, and a sandbox without COW (what any sandbox costs: start-up, Landlock, the filter), are interleaved (bare,
-no COW, COW, overlay, bare, ...) so that load changes hit all of them; the medians of the wall time are printed
-with the medians of each round's ratio to bare (paired: robust to load that changes between rounds) and the load
-average, then the notifications of one seccomp run: how many the C receive
-loop answered (``cow_fast``) and how many reached the Python handlers. (Wall time, not CPU time: a sandbox's
-processes are reaped by its reaper, whose accounting reaches this process late or in 10 ms ticks.) ``--profile`` adds those Python handler
-calls per handler (count, CONTINUE answers, time). OverlayFS mode needs no notifications; where the kernel refuses
-an unprivileged user namespace its column says so.
+(every create goes through the supervisor in seccomp mode). Bare runs, a sandbox without COW (what any sandbox
+costs: start-up, Landlock, the filter), the seccomp COW and ``fs_isolation=overlayfs`` are interleaved (bare, no
+COW, COW, overlay, bare, ...) so that load changes hit all of them. Printed: the medians of the wall time, the
+medians of each round's ratio to bare (paired: robust to load that changes between rounds), the load average, and
+the notifications of one seccomp run: how many the C receive loop answered (``cow_fast``) and how many reached the
+Python handlers. Wall time, not CPU time: a sandbox's processes are reaped by its reaper, whose accounting reaches
+this process late or in 10 ms ticks. ``--profile`` adds the Python handler calls per handler (count, CONTINUE
+answers, time). OverlayFS mode needs no notifications; where the kernel refuses an unprivileged user namespace
+its column says so.
 Targets (seccomp COW): read-mostly under 1.5x, the 1,000-file write under 3x.
 
-Where the time goes (seccomp COW): each notified syscall costs one supervisor round trip, ~9-10 us here when the
-C loop answers it (the kernel's switch to the supervisor thread and back; a bare lstat is ~1.3 us), 20 us when
-the name must be read and checked (after a write), and 60+ us through the Python handlers. ``git status``
-lstats every file (one notification per file, ~1,200 in all), so its floor is ~12 ms over a ~7 ms bare run:
-out of reach of the 1.5x target by construction; OverlayFS mode has no round trip.
+Where the time goes (seccomp COW; ``--round-trip``, 2026-11-27, load 2.8-3.8): each notified syscall costs one
+supervisor round trip: +7-9 us over a 1.3 us bare lstat when the C loop answers it before any write (the kernel's
+switch to the supervisor thread and back), +18-20 us after a write (the name is read, made absolute and checked,
+the lower walked), +65-90 us through the Python handlers (a touched name, answered on behalf). ``git status``
+lstats every file (one notification per file, ~1,200 in all), so its floor is ~10 ms over a 6-9 ms bare run:
+out of reach of the 1.5x target by construction; OverlayFS mode has no round trip (its namespace set-up is the
+fixed cost there).
 """
 from __future__ import annotations
 
