@@ -101,6 +101,16 @@ long sl_det_wait_recv(struct sl_det_fast *f, int listener, int wake_fd, int time
 struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_t arch; uint64_t served;
                       int nr_getdents64; uint64_t proc_dev, proc_ino; unsigned char buf[SL_PROC_BUF]; };
 long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
+/* seccomp COW (native.h): read-only calls of untouched paths answered CONTINUE in C */
+#define SL_COW_NRS 32
+#define SL_COW_PATH 4096
+struct sl_cow_ent { uint64_t key; uint32_t flags; uint32_t pad; };
+struct sl_cow_fast { int nr[SL_COW_NRS]; int kind[SL_COW_NRS]; int n; uint32_t arch; int on; int clean;
+                     uint64_t served; int wd_fd; uint32_t wd_len, up_len; char workdir[SL_COW_PATH];
+                     char upper[SL_COW_PATH]; struct sl_cow_ent *table; uint32_t mask, used; };
+uint64_t sl_cow_hash(const char *s, size_t len);
+long sl_cow_put(struct sl_cow_fast *f, uint64_t key, uint32_t flags);
+long sl_cow_wait_recv(struct sl_cow_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 """
 
 ffibuilder = FFI()

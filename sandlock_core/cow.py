@@ -8,9 +8,11 @@ path itself in the *merged* view (upper over lower, whiteouts, symlinks followed
   file at full speed (the fast path; when nothing was written yet the path is not even read). "Untouched":
   no component the walk went through is an upper entry other than a plain copy of the lower directory (those
   are made to hold copied-up children, and the kernel walking the lower finds the same names), and the entry
-  itself has no upper copy or whiteout. The lower is cached per run (it does not change while the sandbox
-  runs), so deciding costs no system call once a directory was seen; fstat through AT_EMPTY_PATH is one byte
-  read;
+  itself has no upper copy or whiteout. Most of these are answered by the C receive loop without waking
+  Python (``cow_fast``: before the first write on the registers alone, afterwards on the name checked against a
+  table of touched names, the lower walked with RESOLVE_NO_SYMLINKS); what it cannot decide comes here. The
+  lower is cached per run (it does not change while the sandbox runs). fstat (newfstatat/statx with
+  AT_EMPTY_PATH) is not notified at all;
 * opens that write, create or truncate copy the file up and inject an fd on the upper file (ADDFD|SEND), so
   later reads and writes run at kernel speed;
 * unlink/rmdir/mkdir/rename/link/symlink/chmod/chown/utimensat/truncate/mknod are done in the upper and
@@ -41,7 +43,9 @@ What is a boundary and what is not:
   child may write the whole host anyway) or one that makes the workdir or a parent writable gets COW as a
   convenience, not a boundary.
 * For reads, a path that is lexically outside the workdir is not resolved: a symlink elsewhere that points
-  into the workdir reads the lower (pre-run) file. Writes are always resolved.
+  into the workdir reads the lower (pre-run) file; in the C loop this holds for relative names too (made
+  absolute against a cwd or dirfd outside the workdir). Writes are always resolved. A stat with AT_EMPTY_PATH
+  and a non-empty name (no libc makes one) is not notified: it gets the lower entry.
 * A file opened read-only before it was copied up keeps showing the lower content (as old OverlayFS).
 * A script run from the upper goes through a ``/bin/sh`` relay (one more exec, same argv and environment);
   without /bin/sh it sees ``$0`` as ``/dev/fd/N``. The branch directories are made on the first write.
@@ -478,18 +482,25 @@ def install(builder) -> None:
     # Validate now (a bad workdir is a policy error); each run gets its own Cow (branch, virtual cwds).
     Cow(policy, builder.arch, -1)
     _check_storage_not_writable(policy)
+    handlers = {}
     for name, meth in HANDLERS.items():
-        builder.notify(name, _trampoline(getattr(Cow, meth), name in READ_ONLY))
+        handlers[name] = _trampoline(getattr(Cow, meth), name in READ_ONLY)
+        builder.notify(name, handlers[name], when=NOTIFY_WHEN.get(name))
 
     def on_supervisor(sup):
+        from . import cow_fast
         cow = Cow(policy, builder.arch, builder.ruleset_fd)
         cow.start(sup)
         sup.state["cow_mech"] = cow
         sup.on_close(cow.close)
+        cow.fast = cow_fast.setup(cow, sup, handlers, policy, builder.arch)
 
     def on_finish(sup, result):
         if sup is not None and "cow_mech" in sup.state:
-            sup.state["cow_mech"].finish(sup, result)
+            cow = sup.state["cow_mech"]
+            if cow.fast is not None and hasattr(result, "notifications"):
+                result.notifications += cow.fast.served  # answered in C: the loop never saw them
+            cow.finish(sup, result)
 
     builder.on_supervisor(on_supervisor)
     builder.on_finish(on_finish)
@@ -513,6 +524,11 @@ def _check_storage_not_writable(policy) -> None:
 def _under(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
+
+# fstat is newfstatat/statx(fd, "", AT_EMPTY_PATH): the kernel answers for the very file the fd is on, so the
+# filter lets those through (no round trip; a fifth of python3 -c pass's notifications). A caller that passes
+# AT_EMPTY_PATH with a non-empty name gets the kernel's (lower) answer for it: a stat, nothing more.
+NOTIFY_WHEN = {"newfstatat": (3, AT_EMPTY_PATH, 0), "statx": (2, AT_EMPTY_PATH, 0)}
 
 # Read-only syscalls: while nothing was written (and no virtual cwd), the kernel's answer is the merged one.
 READ_ONLY = frozenset({"stat", "lstat", "newfstatat", "statx", "access", "faccessat", "faccessat2", "readlink",

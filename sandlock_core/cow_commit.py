@@ -181,6 +181,8 @@ def commit(branch) -> None:
 def recover(workdir: str, storage: str) -> bool:
     """Finish a commit to ``workdir`` from branch storage ``storage`` that a killed process left half done
     (if any and if no other commit holds the lock now). True when one was rolled forward."""
+    if not os.path.lexists(pointer_path(os.path.realpath(workdir), os.path.realpath(storage))):
+        return False  # no journal: nothing to finish (the common case; every COW run starts here, no lock needed)
     try:
         with commit_lock(workdir):
             return _roll_forward_stale(os.path.realpath(workdir), os.path.realpath(storage))

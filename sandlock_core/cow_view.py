@@ -62,6 +62,7 @@ class CowView:
         self.nr = {name: syscalls.number(name, arch) for name in
                    ("newfstatat", "statx", "faccessat2", "utimensat", "lgetxattr", "llistxattr")}
         self.dir_cache: dict = {}
+        self.fast = None  # cow_fast.CowFast: the read path in C, set per run
         self.lower_cache: dict[str, tuple[str, str | None]] = {}
         # Exec of an upper file rewrites the path string in place to a name of the injected fd: /dev/fd/N is
         # the shortest, where it is the usual link to /proc/self/fd (and no chroot can hide it).
@@ -86,6 +87,7 @@ class CowView:
         self.tgids = {}
         self.dir_cache = {}
         self.lower_cache = {}
+        self.fast = None
         sup.state["cow"] = self.branch
 
     def _opener(self):
@@ -95,6 +97,8 @@ class CowView:
         return self.opener
 
     def close(self):
+        if self.fast is not None:
+            self.fast.close()
         if self.opener is not None:
             self.opener.close()
             self.opener = None
@@ -140,6 +144,8 @@ class CowView:
         self.vcwd[pid] = path
         self.vcwd[tg] = path
         self.tgids[pid] = tg
+        if self.fast is not None:
+            self.fast.vcwd_changed()
 
     # ---------------------------------------------------------------- resolution
     def _base(self, sup, n, dirfd: int) -> tuple[str, bool]:

@@ -1183,3 +1183,279 @@ long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int ti
         return r;
     }
 }
+
+/* ==== seccomp COW (cow.py, cow_fast.py): the read path answered in C ===========================================
+ *
+ * Under the seccomp COW every path syscall is notified (a filter cannot read a path), and most of them are reads
+ * of files the sandbox never wrote, for which the kernel's own answer already is the merged one. This loop answers
+ * those CONTINUE without waking Python:
+ *  - while the branch is clean (nothing copied up, created or whited out): every read-only call, decided on the
+ *    registers alone (the open flags; no memory read);
+ *  - afterwards, a read-only call whose name, made absolute against the caller's cwd or dirfd and normalised
+ *    lexically ('..' goes to Python), is outside the workdir, or is inside it and (a) no directory on the way is
+ *    an upper entry other than a plain copy of the lower directory, a whiteout or an opaque directory (WALK),
+ *    (b) the entry itself has no upper copy (LEAF), (c) the lower walk meets no symlink (openat2 with
+ *    RESOLVE_NO_SYMLINKS on the workdir; a missing or non-directory component is fine: the upper has nothing
+ *    there either, by (a)): then the kernel walks the lower exactly as cow_view.resolve would and finds the same
+ *    entry, or the same ENOENT/ENOTDIR;
+ *  - getdents64 of a directory whose listing is unchanged (no LIST/LEAF/WALK), fchdir to a directory outside the
+ *    upper, getcwd (no virtual cwd exists while f->on).
+ * Anything else (writes, '..', /proc and /dev/fd names, a cwd or dirfd in the upper, a symlink in the walk, long
+ * names, unreadable memory, a hash that matches) goes to the Python handlers, which resolve in the merged view.
+ *
+ * Why a CONTINUE decided on a name read from the child is no confinement hole: only read-only calls are continued
+ * (open flags are registers, not memory) and Landlock still checks the real access in the kernel. A thread that
+ * rewrites the name after our read gets the kernel's answer for its new name, at worst the lower (pre-run) view
+ * of a file its own sandbox changed; the lower is readable to it anyway. Writes, creates and renames never pass
+ * here. The table holds 64-bit hashes of workdir-relative names (Python fills it from the branch, before the
+ * next receive); a collision only sends a call to Python. A stale notification is harmless: CONTINUE then fails.
+ */
+#include <stdio.h>  /* snprintf: the supervisor side, never after fork */
+#ifndef RESOLVE_NO_SYMLINKS
+#define RESOLVE_NO_SYMLINKS 0x04
+#endif
+#define SL_COW_EMPTY 0
+#define SL_COW_TOMB 1
+#define SL_FNV_OFFSET 1469598103934665603ULL
+#define SL_FNV_PRIME 1099511628211ULL
+#define SL_O_TMPFILE_BIT 020000000
+
+static uint64_t cow_key(uint64_t h) { return h < 2 ? h + 2 : h; }  /* 0 and 1 mark empty and deleted slots */
+static uint64_t cow_step(uint64_t h, unsigned char c) { return (h ^ c) * SL_FNV_PRIME; }
+
+uint64_t sl_cow_hash(const char *s, size_t len)
+{
+    uint64_t h = SL_FNV_OFFSET;
+    for (size_t i = 0; i < len; i++) h = cow_step(h, (unsigned char)s[i]);
+    return cow_key(h);
+}
+
+static uint32_t cow_slot(const struct sl_cow_fast *f, uint64_t key) { return (uint32_t)(key ^ (key >> 29)) & f->mask; }
+
+/* Set (flags != 0) or remove (flags == 0) a key; -ENOSPC when the table is half full (Python makes a bigger one). */
+long sl_cow_put(struct sl_cow_fast *f, uint64_t key, uint32_t flags)
+{
+    if (key < 2 || f->table == NULL) return -EINVAL;
+    uint32_t h = cow_slot(f, key), spare = UINT32_MAX;
+    for (uint32_t i = 0; i <= f->mask; i++, h = (h + 1) & f->mask) {
+        uint64_t k = f->table[h].key;
+        if (k == key) {
+            f->table[h].key = flags ? key : SL_COW_TOMB;
+            f->table[h].flags = flags;
+            return 0;
+        }
+        if (k == SL_COW_TOMB && spare == UINT32_MAX) spare = h;
+        if (k == SL_COW_EMPTY) break;
+    }
+    if (!flags) return 0;
+    if (spare == UINT32_MAX) {
+        if (f->used >= (f->mask + 1) / 2) return -ENOSPC;
+        for (h = cow_slot(f, key); f->table[h].key != SL_COW_EMPTY; h = (h + 1) & f->mask) {}
+        f->used++;
+        spare = h;
+    }
+    f->table[spare].key = key;
+    f->table[spare].flags = flags;
+    return 0;
+}
+
+static uint32_t cow_flags(const struct sl_cow_fast *f, uint64_t key)
+{
+    uint32_t h = cow_slot(f, key);
+    for (uint32_t i = 0; i <= f->mask; i++, h = (h + 1) & f->mask) {
+        uint64_t k = f->table[h].key;
+        if (k == key) return f->table[h].flags;
+        if (k == SL_COW_EMPTY) return 0;
+    }
+    return SL_COW_WALK;  /* a full table of tombstones: not known, so not untouched */
+}
+
+/* Do the workdir-relative name `rel` and the directories on its way carry none of the marks? leaf_mask: more marks
+ * that matter for the entry itself (LIST for a listing). */
+static int cow_rel_untouched(const struct sl_cow_fast *f, const char *rel, size_t len, uint32_t leaf_mask)
+{
+    if (f->used == 0) return 1;
+    uint64_t h = SL_FNV_OFFSET;
+    for (size_t i = 0; i < len; i++) {
+        if (rel[i] == '/' && (cow_flags(f, cow_key(h)) & SL_COW_WALK)) return 0;
+        h = cow_step(h, (unsigned char)rel[i]);
+    }
+    return !(cow_flags(f, cow_key(h)) & (SL_COW_WALK | SL_COW_LEAF | leaf_mask));
+}
+
+static int cow_under(const char *s, size_t len, const char *top, size_t tlen)
+{
+    return len >= tlen && memcmp(s, top, tlen) == 0 && (len == tlen || s[tlen] == '/');
+}
+
+/* The NUL-terminated string at addr in the child (page by page); its length, or -1. */
+static long cow_read_str(pid_t pid, uint64_t addr, char *out, size_t cap)
+{
+    size_t got = 0;
+    while (got < cap) {
+        size_t chunk = 4096 - (size_t)((addr + got) % 4096);
+        if (chunk > cap - got) chunk = cap - got;
+        struct iovec l = { out + got, chunk }, r = { (void *)(uintptr_t)(addr + got), chunk };
+        ssize_t n = process_vm_readv(pid, &l, 1, &r, 1, 0);
+        if (n <= 0) return -1;
+        char *z = memchr(out + got, 0, (size_t)n);
+        if (z) return z - out;
+        got += (size_t)n;
+    }
+    return -1;
+}
+
+/* readlink of /proc/<pid>/cwd (fd < 0) or /proc/<pid>/fd/<fd> into out (NUL-terminated); its length, or -1. */
+static long cow_proc_link(pid_t pid, int fd, char *out)
+{
+    char link[64];
+    if (fd < 0) snprintf(link, sizeof link, "/proc/%d/cwd", (int)pid);
+    else snprintf(link, sizeof link, "/proc/%d/fd/%d", (int)pid, fd);
+    ssize_t r = readlink(link, out, SL_COW_PATH - 1);
+    if (r <= 0 || r >= SL_COW_PATH - 1) return -1;
+    out[r] = 0;
+    return r;
+}
+
+/* Append the components of p to the absolute name out[0..*len) ("" is /): empty and "." skipped; -1 for ".."
+ * (a symlink before it would change what it means) or a name too long. */
+static int cow_append(char *out, size_t *len, const char *p)
+{
+    while (*p) {
+        while (*p == '/') p++;
+        if (!*p) break;
+        const char *e = strchrnul(p, '/');
+        size_t cl = (size_t)(e - p);
+        if (cl == 2 && p[0] == '.' && p[1] == '.') return -1;
+        if (!(cl == 1 && p[0] == '.')) {
+            if (*len + 1 + cl >= SL_COW_PATH) return -1;
+            out[(*len)++] = '/';
+            memcpy(out + *len, p, cl);
+            *len += cl;
+        }
+        p = e;
+    }
+    out[*len] = 0;
+    return 0;
+}
+
+/* Is the kernel's answer for the normalised absolute name the merged one? */
+static int cow_name_ok(const struct sl_cow_fast *f, const char *abs, size_t alen, int nofollow)
+{
+    if ((alen >= 5 && memcmp(abs, "/proc", 5) == 0) || (alen >= 7 && memcmp(abs, "/dev/fd", 7) == 0)) return 0;
+    if (!cow_under(abs, alen, f->workdir, f->wd_len)) return 1;  /* lexically outside: cow.py's read rule */
+    if (alen == f->wd_len) return 1;                            /* the workdir itself is never copied up */
+    const char *rel = abs + f->wd_len + 1;
+    if (!cow_rel_untouched(f, rel, alen - f->wd_len - 1, 0)) return 0;
+    struct sl_open_how how = { O_PATH | O_CLOEXEC | (nofollow ? O_NOFOLLOW : 0), 0, RESOLVE_NO_SYMLINKS };
+    long fd = syscall(SYS_openat2, f->wd_fd, rel, &how, sizeof how);
+    if (fd >= 0) {
+        close((int)fd);
+        return 1;
+    }
+    return errno == ENOENT || errno == ENOTDIR;
+}
+
+/* A path syscall's fields: dirfd, path address, whether the last link is not followed, whether it may write,
+ * whether an empty name is the kernel's to answer (fstat through AT_EMPTY_PATH, or its ENOENT). */
+struct cow_call { int dirfd; uint64_t addr; int nofollow, writes, empty_ok; };
+
+static int cow_open_writes(uint32_t fl)
+{
+    return (fl & O_ACCMODE) != O_RDONLY || (fl & (O_CREAT | O_TRUNC | SL_O_TMPFILE_BIT)) != 0;
+}
+
+static int cow_layout(int kind, const __u64 *a, struct cow_call *c)
+{
+    memset(c, 0, sizeof *c);
+    c->dirfd = AT_FDCWD;
+    c->empty_ok = 1;
+    switch (kind) {
+    case SL_CK_STAT: case SL_CK_ACCESS: c->addr = a[0]; return 1;
+    case SL_CK_LSTAT: case SL_CK_READLINK: c->addr = a[0]; c->nofollow = 1; return 1;
+    case SL_CK_FSTATAT: case SL_CK_FACCESSAT2:
+        c->dirfd = (int)a[0]; c->addr = a[1]; c->nofollow = ((uint32_t)a[3] & AT_SYMLINK_NOFOLLOW) != 0; return 1;
+    case SL_CK_STATX:
+        c->dirfd = (int)a[0]; c->addr = a[1]; c->nofollow = ((uint32_t)a[2] & AT_SYMLINK_NOFOLLOW) != 0; return 1;
+    case SL_CK_FACCESSAT: c->dirfd = (int)a[0]; c->addr = a[1]; return 1;
+    case SL_CK_READLINKAT: c->dirfd = (int)a[0]; c->addr = a[1]; c->nofollow = 1; return 1;
+    case SL_CK_OPEN:
+        c->addr = a[0]; c->nofollow = ((uint32_t)a[1] & O_NOFOLLOW) != 0;
+        c->writes = cow_open_writes((uint32_t)a[1]); c->empty_ok = 0; return 1;
+    case SL_CK_OPENAT:
+        c->dirfd = (int)a[0]; c->addr = a[1]; c->nofollow = ((uint32_t)a[2] & O_NOFOLLOW) != 0;
+        c->writes = cow_open_writes((uint32_t)a[2]); c->empty_ok = 0; return 1;
+    case SL_CK_CHDIR: c->addr = a[0]; c->empty_ok = 0; return 1;
+    }
+    return 0;
+}
+
+static int cow_path_ok(const struct sl_cow_fast *f, const struct seccomp_notif *n, int kind)
+{
+    struct cow_call c;
+    if (!cow_layout(kind, n->data.args, &c) || c.writes) return 0;
+    if (f->clean) return 1;  /* nothing written yet: every name's merged entry is its lower one */
+    if (c.addr == 0) return 0;
+    char path[SL_COW_PATH], abs[SL_COW_PATH];
+    long len = cow_read_str((pid_t)n->pid, c.addr, path, sizeof path);
+    if (len < 0) return 0;
+    if (len == 0) return c.empty_ok;
+    /* "link/" and "link/." follow the link: after normalisation "link" is last, so follow it here */
+    if (path[len - 1] == '/' || (path[len - 1] == '.' && (len == 1 || path[len - 2] == '/'))) c.nofollow = 0;
+    size_t alen = 0;
+    if (path[0] != '/') {
+        if (c.dirfd < 0 && c.dirfd != AT_FDCWD) return 0;
+        long b = cow_proc_link((pid_t)n->pid, c.dirfd == AT_FDCWD ? -1 : c.dirfd, abs);
+        /* a base in the upper (or a removed directory) is the merged view's to resolve */
+        if (b < 0 || abs[0] != '/' || cow_under(abs, (size_t)b, f->upper, f->up_len)
+                || (b > 10 && memcmp(abs + b - 10, " (deleted)", 10) == 0)) return 0;
+        alen = b == 1 ? 0 : (size_t)b;
+    }
+    if (cow_append(abs, &alen, path) < 0) return 0;
+    return cow_name_ok(f, abs, alen, c.nofollow);
+}
+
+/* fchdir (listing = 0) or getdents64 (1) of the fd in args[0]. */
+static int cow_fd_ok(const struct sl_cow_fast *f, const struct seccomp_notif *n, int listing)
+{
+    char name[SL_COW_PATH];
+    int fd = (int)n->data.args[0];
+    if (fd < 0) return 0;
+    long r = cow_proc_link((pid_t)n->pid, fd, name);
+    if (r < 0) return 0;
+    if (name[0] != '/') return 1;  /* a pipe, socket or anonymous inode: no directory of the workdir */
+    if (cow_under(name, (size_t)r, f->upper, f->up_len)) return 0;
+    if (!listing || !cow_under(name, (size_t)r, f->workdir, f->wd_len)) return 1;
+    size_t wl = f->wd_len;
+    return (size_t)r == wl ? cow_rel_untouched(f, "", 0, SL_COW_LIST)
+                           : cow_rel_untouched(f, name + wl + 1, (size_t)r - wl - 1, SL_COW_LIST);
+}
+
+/* 1 if answered here (CONTINUE), 0 if the Python handlers decide. */
+static int cow_try(struct sl_cow_fast *f, int listener, const struct seccomp_notif *n)
+{
+    int kind = 0, ok;
+    if (!f->on || n->data.arch != f->arch) return 0;
+    for (int i = 0; i < f->n; i++)
+        if (f->nr[i] == n->data.nr) { kind = f->kind[i]; break; }
+    switch (kind) {
+    case 0: return 0;
+    case SL_CK_GETCWD: ok = 1; break;            /* no virtual cwd while f->on */
+    case SL_CK_IF_CLEAN: ok = f->clean; break;   /* execve, xattr reads: Python's once something was written */
+    case SL_CK_FCHDIR: ok = cow_fd_ok(f, n, 0); break;
+    case SL_CK_GETDENTS: ok = f->clean || cow_fd_ok(f, n, 1); break;
+    default: ok = cow_path_ok(f, n, kind);
+    }
+    if (!ok) return 0;
+    sl_notif_continue(listener, n->id);
+    f->served++;
+    return 1;
+}
+
+long sl_cow_wait_recv(struct sl_cow_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n)
+{
+    for (;;) {
+        long r = sl_notif_wait_recv(listener, wake_fd, timeout_ms, n);
+        if (r != 1 || !cow_try(f, listener, n)) return r;
+    }
+}

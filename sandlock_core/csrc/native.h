@@ -142,4 +142,31 @@ struct sl_proc_fast { int nr[SL_PROC_NRS]; int kind[SL_PROC_NRS]; int n; uint32_
                       int nr_getdents64; uint64_t proc_dev, proc_ino; unsigned char buf[SL_PROC_BUF]; };
 long sl_proc_wait_recv(struct sl_proc_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
 
+/* ---- seccomp COW (cow_fast.py): read-only calls of paths the upper layer cannot affect answered CONTINUE in C;
+ * everything else goes to the Python handlers. Keep _ffi_build.py in step ---- */
+#define SL_COW_NRS 32
+enum { SL_CK_STAT = 1, SL_CK_LSTAT, SL_CK_FSTATAT, SL_CK_STATX, SL_CK_ACCESS, SL_CK_FACCESSAT, SL_CK_FACCESSAT2,
+       SL_CK_READLINK, SL_CK_READLINKAT, SL_CK_OPEN, SL_CK_OPENAT, SL_CK_CHDIR, SL_CK_FCHDIR, SL_CK_GETDENTS,
+       SL_CK_GETCWD, SL_CK_IF_CLEAN };
+#define SL_COW_WALK 1   /* the kernel's walk must not pass through this name (upper entry, whiteout, opaque dir) */
+#define SL_COW_LEAF 2   /* the merged entry itself differs from the lower one (it has an upper copy) */
+#define SL_COW_LIST 4   /* the merged listing of this directory differs */
+#define SL_COW_PATH 4096
+struct sl_cow_ent { uint64_t key; uint32_t flags; uint32_t pad; };
+struct sl_cow_fast {
+    int nr[SL_COW_NRS]; int kind[SL_COW_NRS]; int n; uint32_t arch;
+    int on;                    /* 0: every notification to Python (a virtual cwd exists) */
+    int clean;                 /* 1: nothing was written yet: every read-only call is the kernel's */
+    uint64_t served;           /* notifications answered here */
+    int wd_fd;                 /* O_PATH on the workdir (the lower) */
+    uint32_t wd_len, up_len;
+    char workdir[SL_COW_PATH]; /* realpath of the workdir, no trailing slash */
+    char upper[SL_COW_PATH];   /* the branch's upper directory */
+    struct sl_cow_ent *table;  /* open addressing on a path hash (sl_cow_hash of the workdir-relative name) */
+    uint32_t mask, used;
+};
+uint64_t sl_cow_hash(const char *s, size_t len);
+long sl_cow_put(struct sl_cow_fast *f, uint64_t key, uint32_t flags);
+long sl_cow_wait_recv(struct sl_cow_fast *f, int listener, int wake_fd, int timeout_ms, struct seccomp_notif *n);
+
 #endif
