@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from ._native import ffi, lib
 
@@ -125,12 +126,21 @@ class CowFast:
         b = self.branch
         m = 0
         if rel in b.present:
-            m |= LEAF if self.cow._transparent(rel) else LEAF | WALK
+            # LEAF alone only for an upper directory that is a plain copy of a lower one: the kernel's walk of
+            # the lower then finds what we would. A file or link in the upper over a lower directory (rm -rf d;
+            # touch d) must stop walks through it, or the lower d/x would show again.
+            m |= LEAF if self._upper_is_dir(rel) and self.cow._transparent(rel) else LEAF | WALK
         if rel in b.deleted or rel in b.opaque:
             m |= WALK
         if rel in b.dirty:
             m |= LIST
         return m
+
+    def _upper_is_dir(self, rel: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(self.branch.upper_path(rel)).st_mode)
+        except OSError:
+            return False  # not (yet) there: mark it as changing walks, the safe side
 
     def _mark(self, rel: str, m: int) -> None:
         if self.marks.get(rel, 0) == m:

@@ -63,6 +63,12 @@ PROBE = textwrap.dedent(r"""
             shutil.rmtree("tree")
         elif step == "rename":
             os.rename("dir1", "dir2")
+        elif step == "replace":  # a lower directory replaced by a file, another by a symlink
+            shutil.rmtree("tree")
+            with open("tree", "w") as f:
+                f.write("a file now")
+            shutil.rmtree("sub/deep")
+            os.symlink("../dir1", "sub/deep")
         elif step == "new":
             os.mkdir("new")
             with open("new/n.txt", "w") as f:
@@ -72,7 +78,7 @@ PROBE = textwrap.dedent(r"""
 
     top = ["mod.txt", "gone.txt", "keep.txt", "tree", "tree/t.txt", "dir1", "dir1/f.txt", "dir1/sub/g.txt",
            "dir2", "dir2/f.txt", "dir2/sub/g.txt", "new", "new/n.txt", "sub", "sub/s.txt", "sub/added.txt",
-           "sub/deep/d.txt", "link_mod", "link_gone", "link_dir1", "link_dir1/f.txt", "link_dir1/", "link_dir1/.", "abslink", "missing",
+           "sub/deep/d.txt", "sub/deep/f.txt", "link_mod", "link_gone", "link_dir1", "link_dir1/f.txt", "link_dir1/", "link_dir1/.", "abslink", "missing",
            "mod.txt/x", "./sub//s.txt", "sub/../mod.txt", "."]
     probes("abs", [os.path.join(root, p) for p in top])
     probes("rel", top)
@@ -141,7 +147,7 @@ def cow_answers(tmp_path, steps: str, fast: bool, monkeypatch) -> tuple[list, ob
     return json.loads(r.stdout), seen[0]
 
 
-@pytest.mark.parametrize("steps", ["none", "copyup", "delete", "rename", "new", "copyup,delete,rename,new"])
+@pytest.mark.parametrize("steps", ["none", "copyup", "delete", "rename", "new", "copyup,delete,rename,new", "replace"])
 def test_reads_match_a_bare_run(tmp_path, monkeypatch, steps):
     want = bare_answers(tmp_path, steps)
     got_fast, fast = cow_answers(tmp_path, steps, True, monkeypatch)
