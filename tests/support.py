@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 
@@ -118,3 +119,19 @@ def make_tree(root):
     os.chmod(root / "tool.sh", 0o755)
     os.symlink("README", root / "link")
     return root
+
+
+def still_running(pids, seconds: float) -> list[int]:
+    """The pids still running (not dead, not a zombie) after waiting up to ``seconds`` for them to end."""
+    def running(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + seconds
+    alive = [p for p in pids if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if running(p)]
+    return alive

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from sandlock_core import ExitReason, Policy, PolicyError, Sandbox
-from support import run_as_nobody
+from support import run_as_nobody, still_running
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 SYSTEM_RO = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc") if os.path.exists(p)]
@@ -448,18 +448,7 @@ Sandbox(Policy()).run(["sh", "-c", "setsid sleep 60 & echo $! >> {pidfile}; slee
     pids = [int(p) for p in pidfile.read_text().split()]
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 1.0
-    alive = pids
-    def running(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().split(")")[1].split()[0] != "Z"
-        except OSError:
-            return False
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if running(p)]
-        time.sleep(0.02)
-    assert not alive
+    assert not still_running(pids, 1.0)
 
 
 # ---- architecture escapes (x86_64) ---------------------------------------------------------------------
@@ -612,22 +601,6 @@ def test_run_function_applies_the_policy_environment(tmp_path):
     assert res.exit_code == 0 and out.read_text() == "bar -"
 
 
-def _gone_within(pids, seconds: float) -> list[int]:
-    """The pids still running (not dead, not a zombie) after up to ``seconds``."""
-    def running(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()[0] != "Z"
-        except OSError:
-            return False
-    deadline = time.monotonic() + seconds
-    alive = [p for p in pids if running(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [p for p in alive if running(p)]
-    return alive
-
-
 def test_run_function_kills_what_the_function_left_running(tmp_path):
     """A background child, and a setsid'd double-forked daemon: both die with the run (the reaper kills what the
     root left behind), whose code is the function's."""
@@ -645,7 +618,7 @@ def test_run_function_kills_what_the_function_left_running(tmp_path):
     assert (res.exit_code, res.reason) == (3, ExitReason.EXITED), res
     started = [int(p) for p in pids.read_text().split()]
     assert len(started) == 2
-    alive = _gone_within(started, 0)
+    alive = still_running(started, 0)
     for p in alive:
         os.kill(p, signal.SIGKILL)
     assert alive == []

@@ -11,8 +11,9 @@ import time
 import pytest
 
 from sandlock_core import Policy, Sandbox
+from support import still_running
 
-from .helpers import SYSTEM_RO, py
+from .helpers import SYSTEM_RO
 
 
 def census() -> dict:
@@ -134,19 +135,7 @@ def test_sigkill_of_the_supervisor_kills_every_sandboxed_process_within_1s(tmp_p
     time.sleep(0.2)
     proc.kill()
     proc.wait()
-
-    def running(pid):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                return f.read().rpartition(")")[2].split()[0] != "Z"
-        except OSError:
-            return False
-
-    deadline = time.monotonic() + 1.0
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in pids if running(p)]
-        time.sleep(0.02)
+    alive = still_running(pids, 1.0)
     try:
         assert not alive, f"still running 1 s after the supervisor died: {alive}"
     finally:
