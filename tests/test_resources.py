@@ -110,14 +110,17 @@ def test_the_ledger_counts_every_approval_until_measured():
 
 def test_many_processes_far_from_their_own_measure_still_add_up_to_the_limit():
     """Eight processes each take 4 MiB chunks while the others do too: what they report holding together never
-    exceeds the limit."""
+    exceeds the limit. Each holds its chunks until every one has reported or died (a fixed sleep is not enough on
+    a loaded machine: a process that let go early made room for the others and the sum went over)."""
     code = """
 import mmap, os, sys
 r, w = os.pipe()
+release_r, release_w = os.pipe()
 kids = []
 for k in range(8):
     pid = os.fork()
     if pid == 0:
+        os.close(release_w)
         held = []
         try:
             for i in range(20):
@@ -128,16 +131,19 @@ for k in range(8):
         except OSError:
             pass
         os.write(w, bytes([len(held)]))
-        __import__("time").sleep(2)  # hold it while the others allocate
+        os.close(w)
+        os.read(release_r, 1)  # hold it while the others allocate: until the parent lets go (EOF)
         os._exit(0)
     kids.append(pid)
 os.close(w)
+os.close(release_r)
 got = b""
 while len(got) < 8:
     chunk = os.read(r, 8 - len(got))
     if not chunk:
         break
     got += chunk
+os.close(release_w)
 print(sum(got) * 4, len(got))
 """
     r = run(Policy(max_memory="256M"), code)
