@@ -147,3 +147,12 @@ def openat2(dirfd: int, path, flags: int, mode: int = 0, resolve: int = 0) -> in
     p = ffi.new("char[]", os.fsencode(path))
     return _check(lib.sl_raw_syscall6(_SYS_OPENAT2, dirfd, int(ffi.cast("intptr_t", p)),
                                       int(ffi.cast("intptr_t", how)), 24, 0, 0))
+
+
+POLL_MAX_MS = 0x7FFFFFFF  # poll(2) and epoll_wait(2) take an int
+
+
+def poll_ms(seconds: float) -> int:
+    """``seconds`` as a poll(2) timeout: milliseconds rounded up (never a busy loop before a deadline), at least
+    0, at most what an int holds (``--timeout`` of weeks would otherwise raise OverflowError)."""
+    return min(POLL_MAX_MS, max(0, int(seconds * 1000) + 1))

@@ -45,6 +45,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from . import _sys
 from . import spawn as _spawn
 from .errors import SandboxError
 
@@ -181,7 +182,7 @@ class _OutputReader:
 
     def wait(self, timeout: float | None) -> tuple[bool, bool]:
         """(control socket readable, nothing happened within timeout)."""
-        ms = -1 if timeout is None else int(timeout * 1000) + 1  # never a busy loop before the deadline
+        ms = -1 if timeout is None else _sys.poll_ms(timeout)
         r = self.lib.sl_fork_drain(self.ep.fileno(), ms, self.outs, self.n)
         if r < 0:
             raise OSError(-r, f"fork: reading the clones' output: {os.strerror(-r)}")
@@ -348,7 +349,6 @@ def _cloexec_fds() -> tuple[list[int], int]:
 def _close_cloexec_fds(fds: list[int], top: int, keep: int) -> None:
     """In the template: close what an exec would have dropped (the caller's close-on-exec fds, and anything
     opened after they were listed), except ``keep``. The template cannot list /proc under Landlock."""
-    from . import _sys
     for fd in fds:
         if fd != keep:
             try:

@@ -15,6 +15,7 @@ import select
 import time
 from dataclasses import dataclass, field
 
+from . import _sys
 from . import spawn as _spawn
 from .sandbox import ExitReason, Result, feed_stdin  # noqa: F401  (ExitReason: for callers inspecting stages)
 
@@ -177,7 +178,7 @@ def _drive(children, feed, out_r, err_fds, timeout):
         while pending or readable:
             wait_ms = None
             if deadline is not None:
-                wait_ms = max(0, int((deadline - time.monotonic()) * 1000) + 1)
+                wait_ms = _sys.poll_ms(deadline - time.monotonic())
             events = poller.poll(wait_ms)
             if deadline is not None and time.monotonic() >= deadline:
                 timed_out = True

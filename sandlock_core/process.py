@@ -13,6 +13,8 @@ import signal
 import subprocess
 import time
 
+from . import _sys
+
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 INHERIT = None
@@ -168,7 +170,7 @@ class Process:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if self._pump(None if left is None else int(left * 1000) + 1):
+            if self._pump(None if left is None else _sys.poll_ms(left)):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"sandbox still running after {timeout} s")

@@ -8,6 +8,7 @@ import time
 from ._enum import Enum as _Enum
 from ._records import dataclass, field  # dataclasses costs ~10 ms of CLI start-up
 
+from . import _sys
 from . import spawn as _spawn
 from .errors import ChildError, SandboxError
 
@@ -398,7 +399,6 @@ class Sandbox:
             guard.add("ioctl")  # only chattr's ioctls reach the supervisor (argument filter)
         if not set(self._plan.names[nr] for nr in self._plan.handlers) <= guard:
             return False
-        from . import _sys
         try:
             nested = _sys.prctl(21) == 2  # PR_GET_SECCOMP: 2 = already under a filter (no /proc needed)
         except OSError:
@@ -473,7 +473,7 @@ class Sandbox:
             while not done or open_fds:
                 wait_ms = None
                 if deadline is not None and not done:
-                    wait_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                    wait_ms = _sys.poll_ms(deadline - time.monotonic())
                 events = poller.poll(wait_ms)
                 if not events and deadline is not None and time.monotonic() >= deadline and not done:
                     timed_out = True
@@ -544,7 +544,6 @@ def _cpu_time(reaper: int) -> float | None:
 def confine(policy: Policy) -> None:
     """Confine the calling process itself: Landlock (this thread) and the deny filter (all threads), no
     supervisor. Irreversible. Mechanisms that need a supervisor are refused with PolicyError."""
-    from . import _sys
     from .plan import Plan
     plan = Plan(policy, supervised=False)
     try:
@@ -564,5 +563,4 @@ def confine(policy: Policy) -> None:
 
 
 def landlock_abi_version() -> int:
-    from . import _sys
     return _sys.landlock_abi_version()

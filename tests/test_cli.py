@@ -24,6 +24,13 @@ def test_exec_shell():
     assert r.stdout == "42\n" and r.returncode == 0
 
 
+@pytest.mark.parametrize("seconds", ["2147484", "1e9"])
+def test_a_timeout_of_weeks_is_taken_as_given(seconds):
+    # poll(2) takes an int of milliseconds: 2147484 s is just over it (found by hypothesis as OverflowError)
+    r = sl("run", *RO, "--timeout", seconds, "--", "sh", "-c", "echo ok")
+    assert (r.returncode, r.stdout, r.stderr) == (0, "ok\n", "")
+
+
 def test_timeout_is_124_with_message():
     r = sl("run", "-t", "0.5", "--", "sleep", "30")
     assert r.returncode == 124
