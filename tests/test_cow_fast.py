@@ -85,11 +85,16 @@ PROBE = textwrap.dedent(r"""
     os.chdir("sub")
     probes("cwd", ["s.txt", "added.txt", "deep/d.txt", "../mod.txt", "../gone.txt", "link_up", "."])
     os.chdir(root)
-    for d in ("sub", "dir2", "new"):
+    def opendir(label, d):
         try:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            return os.open(d, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            out.append([f"fchdir {d}", errno.errorcode[e.errno]])
+            out.append([f"{label} {d}", errno.errorcode[e.errno]])
+            return None
+
+    for d in ("sub", "dir2", "new"):
+        fd = opendir("fchdir", d)
+        if fd is None:
             continue
         os.fchdir(fd)
         os.close(fd)
@@ -97,10 +102,8 @@ PROBE = textwrap.dedent(r"""
         probes(f"fchdir {d}", ["s.txt", "added.txt", "f.txt", "n.txt", "sub/g.txt", "."])
         os.chdir(root)
     for d in ("sub", "dir2", "."):
-        try:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
-            out.append([f"dirfd {d}", errno.errorcode[e.errno]])
+        fd = opendir("dirfd", d)
+        if fd is None:
             continue
         probes(f"dirfd {d}", ["s.txt", "added.txt", "deep/d.txt", "f.txt", "mod.txt", "gone.txt", "link_up",
                               "tree/t.txt"], dir_fd=fd)
