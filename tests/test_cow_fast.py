@@ -4,6 +4,7 @@ gives the same answer as a bare run of the same program, whether the C loop or t
 by absolute name, relative to a changed cwd and through a dirfd; also through symlinks."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from sandlock_core import Policy, Sandbox, cow_fast
 from sandlock_core.cow_fast import TrackedSet
+from support import run_as_nobody
 
 PY = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -159,6 +161,34 @@ def test_reads_match_a_bare_run(tmp_path, monkeypatch, steps):
     mismatches = [(w, g) for w, g in zip(want, got_fast) if w != g]
     assert not mismatches and len(want) == len(got_fast), mismatches[:10]
     assert got_slow == want
+
+
+def test_reads_match_a_bare_run_as_an_unprivileged_user():
+    """The same comparison with the supervisor and the sandbox as uid 65534 (the promise is unprivileged)."""
+    code = "import json, os, subprocess, sys, tempfile\nfrom pathlib import Path\n" + \
+        "from sandlock_core import Policy, Sandbox, cow_fast\n" + inspect.getsource(make_tree) + f"""
+PROBE, PY = sys.argv[1], {PY!r}
+served = []
+real_setup = cow_fast.setup
+def setup(*a):
+    f = real_setup(*a)
+    served.append(f)
+    return f
+cow_fast.setup = setup
+with tempfile.TemporaryDirectory() as d:
+    for steps in ("copyup,delete,rename,new", "replace"):
+        bare, cow = Path(d) / ("b-" + steps), Path(d) / ("c-" + steps)  # same length: symlink sizes
+        make_tree(bare)
+        make_tree(cow)
+        want = subprocess.run([PY, "-c", PROBE, steps], cwd=bare, capture_output=True, text=True).stdout
+        r = Sandbox(Policy(workdir=str(cow), cwd=str(cow))).dry_run([PY, "-c", PROBE, steps])
+        got = r.stdout.decode()
+        w, g = json.loads(want), json.loads(got)
+        assert w == g, (steps, [(a, b) for a, b in zip(w, g) if a != b][:5], len(w), len(g))
+print("same", os.getuid(), all(f is not None and f.served > 0 for f in served))
+"""
+    r = run_as_nobody(code, PROBE, timeout=120)
+    assert r.stdout.split() == ["same", "65534", "True"], r.stdout + r.stderr
 
 
 def test_touched_names_reach_python(tmp_path, monkeypatch):

@@ -513,6 +513,30 @@ def test_port_bound_but_not_listening_elsewhere_is_not_shared_with_the_sandbox()
     assert sb.ports()[port] != port
 
 
+NOT_LISTENING_AS_NOBODY = """
+import os, socket
+from sandlock_core import Policy, Sandbox
+host = socket.socket()
+host.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+host.bind(("127.0.0.1", 0))                   # bound, not listening
+port = host.getsockname()[1]
+code = (
+    "import socket\\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\\n"
+    f"s.bind(('127.0.0.1', {port})); s.listen()\\n"
+    f"print('listening', s.getsockname()[1] == {port})\\n")
+sb = Sandbox(Policy(port_remap=True))
+r = sb.run([PY, "-I", "-S", "-c", code], timeout=30)
+host.listen()
+print(os.getuid(), r.stdout.decode().strip(), sb.ports()[port] != port)
+"""
+
+
+def test_port_bound_but_not_listening_elsewhere_is_remapped_as_an_unprivileged_user():
+    r = run_as_nobody(f"PY = {PY!r}\n" + NOT_LISTENING_AS_NOBODY)
+    assert r.stdout.split() == ["65534", "listening", "True", "True"], r.stdout + r.stderr
+
+
 def test_virtual_port_rebound_after_the_host_took_its_real_port_gets_a_fresh_one(tmp_path):
     code = f"""
     import errno, os, socket, time
