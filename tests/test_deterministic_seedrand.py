@@ -227,3 +227,23 @@ def test_unprivileged_supervisor_and_sandbox_get_the_same_bytes():
     assert code_ == "0" and quiet == "True"
     key = documented_stream(7, "r", "getrandom", 40)[8:]
     assert bytes.fromhex(got) == thread_stream(key, 24 + 32)[24:]
+
+
+def test_pytest_marker_subprocesses_get_the_library(pytester):
+    pytester.makepyfile(textwrap.dedent(f"""
+        import subprocess
+        import pytest
+
+        @pytest.mark.sandbox(fs_readable={RO!r}, random_seed=5)
+        def test_body():
+            p = subprocess.run([{PY!r}, "-I", "-S", "-c", {URANDOM!r}], capture_output=True, text=True)
+            assert p.stderr == "" and p.returncode == 0
+            print("PRELOAD", p.stdout.strip())
+    """))
+    runs = [pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s") for _ in range(2)]
+    got = []
+    for r in runs:
+        r.assert_outcomes(passed=1)
+        got.append([line.split("PRELOAD ")[1].split() for line in r.stdout.lines if "PRELOAD " in line])
+    assert got[0] == got[1] and len(got[0]) == 1
+    assert got[0][0][0].split(":")[-1] == seedrand.LIBRARY
