@@ -178,10 +178,11 @@ def test_clean_env_and_a_user_preload_keep_the_library():
 
 def test_no_ld_so_noise_under_a_confined_filesystem_shell_and_children():
     policy = Policy(fs_readable=RO + ["/bin"], random_seed=2)
-    r = Sandbox(policy).run(["sh", "-c", f"ls /usr | wc -l; {PY} -I -S -c 'import os; os.urandom(4)'; "
+    r = Sandbox(policy, record_denials=True).run(["sh", "-c", f"ls /usr | wc -l; {PY} -I -S -c 'import os; os.urandom(4)'; "
                                          f"env -i {PY} -I -S -c 'import os; print(os.urandom(4).hex())'"],
                             timeout=60)
     assert r.exit_code == 0 and r.stderr == b"", r
+    assert not [d for d in r.denials if "_seedrand" in str(d)], r.denials  # the denial mirror knows the rule
     assert len(r.stdout.split()) == 2  # env -i: no preload, the supervisor path serves it
     # the control: without the rule sandlock adds, ld.so could not read the library and would say so
     bare = Sandbox(Policy(fs_readable=RO, env={"LD_PRELOAD": seedrand.LIBRARY})).run([PY, "-I", "-S", "-c", ""])
