@@ -248,3 +248,11 @@ def test_pytest_marker_subprocesses_get_the_library(pytester):
         got.append([line.split("PRELOAD ")[1].split() for line in r.stdout.lines if "PRELOAD " in line])
     assert got[0] == got[1] and len(got[0]) == 1
     assert got[0][0][0].split(":")[-1] == seedrand.LIBRARY
+
+
+def test_learn_mode_leaves_the_library_out_of_the_profile():
+    from sandlock_core import learn as L
+    obs = L.Observations()
+    obs.reads |= {os.path.realpath(seedrand.LIBRARY), "/usr/lib/os-release"}
+    r = L.build_profile(obs, collapse=3, limits=False).fields["fs_readable"]
+    assert r == ["/usr"]
