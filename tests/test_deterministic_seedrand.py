@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import struct
+import subprocess
 import textwrap
 
 import pytest
@@ -256,3 +258,34 @@ def test_learn_mode_leaves_the_library_out_of_the_profile():
     obs.reads |= {os.path.realpath(seedrand.LIBRARY), "/usr/lib/os-release"}
     r = L.build_profile(obs, collapse=3, limits=False).fields["fs_readable"]
     assert r == ["/usr"]
+
+
+STATIC_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/random.h>
+int main(void) {
+    void *volatile first = malloc(1); free(first);  /* malloc's 8 bytes of tcache key go first */
+    unsigned char b[16];
+    if (getrandom(b, 16, 0) != 16) return 2;
+    for (int i = 0; i < 16; i++) printf("%02x", b[i]);
+    printf("\n");
+    return 0;
+}
+"""
+
+
+def test_a_static_program_is_served_by_the_supervisor(tmp_path):
+    """libc's getrandom linked in statically cannot be preloaded: the raw syscall, the process stream."""
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc is missing")
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "st.c").write_text(STATIC_C)
+    exe = tmp_path / "st"
+    if subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), str(tmp_path / "st.c")]).returncode:
+        pytest.skip("no static libc to link with")
+    policy = Policy(fs_readable=RO + [str(tmp_path)], random_seed=6)
+    runs = [Sandbox(policy).run([str(exe)], timeout=60) for _ in range(2)]
+    assert runs[0].exit_code == 0 and runs[0].stderr == b"", runs[0]
+    assert runs[0].stdout == runs[1].stdout
+    assert bytes.fromhex(runs[0].stdout.decode()) == documented_stream(6, "r", "getrandom", 24)[8:]
