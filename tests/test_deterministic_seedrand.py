@@ -289,3 +289,22 @@ def test_a_static_program_is_served_by_the_supervisor(tmp_path):
     assert runs[0].exit_code == 0 and runs[0].stderr == b"", runs[0]
     assert runs[0].stdout == runs[1].stdout
     assert bytes.fromhex(runs[0].stdout.decode()) == documented_stream(6, "r", "getrandom", 24)[8:]
+
+
+def test_the_landlock_rule_grants_that_one_file_only():
+    here = os.path.dirname(seedrand.LIBRARY)
+    if any(here == d or here.startswith(d + "/") for d in RO):
+        pytest.skip("the package lives under a readable tree anyway")
+    code = f"""
+        import os
+        out = []
+        for what, fn in (("lib", lambda: open({seedrand.LIBRARY!r}, "rb").read(4)),
+                         ("sibling", lambda: open({os.path.join(here, "seedrand.py")!r}, "rb").read(4)),
+                         ("dir", lambda: os.listdir({here!r}))):
+            try:
+                fn(); out.append(what + ":ok")
+            except PermissionError:
+                out.append(what + ":EACCES")
+        print(*out)
+    """
+    assert run_py(Policy(fs_readable=RO, random_seed=1), code).split() == ["lib:ok", "sibling:EACCES", "dir:EACCES"]
