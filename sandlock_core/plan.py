@@ -55,7 +55,7 @@ def _mechanism(module: str):
 
 def _preload(p: Policy) -> tuple[str, ...]:
     """(the seeded getrandom library,) when the policy's programs preload it (seedrand.py), else ().
-    ``_build_ruleset`` makes it readable: ld.so must be able to load it, or it prints an error."""
+    ``_build_landlock`` makes it readable: ld.so must be able to load it, or it prints an error."""
     if p.random_seed is None:
         return ()
     from . import seedrand
