@@ -294,6 +294,9 @@ class Sandbox:
             if self.policy.clean_env or self.policy.env:
                 os.environ.clear()  # the policy's environment holds for the function too, not only for execs
                 os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self._plan.environ().items()})
+            elif self.policy.random_seed is not None and b"LD_PRELOAD" in self._plan.environ():
+                # the seeded getrandom library (seedrand.py) reaches the function's subprocesses too
+                os.environ["LD_PRELOAD"] = os.fsdecode(self._plan.environ()[b"LD_PRELOAD"])
             try:
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
