@@ -18,6 +18,7 @@ import pytest
 from . import _policy as P
 from . import _report as R
 from . import _runner
+from . import _worker
 
 PLUGIN_NAME = "sandlock"
 
@@ -73,6 +74,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="do not record denials (saves one supervisor round trip per open/exec)")
     group.addoption("--sandlock-timeout", metavar="SECS", type=float, dest="sandlock_timeout", default=None,
                     help="kill a confined test (and everything it started) after SECS; ini sandlock_timeout")
+    group.addoption("--sandlock-worker", action="store_true", dest="sandlock_worker", default=None,
+                    help="run the tests whose policy is the session's (--sandlock-profile/ini, no marker) whole "
+                         "(fixtures too) in one long-lived confined worker instead of a fork per test: faster; "
+                         "tests in one worker share its process and basetemp. ini: sandlock_worker")
     group.addoption("--sandlock-learn", metavar="FILE", nargs="?", const="sandlock-learned.toml", default=None,
                     dest="sandlock_learn", help="run every test permissively, record what it does and write the "
                     "least-privilege profile to FILE (default sandlock-learned.toml)")
@@ -103,6 +108,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default=False)
     parser.addini("sandlock_best_effort", "apply what the kernel supports", type="bool", default=False)
     parser.addini("sandlock_timeout", "kill a confined test after this many seconds (0: never)", default="0")
+    parser.addini("sandlock_worker", "worker mode (like --sandlock-worker)", type="bool", default=False)
     parser.addini("sandlock_max_denials", "denials listed per failing test (default 20)", default="20")
 
 
@@ -205,6 +211,8 @@ def pytest_configure(config: pytest.Config) -> None:
             merge=config.getoption("sandlock_learn_merge"))
         config.pluginmanager.register(lrn, "sandlock-learn")
     config.stash[_STATS_KEY] = Stats()
+    _worker.configure(config, s, bool(_opt(config, "sandlock_worker", "sandlock_worker")),
+                      config.stash.get(_LEARN_KEY, None) is not None)
     if not config.pluginmanager.has_plugin("sandlock-late-setup"):
         config.pluginmanager.register(_LateSetup(), "sandlock-late-setup")
     if s.profile and not s.off:
@@ -277,6 +285,9 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         parts.append("all tests confined")
     parts.append(f"seed={s.seed} (replay: --sandlock-seed {s.seed})")
     lines = ["sandlock: " + "; ".join(parts)]
+    mode = _worker.header(config)
+    if mode:
+        lines.append("sandlock: " + mode)
     if s.best_effort:
         gaps = _kernel_gaps(abi)
         if s.profile or s.ini_fields:
@@ -567,6 +578,7 @@ def _cached_sandbox(item, s: P.Session, state: ItemState):
 
 
 def pytest_unconfigure(config) -> None:
+    _worker.kill_all(config)
     for sb in config.stash.get(_SANDBOXES_KEY, {}).values():
         try:
             sb.close()
@@ -605,7 +617,7 @@ def _mode(item) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     """Before fixtures: reject bad marker arguments early (no fixture runs for a test that cannot run)."""
-    if _mode(item) != P.CONFINED:
+    if _worker.IN_WORKER or _mode(item) != P.CONFINED:
         return
     s = _session(item.config)
     try:
@@ -620,7 +632,7 @@ class _LateSetup:
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_setup(self, item) -> None:
-        if _mode(item) != P.CONFINED:
+        if _worker.IN_WORKER or _mode(item) != P.CONFINED:  # the worker is confined already
             return
         s = _session(item.config)
         try:
@@ -647,13 +659,18 @@ def _timeout_for(item, s: P.Session) -> tuple[float | None, str]:
 
 def pytest_runtest_protocol(item, nextitem):
     mode = _mode(item)
+    if _worker.enabled(item.config):
+        if mode == P.CONFINED and _worker.eligible(item) and _worker.protocol(item, nextitem):
+            return True
+        # this process's own next item: its teardown must not keep fixtures for a test the worker runs
+        nextitem = _worker.following(item, nextitem, False)
+        _worker.tear_down_foreign(item)
     if mode == P.OPTED_OUT:
         st = item.config.stash[_STATS_KEY]
         st.opted_out.append(item.nodeid)
         item.user_properties.append(("sandlock", "opted out: ran unconfined"))
-        return None
     if mode != P.CONFINED:
-        return None
+        return _unconfined_protocol(item, nextitem) if _worker.enabled(item.config) else None
     from _pytest.runner import call_and_report, show_test_item
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
@@ -680,6 +697,19 @@ def pytest_runtest_protocol(item, nextitem):
             item.funcargs = None
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
+
+
+def _unconfined_protocol(item, nextitem) -> bool:
+    """pytest's own protocol, with the nextitem worker mode chose (pytest's may be a worker's test)."""
+    from _pytest.runner import runtestprotocol
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    runtestprotocol(item, nextitem=nextitem)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def pytest_sessionfinish(session) -> None:
+    _worker.finish(session)  # the worker's remaining teardowns, then it is reaped
 
 
 def _confined_call(item) -> None:
