@@ -443,9 +443,11 @@ def protocol(item, nextitem) -> bool:
     w.send({"cmd": "run", "nodeid": item.nodeid, "next": next_id.nodeid if next_id is not None else None})
     outcome = run.collect()
     w.busy = False
-    if outcome is not None:
+    if outcome is None:
+        run.log(R.denial_dicts(w.sandbox.take_denials()))  # the worker is idle: these are all this test's
+    else:
         pool.worker = None  # the next eligible test starts a new worker
-        run.crashed(outcome)
+        run.log(run.crashed(outcome))
         w.close()
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     if run.interrupt:
@@ -456,7 +458,9 @@ def protocol(item, nextitem) -> bool:
 
 
 class _Run:
-    """One test's messages: reports logged as they come, each with the denials taken at its arrival."""
+    """One test's messages. Its reports are logged together once it is over (``done``, or the worker's end):
+    only then is the worker idle, so the denials taken at that moment are exactly this test's (the worker does
+    not wait for the parent between phases, so a take at each report would race with the next phase)."""
 
     def __init__(self, item, worker: Worker):
         from . import plugin as PL
@@ -468,14 +472,13 @@ class _Run:
         self.missing = list(worker.sandbox.missing)
         self.st.confined += 1
         self.st.missing.update(self.missing)
-        self.denials: list[dict] = []
-        self.phases: dict[str, bool] = {}   # when -> passed
+        self.reports: list = []
         self.exit = None
         self.interrupt = False
         self.start = time.monotonic()
 
     def collect(self):
-        """Log messages until ``done``; None, or _DEAD / _TIMEOUT."""
+        """Read messages until ``done``; None, or _DEAD / _TIMEOUT."""
         deadline = None if self.timeout is None else self.start + self.timeout
         while True:
             msg = self.w.recv(deadline)
@@ -483,8 +486,8 @@ class _Run:
                 return msg
             kind = msg.get("kind")
             if kind == "report":
-                self.log(self.config.hook.pytest_report_from_serializable(config=self.config, data=msg["data"]),
-                         R.denial_dicts(self.w.sandbox.take_denials()))
+                self.reports.append(_runner.fix_report(
+                    self.config.hook.pytest_report_from_serializable(config=self.config, data=msg["data"])))
             elif kind == "warning":
                 self.config.hook.pytest_warning_recorded.call_historic(kwargs=dict(
                     warning_message=_runner.warning_from_dict(msg["data"]), when="runtest",
@@ -496,30 +499,37 @@ class _Run:
             elif kind == "done":
                 return None
 
-    def log(self, report, denials: list[dict]) -> None:
-        report = _runner.fix_report(report)
-        self.denials += denials
-        self.PL._decorate(self.item, report, denials, self.s)
-        if report.when == "teardown":
-            self._properties(report)
-        self.phases[report.when] = report.passed
-        self.item.ihook.pytest_runtest_logreport(report=report)
+    def log(self, denials: list[dict]) -> None:
+        """Log the reports; the denials go where fork mode puts them (the call report), or on the failed
+        report when there is one."""
+        reports = self.reports
+        if not reports:
+            return
+        target = next((r for r in reports if r.failed), None) or \
+            next((r for r in reports if r.when == "call"), reports[0])
+        self.PL._decorate(self.item, target, denials, self.s)
+        if denials:
+            self.st.denied[self.item.nodeid] = R.total(denials)
+        for report in reports:
+            if report.when == "teardown":
+                self._properties(report, denials)
+            self.item.ihook.pytest_runtest_logreport(report=report)
 
-    def _properties(self, report) -> None:
+    def _properties(self, report, denials: list[dict]) -> None:
         """JUnit reads a test's properties from its teardown report: the sandlock ones go there."""
         props = list(report.user_properties)
         if self.missing:
             props.append(("sandlock_missing", "; ".join(self.missing)))
-        if self.denials:
-            self.st.denied[self.item.nodeid] = R.total(self.denials)
-            props.append(("sandlock_denials", R.junit_value(self.denials)))
+        if denials:
+            props.append(("sandlock_denials", R.junit_value(denials)))
         props.append(("sandlock_seed", P.test_seed(self.s.seed, self.item.nodeid)))
         report.user_properties = props
         self.item.user_properties[:] = props
 
-    def crashed(self, outcome) -> None:
-        """The worker ended (or overran its deadline) inside this test: fail the phase that was running with
-        the real cause, then close the test with a teardown report."""
+    def crashed(self, outcome) -> list[dict]:
+        """The worker ended (or overran its deadline) inside this test: the phase that was running fails with
+        the real cause, and a teardown report closes the test. Returns the test's denials (the Result's: what
+        was not taken)."""
         if outcome is _TIMEOUT:
             self.w.kill()
             from types import SimpleNamespace
@@ -532,14 +542,16 @@ class _Run:
                                                                   "confined worker (running this test)")
         res = self.w.result
         denials = R.denial_dicts(res.denials if res is not None else self.w.sandbox.take_denials())
-        if "teardown" in self.phases:
-            return  # the test was over: the worker died between tests, a new one takes the next test
+        phases = {r.when: r.passed for r in self.reports}
+        if "teardown" in phases:
+            return denials  # the test was over: the worker died between tests, a new one takes the next test
         self.st.crashed.append(self.item.nodeid)
-        when = "setup" if "setup" not in self.phases else \
-            "call" if self.phases["setup"] and "call" not in self.phases else "teardown"
-        self.log(_failed_report(self.item, when, why), denials)
+        when = "setup" if "setup" not in phases else \
+            "call" if phases["setup"] and "call" not in phases else "teardown"
+        self.reports.append(_failed_report(self.item, when, why))
         if when != "teardown":
-            self.log(_teardown_report(self.item), [])
+            self.reports.append(_teardown_report(self.item))
+        return denials
 
 
 def _failed_report(item, when: str, message: str):
