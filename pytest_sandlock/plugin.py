@@ -4,6 +4,16 @@ Thin on purpose: option parsing, markers, hooks and report formatting. All kerne
 :mod:`sandlock_core` (``Sandbox(policy, record_denials=True).run_function``). Policy resolution and its
 precedence are documented in :mod:`pytest_sandlock._policy`; the fork/report protocol in
 :mod:`pytest_sandlock._runner`; the denial mirror in :mod:`sandlock_core.denials`.
+
+Two modes. The default, fork mode: setup and teardown run in pytest (fixtures of the pytest process are
+visible, session fixtures set up once), and each confined test's call phase runs in a child forked from pytest
+(one fork per test: ~8 ms on its own). ``--sandlock-worker`` (ini ``sandlock_worker = true``) adds worker mode:
+the tests whose policy is exactly the session's (no marker, or one that changes nothing; no per-test fields
+such as ``workdir`` or ``random_seed``) run their whole protocol, fixtures included, in one long-lived confined
+worker forked after collection; ``{tmp_path}`` is pytest's basetemp there (writable: the tests of a worker can
+write each other's tmp dirs). Every other test falls back to fork mode in the same run. Denials stay per
+test (``Sandbox.take_denials()`` once the worker is idle after each test); a crash or timeout fails the
+running test with the real cause and the next test gets a new worker. Details: :mod:`pytest_sandlock._worker`.
 """
 from __future__ import annotations
 
