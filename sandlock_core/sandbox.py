@@ -156,15 +156,15 @@ class Sandbox:
 
     def private_fds(self) -> list[int]:
         """The file descriptors through which this process supervises the current run (the seccomp listener,
-        the reaper's socket, report pipe and pidfd). A process forked from the caller to run other code (another
+        the supervisor's wake-up pipe and pidfds, the reaper's socket, report pipe and pidfd). A process forked from the caller to run other code (another
         sandbox's ``run_function``) must close them: the listener answers this sandbox's syscalls."""
         fds = []
         sup = getattr(self, "_sup", None)
-        if sup is not None and sup.listener >= 0:
-            fds.append(sup.listener)
+        if sup is not None and sup.listener >= 0:  # -1 once the supervisor is closed
+            fds += [sup.listener, sup._wake_r, sup._wake_w, *list(sup._pidfds.values())]
         for child in list(self._running):
             fds += [fd for fd in (getattr(child, "listener", -1), getattr(child, "sock", -1),
-                                  getattr(child, "report_fd", -1), getattr(child, "pidfd", -1))
+                                  getattr(child, "report_fd", -1), getattr(child, "reaper_pidfd", -1))
                     if isinstance(fd, int) and fd >= 0]
         return sorted(set(fds))
 

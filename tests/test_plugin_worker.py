@@ -301,3 +301,69 @@ def test_coverage_of_worker_tests_is_collected(pytester, project):
     result.assert_outcomes(passed=1)
     result.stdout.re_match_lines([r"mod_under_test\.py\s+4\s+1\s+75%\s+5"])
     assert not re.search(r"sandlock: coverage", result.stderr.str() + result.stdout.str())
+
+
+def test_fork_mode_child_holds_none_of_the_workers_fds(pytester, project):
+    """A fork-mode test forked while a worker runs: no seccomp listener (it would answer the worker's syscalls)
+    and no pidfd of the worker's sandbox."""
+    prof, _ = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        def test_w1():
+            pass
+
+        @pytest.mark.sandbox(fs_readable=["/proc"])
+        def test_fork():
+            kinds = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    kinds.append(os.readlink(f"/proc/self/fd/{fd}"))
+                except OSError:
+                    pass
+            assert not [k for k in kinds if "seccomp" in k or "pidfd" in k], kinds
+
+        def test_w2():
+            pass
+    """))
+    run(pytester, prof).assert_outcomes(passed=3)
+
+
+def test_pytest_exit_in_the_worker_ends_the_session_after_its_teardowns(pytester, project):
+    prof, log = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        @pytest.fixture(scope="module")
+        def mod():
+            yield
+            log("module-teardown")
+
+        def test_1(mod):
+            pass
+
+        def test_exit(mod):
+            pytest.exit("enough", returncode=3)
+
+        def test_never(mod):
+            log("never")
+    """))
+    result = run(pytester, prof)
+    assert result.ret == 3
+    result.stdout.fnmatch_lines(["*Exit: enough*"])
+    assert [e for e, _, _ in events(log)] == ["module-teardown"]   # the finish command ran it in the worker
+
+
+def test_stop_on_first_failure_still_tears_down_in_the_worker(pytester, project):
+    prof, log = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        @pytest.fixture(scope="module")
+        def mod():
+            yield
+            log("module-teardown")
+
+        def test_fail(mod):
+            assert 0
+
+        def test_never(mod):
+            log("never")
+    """))
+    result = run(pytester, prof, "-x")
+    result.assert_outcomes(failed=1)
+    assert [e for e, _, _ in events(log)] == ["module-teardown"]
