@@ -335,7 +335,8 @@ class Pool:
     def __init__(self, why_off: str | None):
         self.worker: Worker | None = None
         self.why_off = why_off        # None: worker mode is on
-        self.started = 0
+        self.started = 0              # workers started
+        self.ran = 0                  # tests run in a worker
         self.session_fields: dict = {}
 
 
@@ -375,6 +376,14 @@ def header(config) -> str | None:
     if pool.why_off is None:
         return "worker mode (--sandlock-worker): tests with the session policy run in one confined worker"
     return f"worker mode off ({pool.why_off})"
+
+
+def summary(config) -> str | None:
+    pool = config.stash.get(_POOL_KEY, None)
+    if pool is None or not pool.ran:
+        return None
+    return (f"worker mode: {pool.ran} test{'s' if pool.ran != 1 else ''} ran in {pool.started} confined "
+            f"worker{'s' if pool.started != 1 else ''}" + (f" (then off: {pool.why_off})" if pool.why_off else ""))
 
 
 def eligible(item) -> bool:
@@ -437,6 +446,7 @@ def protocol(item, nextitem) -> bool:
     if w is None:
         return False
     item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    pool.ran += 1
     run = _Run(item, w)
     next_id = following(item, nextitem, True)
     w.busy = True
@@ -580,6 +590,10 @@ def _teardown_report(item):
 
 def _worker_for(item, pool: Pool) -> Worker | None:
     """The running worker, or a new one; None (and worker mode off, with a warning) if none can start."""
+    if pool.worker is not None and pool.worker.ended():  # it died between tests: not this test's doing
+        pool.worker.kill()
+        pool.worker.close()
+        pool.worker = None
     if pool.worker is not None:
         return pool.worker
     if pool.why_off is not None:

@@ -355,6 +355,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if st.opted_out:
         lines.append(f"{len(st.opted_out)} test{'s' if len(st.opted_out) != 1 else ''} opted out and ran "
                      f"unconfined: " + ", ".join(st.opted_out[:10]) + (" ..." if len(st.opted_out) > 10 else ""))
+    mode = _worker.summary(config)
+    if mode:
+        lines.append(mode)
     if st.denied:
         lines.append("denials: " + ", ".join(f"{k} ({v})" for k, v in list(st.denied.items())[:10]))
     if st.missing:

@@ -179,6 +179,7 @@ def test_segfault_fails_the_test_and_a_new_worker_takes_over(pytester, project):
     result.assert_outcomes(passed=3, failed=1)
     result.stdout.fnmatch_lines(["*was killed by SIGSEGV (Segmentation fault)*",
                                  "FAILED *test_segv - Failed: the confined worker*"])
+    result.stdout.fnmatch_lines(["worker mode: 4 tests ran in 2 confined workers"])
     ev = events(log)
     assert [e for e, _, _ in ev] == ["session-setup", "test", "session-setup", "test", "test",
                                      "session-teardown"], ev
