@@ -39,6 +39,8 @@ from __future__ import annotations
 import json
 import os
 import select
+import sys
+import tempfile  # noqa: F401  (imported here, not in the confined worker, where it may not be readable)
 import threading
 import time
 import warnings
@@ -100,18 +102,17 @@ class _Lines:
 
 # ---- the worker (confined) ------------------------------------------------------------------------------
 
-def worker_main(session, cmd_r: int, msg_w: int, theirs: list[int], env: dict, whole_env: dict | None) -> int:
+def worker_main(session, cmd_r: int, msg_w: int, parent_fds: list[int], env: dict, whole_env: dict | None) -> int:
     """The confined worker: run commands until ``finish`` or EOF (the parent is gone)."""
     global IN_WORKER
     IN_WORKER = _runner.IN_CHILD = True
-    for fd in theirs:  # the parent's ends: EOF must mean the other side is gone
+    for fd in parent_fds:  # the parent's ends: EOF on cmd_r must mean the parent is gone
         os.close(fd)
     if whole_env is not None:
         os.environ.clear()
         os.environ.update(whole_env)
     os.environ.update(env)
     if "TMPDIR" in env:
-        import tempfile
         tempfile.tempdir = None
     cov = _runner._ChildCoverage()
     items = {it.nodeid: it for it in session.items}
@@ -162,7 +163,6 @@ def _run_item(item, nextitem, msg_w: int) -> None:
         for w in log.recorded:
             _send(msg_w, {"kind": "warning", "data": _runner._warning_to_dict(w)})
         try:
-            import sys
             sys.stdout.flush()
             sys.stderr.flush()
         except Exception:
@@ -233,6 +233,7 @@ class Worker:
         os.set_blocking(self.msg_r, False)
         self.lines = _Lines(self.msg_r)
         self.busy = False
+        self.closed = False
         args = (session, cmd_r, msg_w, [self.cmd_w, self.msg_r, self.done_r, self._done_w], env, whole_env)
         self.thread = threading.Thread(target=self._run, args=args, name="sandlock-worker", daemon=True)
 
@@ -311,7 +312,14 @@ class Worker:
         return R.describe_result(self.result, timeout=timeout, timeout_source=tsrc)
 
     def close(self) -> None:
-        for fd in (self.cmd_w, self.msg_r, self.done_r, self._done_w, *self._theirs):
+        """Once (a second close would close fd numbers reused since)."""
+        if self.closed:
+            return
+        self.closed = True
+        fds = [self.cmd_w, self.msg_r, *self._theirs]
+        if not self.thread.is_alive():  # a stuck thread still writes to _done_w one day: never a reused number
+            fds += [self.done_r, self._done_w]
+        for fd in fds:
             try:
                 os.close(fd)
             except OSError:
@@ -507,6 +515,9 @@ class _Run:
             elif kind == "interrupt":
                 self.interrupt = True
             elif kind == "done":
+                if not self.reports and msg.get("error"):  # the worker refused the command: never silent
+                    self.reports += [_failed_report(self.item, "setup", f"sandlock worker: {msg['error']}"),
+                                     _teardown_report(self.item)]
                 return None
 
     def log(self, denials: list[dict]) -> None:
