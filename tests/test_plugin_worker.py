@@ -368,3 +368,54 @@ def test_stop_on_first_failure_still_tears_down_in_the_worker(pytester, project)
     result = run(pytester, prof, "-x")
     result.assert_outcomes(failed=1)
     assert [e for e, _, _ in events(log)] == ["module-teardown"]
+
+
+def test_keyboard_interrupt_in_the_worker_interrupts_the_session(pytester, project):
+    prof, log = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        def test_1():
+            pass
+
+        def test_interrupt():
+            raise KeyboardInterrupt
+
+        def test_never():
+            log("never")
+    """))
+    result = run(pytester, prof)
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*KeyboardInterrupt*"])
+    assert events(log) == []
+
+
+def test_the_worker_dies_with_pytest(pytester, project):
+    import signal
+    import subprocess
+    import sys
+    import time
+    prof, log = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        import time
+
+        def test_sleep():
+            log("sleeping")
+            time.sleep(120)
+    """))
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--sandlock-profile={prof}",
+                             "--sandlock-worker"], cwd=pytester.path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not events(log) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert events(log), "the worker test never started"
+        pid = events(log)[0][1]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{pid}"), "the confined worker outlived pytest"
+    finally:
+        proc.kill()
+        proc.wait(10)
