@@ -396,6 +396,8 @@ def summary(config) -> str | None:
 
 def eligible(item) -> bool:
     """Does this confined test run in the worker (decided in the parent, once per item)?"""
+    if not enabled(item.config):  # never on, or turned off (a worker could not start)
+        return False
     hit = item.stash.get(_ELIGIBLE_KEY, None)
     if hit is None:
         hit = item.stash[_ELIGIBLE_KEY] = _eligible(item)
@@ -404,8 +406,8 @@ def eligible(item) -> bool:
 
 def _eligible(item) -> bool:
     from . import plugin as PL
-    pool = item.config.stash.get(_POOL_KEY, None)
-    if pool is None or pool.why_off is not None or PL._mode(item) != P.CONFINED:
+    pool = item.config.stash[_POOL_KEY]
+    if PL._mode(item) != P.CONFINED:
         return False
     try:
         fields, _ = PL._item_fields(item, PL._session(item.config))

@@ -672,18 +672,20 @@ def _timeout_for(item, s: P.Session) -> tuple[float | None, str]:
 
 def pytest_runtest_protocol(item, nextitem):
     mode = _mode(item)
+    own_next = nextitem
     if _worker.enabled(item.config):
         if mode == P.CONFINED and _worker.eligible(item) and _worker.protocol(item, nextitem):
             return True
         # this process's own next item: its teardown must not keep fixtures for a test the worker runs
-        nextitem = _worker.following(item, nextitem, False)
+        own_next = _worker.following(item, nextitem, False)
         _worker.tear_down_foreign(item)
     if mode == P.OPTED_OUT:
         st = item.config.stash[_STATS_KEY]
         st.opted_out.append(item.nodeid)
         item.user_properties.append(("sandlock", "opted out: ran unconfined"))
-    if mode != P.CONFINED:
-        return _unconfined_protocol(item, nextitem) if _worker.enabled(item.config) else None
+    if mode != P.CONFINED:  # pytest's own protocol (or other plugins'), unless the nextitem must change
+        return None if own_next is nextitem else _unconfined_protocol(item, own_next)
+    nextitem = own_next
     from _pytest.runner import call_and_report, show_test_item
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)

@@ -419,3 +419,26 @@ def test_the_worker_dies_with_pytest(pytester, project):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_worker_that_cannot_start_turns_worker_mode_off(pytester, project):
+    prof, log = project
+    pytester.makeconftest("import pytest_sandlock._worker as W\nW.worker_main = lambda *args: 3\n")
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        @pytest.fixture(scope="module")
+        def mod():
+            log("module-setup")
+            yield
+
+        @pytest.mark.parametrize("i", range(3))
+        def test_t(mod, i):
+            log("test")
+            assert _confined()
+    """))
+    result = run(pytester, prof)
+    result.assert_outcomes(passed=3, warnings=1)
+    result.stdout.fnmatch_lines(["*sandlock: worker mode off, tests run in fork mode: the worker could not start: "
+                                 "the confined test process exited with status 3*"])
+    ev = events(log)
+    assert [e for e, _, _ in ev] == ["module-setup", "test", "test", "test"], ev
+    assert not ev[0][2] and len({p for e, p, _ in ev if e == "test"}) == 3   # fixtures in pytest, a fork each
