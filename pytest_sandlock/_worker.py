@@ -260,6 +260,8 @@ class Worker:
 
     def fds(self) -> list[int]:
         """What a fork-mode test child must close: the worker's pipes and its sandbox's supervision fds."""
+        if self.closed:  # the numbers may belong to other files by now
+            return []
         return [self.cmd_w, self.msg_r, self.done_r, self._done_w, *self._theirs] + self.sandbox.private_fds()
 
     def send(self, msg: dict) -> bool:
@@ -316,6 +318,8 @@ class Worker:
         if self.closed:
             return
         self.closed = True
+        if _runner.CLOSE_IN_CHILD == self.fds:
+            _runner.CLOSE_IN_CHILD = _runner.no_fds
         fds = [self.cmd_w, self.msg_r, *self._theirs]
         if not self.thread.is_alive():  # a stuck thread still writes to _done_w one day: never a reused number
             fds += [self.done_r, self._done_w]
@@ -667,7 +671,6 @@ def finish(session) -> None:
         error = _finish_worker(w)
     finally:
         w.close()
-        _runner.CLOSE_IN_CHILD = _runner.no_fds
     if error:
         message = f"sandlock: the confined worker's teardowns at the end of the session: {error}"
         session.config.hook.pytest_warning_recorded.call_historic(kwargs=dict(

@@ -442,3 +442,24 @@ def test_a_worker_that_cannot_start_turns_worker_mode_off(pytester, project):
     ev = events(log)
     assert [e for e, _, _ in ev] == ["module-setup", "test", "test", "test"], ev
     assert not ev[0][2] and len({p for e, p, _ in ev if e == "test"}) == 3   # fixtures in pytest, a fork each
+
+
+def test_fork_mode_after_a_worker_crash(pytester, project):
+    """After a crash the dead worker's fd numbers are reused: a fork-mode child must not close them."""
+    prof, log = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        import signal
+
+        def test_segv():
+            os.kill(os.getpid(), signal.SIGSEGV)
+
+        @pytest.mark.sandbox(max_open_files=200)
+        def test_fork():
+            log("fork")
+
+        def test_worker():
+            log("worker")
+    """))
+    result = run(pytester, prof, "-p", "no:faulthandler")
+    result.assert_outcomes(passed=2, failed=1)
+    assert [(e, c) for e, _, c in events(log)] == [("fork", 1), ("worker", 1)]
