@@ -156,8 +156,9 @@ class Sandbox:
 
     def private_fds(self) -> list[int]:
         """The file descriptors through which this process supervises the current run (the seccomp listener,
-        the supervisor's wake-up pipe and pidfds, the reaper's socket, report pipe and pidfd). A process forked from the caller to run other code (another
-        sandbox's ``run_function``) must close them: the listener answers this sandbox's syscalls."""
+        the supervisor's wake-up pipe and pidfds, the reaper's socket, report pipe and pidfd). A process forked
+        from the caller to run other code (another sandbox's ``run_function``) must close them: the listener
+        answers this sandbox's syscalls."""
         fds = []
         sup = getattr(self, "_sup", None)
         if sup is not None and sup.listener >= 0:  # -1 once the supervisor is closed
