@@ -187,6 +187,7 @@ def test_segfault_fails_the_test_and_a_new_worker_takes_over(pytester, project):
 
 
 def test_timeout_kills_the_worker_not_the_session(pytester, project):
+    pytest.importorskip("pytest_timeout")
     prof, log = project
     pytester.makepyfile(HEAD + textwrap.dedent("""
         import time
@@ -196,12 +197,20 @@ def test_timeout_kills_the_worker_not_the_session(pytester, project):
 
         def test_after():
             log("test")
+
+        @pytest.mark.timeout(1)
+        def test_hang_marker():
+            time.sleep(300)
+
+        def test_after_marker():
+            log("test")
     """))
-    result = run(pytester, prof, "--sandlock-timeout", "1", timeout=60)
-    result.assert_outcomes(failed=1, passed=1)
-    result.stdout.fnmatch_lines(["*Timeout (>1s) from sandlock_timeout: sandlock killed*"])
+    result = run(pytester, prof, "--sandlock-timeout", "2", timeout=60)
+    result.assert_outcomes(failed=2, passed=2)
+    result.stdout.fnmatch_lines(["*Timeout (>2s) from sandlock_timeout: sandlock killed*"])
+    result.stdout.fnmatch_lines(["*Timeout (>1s) from pytest-timeout: sandlock killed*"])
     assert result.duration < 30
-    assert [e for e, _, _ in events(log)] == ["test"]
+    assert [e for e, _, _ in events(log)] == ["test", "test"]
 
 
 def test_marker_tests_fall_back_to_fork_mode(pytester, project):
