@@ -19,18 +19,21 @@ Protocol (parent = the pytest process, never confined): at the first eligible te
 with ``Sandbox(policy, record_denials=...).run_function(worker_main, ...)`` on a thread (Landlock, seccomp, the
 supervisor and denial recording are the fork mode's), a fork of pytest after collection. Commands go down a
 pipe as JSON lines: ``run`` (a nodeid, and the nodeid of the next item *this worker* will run, or None: the
-teardown keeps what that item shares, as ``runtestprotocol(nextitem=...)``) and ``finish`` (run the remaining
-teardowns, ``teardown_exact(None)``, then exit). The worker runs the whole protocol (setup, call, teardown;
-fixtures live in the worker) and sends ``start``, one ``report`` per phase as soon as it is made
-(``pytest_report_to_serializable``), ``warning``s, ``exit``/``interrupt``, then ``done``. The parent logs the
-reports. At each report it takes the denials recorded since the previous one (``Sandbox.take_denials()``), so
-a test's denials are its own: those of its setup on the setup report, and so on (denials of a background
-process between two tests go to the next test's setup report).
+teardown keeps what that item shares, as ``runtestprotocol(nextitem=...)``; see :func:`following`) and
+``finish`` (run the remaining teardowns, ``teardown_exact(None)``, then exit). The worker runs the whole
+protocol (setup, call, teardown; fixtures live in the worker) and sends ``start``, one ``report`` per phase
+as soon as it is made
+(``pytest_report_to_serializable``), ``warning``s, ``exit``/``interrupt``, then ``done``. At ``done`` the worker
+is idle (blocked on its command pipe), so the parent takes the denials recorded since the previous test
+(``Sandbox.take_denials()``): exactly this test's. They go on its call report (as in fork mode), or on the
+failed report when setup or teardown failed; then the parent logs the reports. (Taking at each report would
+race: the worker does not wait for the parent between phases. Denials of a process a test leaves running in
+the background are charged to the next test.)
 
-Failure: the parent waits with a deadline (the test's ``sandlock_timeout`` / pytest-timeout) and watches the
-thread; a timeout kills the worker's sandbox. A worker that dies (signal, limit, timeout, ``os._exit``) fails
-the running phase with the cause from the Result, the test gets a teardown report, and the next eligible test
-starts a new worker (its module and session fixtures are set up again there). A worker that cannot start turns
+Failure: the parent waits with a deadline (the test's ``sandlock_timeout`` / pytest-timeout, over the whole
+protocol) and watches the thread; a timeout kills the worker's sandbox. A worker that dies (signal, limit,
+timeout, ``os._exit``) fails the running phase with the cause from the Result, the test gets a teardown
+report, and the next eligible test starts a new worker (its module and session fixtures are set up again there). A worker that cannot start turns
 worker mode off for the session (a warning; the tests run in fork mode). At session end the worker is told to
 finish (bounded wait, then killed) and reaped; a teardown error there is a warning and fails the session.
 """
