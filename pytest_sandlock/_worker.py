@@ -33,9 +33,10 @@ the background are charged to the next test.)
 Failure: the parent waits with a deadline (the test's ``sandlock_timeout`` / pytest-timeout, over the whole
 protocol) and watches the thread; a timeout kills the worker's sandbox. A worker that dies (signal, limit,
 timeout, ``os._exit``) fails the running phase with the cause from the Result, the test gets a teardown
-report, and the next eligible test starts a new worker (its module and session fixtures are set up again there). A worker that cannot start turns
-worker mode off for the session (a warning; the tests run in fork mode). At session end the worker is told to
-finish (bounded wait, then killed) and reaped; a teardown error there is a warning and fails the session.
+report, and the next eligible test starts a new worker (its module and session fixtures are set up again
+there). A worker that cannot start turns worker mode off for the session (a warning; the tests run in fork
+mode). At session end the worker is told to finish (bounded wait, then killed) and reaped; a teardown error
+there is a warning and fails the session.
 """
 from __future__ import annotations
 
