@@ -472,3 +472,26 @@ def test_fork_mode_after_a_worker_crash(pytester, project):
     result = run(pytester, prof, "-p", "no:faulthandler")
     result.assert_outcomes(passed=2, failed=1)
     assert [(e, c) for e, _, c in events(log)] == [("fork", 1), ("worker", 1)]
+
+
+
+def test_a_teardown_error_at_the_end_of_the_session_is_reported(pytester, project):
+    """-x stops the session while the worker keeps the module fixture: the finish command tears it down, and
+    its error is a warning (never lost)."""
+    prof, _ = project
+    pytester.makepyfile(HEAD + textwrap.dedent("""
+        @pytest.fixture(scope="module")
+        def mod():
+            yield
+            raise RuntimeError("teardown boom")
+
+        def test_fail(mod):
+            assert 0
+
+        def test_never(mod):
+            pass
+    """))
+    result = run(pytester, prof, "-x")
+    result.assert_outcomes(failed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*sandlock: the confined worker's teardowns at the end of the session: "
+                                 "RuntimeError: teardown boom*"])
