@@ -14,6 +14,9 @@ other test runs in the fork-per-test mode, in the same run. ``--sandlock-learn``
 The worker's policy: the session fields, ``{tmp_path}`` and the built-in "tmp_path writable" default become
 pytest's basetemp (writable: tests in one worker can write each other's tmp_path), the directories of the
 collected test files readable, TMPDIR the session's scratch directory.
+The ``sandbox_policy`` and ``sandbox`` fixtures of a worker test still give the test's own policy (its
+``tmp_path`` writable, not basetemp): narrower than the worker's, so a ``sandbox.run`` nests inside the
+worker's confinement and can only be refused more, never less.
 
 Protocol (parent = the pytest process, never confined): at the first eligible test the parent starts a worker
 with ``Sandbox(policy, record_denials=...).run_function(worker_main, ...)`` on a thread (Landlock, seccomp, the
