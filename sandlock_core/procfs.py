@@ -80,6 +80,18 @@ _PID_RE = re.compile(r"^/proc/(\d+)(?:/|$)")
 _SELF = ("self", "thread-self")
 
 
+def _ns_pid(pid: int) -> int:
+    """The pid of host process ``pid`` in its own (innermost) pid namespace; -1 if it is gone (names nothing)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
 def _kernel_devs() -> frozenset[int]:
     """st_dev of every mount at or under /proc and /sys (procfs, sysfs, debugfs, tracefs, cgroup...): an
     object on none of them is not a name this module cares about."""
@@ -110,9 +122,12 @@ def _sensitive(name: str) -> bool:
 
 
 class ProcFs:
-    def __init__(self, policy, arch: str):
+    def __init__(self, policy, arch: str, pidns: bool = False):
         from . import syscalls
-        self.isolate = policy.isolate_pids
+        # Under a pid namespace the kernel hides other processes: nothing here decides on pids, and names are
+        # resolved in the child's view (its /proc is its namespace's), with /proc/self its pid there.
+        self.pidns = pidns
+        self.isolate = policy.isolate_pids and not pidns
         self.num_cpus = policy.num_cpus
         self.max_memory = policy.max_memory
         self.sort = policy.deterministic_dirs
@@ -131,7 +146,7 @@ class ProcFs:
         # chroot, overlayfs, privileged: the child's / is not the supervisor's (a mount namespace, a new root):
         # its absolute names are resolved from /proc/<pid>/root, as the child would
         from .plan import _namespaces
-        self.in_root = _namespaces(policy)
+        self.in_root = _namespaces(policy) or pidns
         # open_how for the fast resolution: [follow the last link?][stay on the starting mount?]
         root = RESOLVE_IN_ROOT if self.in_root else 0
         self._how_bufs = [ffi.new("uint64_t[3]", [
@@ -162,9 +177,13 @@ class ProcFs:
         return False
 
     # ---- name resolution as the child sees it ----
-    @staticmethod
-    def _tgid(tid: int) -> int:
-        return tgid_of(tid)
+    def _self_names(self, tid: int) -> tuple[int, int]:
+        """(tgid, tid) of a child thread as its /proc names them: the host's, or under a pid namespace the
+        namespace's (the last NSpid field; the host numbers would name other processes, or none, there)."""
+        tgid = tgid_of(tid)
+        if not self.pidns:
+            return tgid, tid
+        return _ns_pid(tgid), _ns_pid(tid)
 
     def _start_dir(self, n, dirfd: int) -> str | None:
         """The name of the child's cwd (or ``dirfd``) as the child sees it; None if it is no directory or lies
@@ -197,16 +216,16 @@ class ProcFs:
                 return None
         stack = [c for c in reversed(p.split("/")) if c not in ("", ".")]
         links = 0
-        tgid = None
+        ids = None
         while stack:
             c = stack.pop()
             if c == "..":
                 cur = os.path.dirname(cur) or "/"
                 continue
             if cur == "/proc" and c in _SELF:
-                if tgid is None:
-                    tgid = self._tgid(n.pid)
-                cur = f"/proc/{tgid}" if c == "self" else f"/proc/{tgid}/task/{n.pid}"
+                if ids is None:
+                    ids = self._self_names(n.pid)
+                cur = f"/proc/{ids[0]}" if c == "self" else f"/proc/{ids[0]}/task/{ids[1]}"
                 continue
             nxt = (cur if cur != "/" else "") + "/" + c
             try:
@@ -1022,7 +1041,8 @@ def wanted(policy) -> bool:
 
 def install(builder) -> None:
     policy = builder.policy
-    fs = ProcFs(policy, builder.arch)
+    pidns = getattr(builder, "pidns", False)
+    fs = ProcFs(policy, builder.arch, pidns)
     fs.ruleset_fd = builder.ruleset_fd
     fast = FastPath(fs, policy, builder.arch)
     builder.on_prepare(fast.prepare)
@@ -1030,6 +1050,12 @@ def install(builder) -> None:
     builder.notify("open", fs.h_open)
     builder.notify("openat", fs.h_openat)
     builder.notify("openat2", fs.h_openat2)
+    if pidns:
+        # The kernel does the rest (native.c "pid namespace"): listings, /proc/<pid>, kill & co. see only the
+        # sandbox. Opens stay notified for the sensitive files (and meminfo/cpuinfo when they are virtual).
+        if policy.num_cpus is not None:
+            builder.notify("sched_getaffinity", fs.h_sched_getaffinity)
+        return
     if policy.isolate_pids:
         builder.notify("getdents64", fs.h_getdents64)
         builder.notify("getdents", fs.h_getdents)

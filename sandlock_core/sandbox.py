@@ -96,8 +96,10 @@ class Sandbox:
         self.policy_fn = policy_fn
         self.init_fn = init_fn
         self.work_fn = work_fn
-        self._plan = Plan(self.policy, record_denials=record_denials, handlers=handlers, policy_fn=policy_fn,
-                          policy_fn_timeout=policy_fn_timeout)
+        self._plan_args = dict(record_denials=record_denials, handlers=handlers, policy_fn=policy_fn,
+                               policy_fn_timeout=policy_fn_timeout)
+        self._plan = Plan(self.policy, **self._plan_args)
+        self._fplan = None            # the plan of confined functions when _plan uses a pid namespace
         self._running: list[_spawn.Spawned] = []
         self._procs: list = []        # Process handles from popen() still running
         self._template = None         # the COW fork template (forking.Template), started by fork()
@@ -119,6 +121,8 @@ class Sandbox:
         for proc in list(self._procs):
             proc.close()
         self._plan.close()
+        if self._fplan is not None:
+            self._fplan.close()
         _spawn.reap_pending(block=True)
 
     @property
@@ -288,12 +292,13 @@ class Sandbox:
         body). The child inherits the caller's memory and fds; its exit code is fn's int result (0 for
         None), 1 if it raised. Talk to it through pipes or files made beforehand."""
         start = time.monotonic()
-        pid, child = _spawn.fork_confined(self._plan)
+        plan = self._fork_plan()
+        pid, child = _spawn.fork_confined(plan)
         if child is None:  # confined child
             code = 1
             if self.policy.clean_env or self.policy.env:
                 os.environ.clear()  # the policy's environment holds for the function too, not only for execs
-                os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self._plan.environ().items()})
+                os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in plan.environ().items()})
             try:
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
@@ -329,10 +334,11 @@ class Sandbox:
         child without a listener does not wait for a release at all."""
         self._running.append(child)
         setup_error = sup = None
+        plan = getattr(child, "plan", None) or self._plan
         try:
-            child.take_listener(use_pidfd=not self._plan.handoff_scm)
+            child.take_listener(use_pidfd=not plan.handoff_scm)
             if child.listener >= 0:
-                sup = self._plan.make_supervisor(child.listener, child.root_pid, prepared, child.reaper)
+                sup = plan.make_supervisor(child.listener, child.root_pid, prepared, child.reaper)
                 prepared = None
                 sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
@@ -372,7 +378,7 @@ class Sandbox:
                 sup.end_loop()  # the loop's count is final only once it has stopped
             result = self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
             result.cpu_time = getattr(child, "cpu_time", None)
-            for fn in self._plan.finish:
+            for fn in (getattr(child, "plan", None) or self._plan).finish:
                 fn(sup, result)
         finally:
             if sup is not None:
@@ -384,6 +390,17 @@ class Sandbox:
         if res.reason is ExitReason.SETUP_FAILED and self._nested_fallback():
             res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
         return res
+
+    def _fork_plan(self):
+        """The plan for a confined Python function (run_function, fork()'s template): the function goes on in
+        the forked child itself, so no init can stand above it as pid 1 of a pid namespace; isolate_pids is
+        then the supervised one (made on first use)."""
+        if not self._plan.pidns:
+            return self._plan
+        if self._fplan is None:
+            from .plan import Plan
+            self._fplan = Plan(self.policy, pid_namespace=False, **self._plan_args)
+        return self._fplan
 
     def _nested_fallback(self) -> bool:
         """Inside another supervised sandbox the kernel refuses a second seccomp listener. When the only

@@ -93,6 +93,7 @@ class Spawned:
         self.status: int | None = None      # raw wait status of the root process
         self.killed_by: int | None = None   # signal the reaper got asked to kill with
         self.exec_error: ChildSetupError | None = None
+        self.plan = None                    # the Plan it was started with (set by spawn/fork_confined)
 
     # ---- hand-off ----
     def take_listener(self, use_pidfd: bool) -> None:
@@ -107,7 +108,7 @@ class Spawned:
                 os.close(fd)
             raise ChildError("sandlock: the child exited before confinement was complete")
         kind, step, val, pid = _msg(data)
-        self.root_pid = pid
+        self.root_pid = pid if pid > 1 else 0  # never 1 or below: os.killpg/os.kill would reach the host
         if kind == b"E":
             raise ChildSetupError(ffi.string(lib.sl_step_name(step)).decode(), val)
         if kind == b"L":
@@ -283,7 +284,9 @@ def spawn(plan, argv: list[str], *, stdio=(-1, -1, -1), cwd: str | None = None, 
         pidfd = _sys.pidfd_open(pid)
     except OSError:
         pidfd = -1
-    return Spawned(pid, pidfd, report_r, sock_parent)
+    handle = Spawned(pid, pidfd, report_r, sock_parent)
+    handle.plan = plan
+    return handle
 
 
 def fork_confined(plan) -> tuple[int, Spawned | None]:
@@ -334,7 +337,9 @@ def fork_confined(plan) -> tuple[int, Spawned | None]:
         pidfd = _sys.pidfd_open(pid)
     except OSError:
         pidfd = -1
-    return pid, Spawned(pid, pidfd, report_r, sock_parent)
+    handle = Spawned(pid, pidfd, report_r, sock_parent)
+    handle.plan = plan
+    return pid, handle
 
 
 def describe_status(status: int) -> tuple[int, int | None]:
