@@ -30,6 +30,7 @@ struct sl_cfg {
     int ns_enable; int ns_privileged; const char *ov_target; const char *ov_options;
     int ns_readonly; char *const *ns_writable; int n_ns_writable; const char *ns_chroot;
     uint64_t ov_landlock_rights; int ns_pid;
+    char *const *ns_proc_paths; const uint64_t *ns_proc_rights; int n_ns_proc;
 };
 
 long sl_landlock_create_ruleset(const struct sl_ruleset_attr *attr, size_t size, uint32_t flags);

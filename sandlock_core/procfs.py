@@ -92,6 +92,14 @@ def _ns_pid(pid: int) -> int:
     return -1
 
 
+def _child_proc_dev(pid: int) -> int:
+    """st_dev of the /proc a process sees (under a pid namespace, not ours: a new procfs instance)."""
+    try:
+        return os.stat(f"/proc/{pid}/root/proc").st_dev
+    except OSError:
+        return -1
+
+
 def _kernel_devs() -> frozenset[int]:
     """st_dev of every mount at or under /proc and /sys (procfs, sysfs, debugfs, tracefs, cgroup...): an
     object on none of them is not a name this module cares about."""
@@ -333,7 +341,8 @@ class ProcFs:
             if fd < 0:
                 return None
             try:
-                if os.fstat(fd).st_dev not in self.kernel_devs:
+                dev = os.fstat(fd).st_dev
+                if dev not in self.kernel_devs and not (self.pidns and dev == _child_proc_dev(n.pid)):
                     return OUTSIDE
                 return os.readlink(f"/proc/self/fd/{fd}")
             finally:
@@ -1035,6 +1044,61 @@ def _filter(data: bytes, name_off: int, pids: set[int]) -> bytes:
     return bytes(out)
 
 
+def _install_pidns(builder) -> None:
+    """The pid namespace's own needs: its mounts stay closed to the program, and the policy's Landlock rules on
+    /proc follow it to the new /proc."""
+    from . import syscalls
+    from .namespaces import MOUNT_SYSCALLS
+    for name in MOUNT_SYSCALLS:  # the program holds capabilities in its user namespace: no mount, no chroot
+        nr = syscalls.number(name, builder.arch)
+        if nr is not None:
+            builder.extra_deny[nr] = errno.EPERM
+    rules = proc_rules(builder.policy)
+    if rules:
+        builder.on_cfg(lambda cfg, keep: _fill_proc_rules(builder.policy, rules, cfg, keep))
+
+
+def proc_rules(policy) -> list[tuple[str, bool, bool]]:
+    """(name, writable, is_dir) of the fs_readable/fs_writable paths at or under /proc. Landlock rules are on
+    inodes: those name the caller's procfs, not the sandbox's new one. A /proc/<pid> name (``/proc/self``
+    resolves to the caller's pid) names a process outside the namespace: dropped."""
+    out = []
+    for writable, paths in ((False, policy.fs_readable), (True, policy.fs_writable)):
+        for p in paths:
+            real = os.path.realpath(p)
+            if real != "/proc" and not real.startswith("/proc/"):
+                continue
+            if real[len("/proc/"):].split("/")[0].isdigit():
+                continue
+            out.append((real, writable, os.path.isdir(real)))
+    return out
+
+
+def _fill_proc_rules(policy, rules, cfg, keep) -> None:
+    """This run's own ruleset (the plan's, rebuilt: the child adds rules for inodes of its new /proc, which
+    would pile up on the shared one) and the rules the child adds. No ruleset: nothing to add to."""
+    if cfg.landlock_fd < 0:
+        return
+    import types
+    from . import landlock
+    from .plan import Plan
+    info = Plan._build_landlock(types.SimpleNamespace(best_effort=True, missing=[]), policy)
+    if info is None or info.fd < 0 or not info.handled_fs:
+        return  # the plan's ruleset stays: the new /proc is then refused (fail closed)
+    keep.append(info)  # closed when the spawn is done with cfg (the child has its copy)
+    merged: dict[str, int] = {}
+    for name, writable, is_dir in rules:
+        rights = landlock.write_rights(info.abi) if writable else landlock.READ_RIGHTS
+        merged[name] = merged.get(name, 0) | landlock.rights_for(rights & info.handled_fs, is_dir)
+    names = [ffi.new("char[]", os.fsencode(n)) for n in merged]
+    keep.extend(names)
+    arr = ffi.new("char *[]", names)
+    rights_arr = ffi.new("uint64_t[]", list(merged.values()))
+    keep.extend((arr, rights_arr))
+    cfg.landlock_fd = info.fd
+    cfg.ns_proc_paths, cfg.ns_proc_rights, cfg.n_ns_proc = arr, rights_arr, len(merged)
+
+
 def wanted(policy) -> bool:
     return policy.isolate_pids or policy.num_cpus is not None or policy.max_memory is not None
 
@@ -1055,6 +1119,7 @@ def install(builder) -> None:
         # sandbox. Opens stay notified for the sensitive files (and meminfo/cpuinfo when they are virtual).
         if policy.num_cpus is not None:
             builder.notify("sched_getaffinity", fs.h_sched_getaffinity)
+        _install_pidns(builder)
         return
     if policy.isolate_pids:
         builder.notify("getdents64", fs.h_getdents64)

@@ -703,6 +703,26 @@ static int pidns_id_maps(pid_t pid, unsigned uid, unsigned gid)
     return write_text(path, line);
 }
 
+/* Landlock rules are on inodes: the policy's rules on /proc (and below) named the caller's procfs. The same
+   names in the new /proc get the same rights, added to this run's own ruleset (procfs.py builds one per run:
+   on the plan's shared ruleset such rules would pile up). A name the new /proc lacks is skipped. */
+static int pidns_proc_rules(const struct sl_cfg *cfg)
+{
+    for (int i = 0; i < cfg->n_ns_proc; i++) {
+        int fd = open(cfg->ns_proc_paths[i], O_PATH | O_CLOEXEC);
+        if (fd < 0) {
+            if (errno == ENOENT) continue;
+            fail(cfg, SL_STEP_NS_LANDLOCK, errno); return -1;
+        }
+        struct __attribute__((packed)) { uint64_t allowed_access; int32_t parent_fd; } a = { cfg->ns_proc_rights[i], fd };
+        long r = syscall(SYS_landlock_add_rule, cfg->landlock_fd, 1 /* LANDLOCK_RULE_PATH_BENEATH */, &a, 0);
+        int err = errno;
+        close(fd);
+        if (r < 0) { fail(cfg, SL_STEP_NS_LANDLOCK, err); return -1; }
+    }
+    return 0;
+}
+
 static int pidns_sync_fd = -1;  /* R: the read end of "the reaper wrote your id maps" */
 
 /* In R: wait for the id maps, make mounts private, mount the new /proc. The caller's /proc stays reachable
@@ -720,6 +740,7 @@ static int pidns_setup(const struct sl_cfg *cfg)
     if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) {
         fail(cfg, SL_STEP_NS_PROC, errno); return -1;
     }
+    if (pidns_proc_rules(cfg) < 0) return -1;
     /* Gaining capabilities in the new user namespace made us non-dumpable: the supervisor needs pidfd_getfd
        and /proc/<pid>/mem on the program, as on any sandbox. */
     if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NS_DUMPABLE, errno); return -1; }
