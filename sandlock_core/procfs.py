@@ -337,6 +337,10 @@ class ProcFs:
             if fd == -errno.EXDEV:
                 fd = self._openat2(base, path, self._hows[nofollow, False, absolute])
                 if fd == -errno.ENOENT:
+                    if self.pidns and b"self" in path:
+                        # the sandbox's /proc/self names nothing for us (we are outside its pid namespace):
+                        # only the exact walk can tell
+                        return None
                     return MISSING  # exact unless the walk went through /proc/self: the caller resolves
             if fd < 0:
                 return None

@@ -323,9 +323,10 @@ class Sandbox:
             self._end(child)
         return self._conclude(child, sup, out, err, timed_out, setup_error, start)
 
-    def _prepare(self):
+    def _prepare(self, plan=None):
         """The run's supervisor, made before the fork (``Plan.prepare_supervisor``), or None if none serves."""
-        return self._plan.prepare_supervisor() if self._plan.want_listener else None
+        plan = plan or self._plan
+        return plan.prepare_supervisor() if plan.want_listener else None
 
     def _launch(self, child, prepared=None):
         """Take the listener, start the supervisor (``prepared`` before the fork, or made now), release the
@@ -392,9 +393,11 @@ class Sandbox:
         return res
 
     def _fork_plan(self):
-        """The plan for a confined Python function (run_function, fork()'s template): the function goes on in
-        the forked child itself, so no init can stand above it as pid 1 of a pid namespace; isolate_pids is
-        then the supervised one (made on first use)."""
+        """The plan with the supervised isolate_pids (made on first use) when ``_plan`` uses a pid namespace.
+        For a confined Python function (run_function, fork()'s template): the function goes on in the forked
+        child itself, so no init can stand above it as pid 1. For a run in the caller's process group
+        (run_foreground on a terminal): the kernel's kill(0), setpriority/ioprio_set(PGRP, 0) act on the
+        caller's group, host processes included, which only the supervised mode filters."""
         if not self._plan.pidns:
             return self._plan
         if self._fplan is None:
@@ -452,9 +455,10 @@ class Sandbox:
             stdio = (in_fd, out_w, err_w)
         else:
             stdio = (in_fd, 1, 2)
-        prepared = self._prepare()
+        plan = self._plan if new_pgrp else self._fork_plan()
+        prepared = self._prepare(plan)
         try:
-            child = _spawn.spawn(self._plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
+            child = _spawn.spawn(plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
         except BaseException:
             if prepared is not None:
                 prepared.close()
