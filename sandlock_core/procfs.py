@@ -9,7 +9,38 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
 * ``num_cpus``: ``/proc/cpuinfo`` lists N processors, ``/sys/devices/system/cpu/{online,possible,present}`` say
   ``0-(N-1)`` (glibc's ``get_nprocs``, hence ``os.cpu_count()``), ``sched_getaffinity`` answers a mask of N CPUs
   (``nproc``, ``os.sched_getaffinity``). The real affinity is unchanged (``cpu_cores`` sets that).
-* ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a duplicate of
+* ``isolate_pids`` has two implementations, chosen when the plan is compiled (``plan.pid_namespace_mode``):
+
+  - **A pid namespace** wherever the kernel allows an unprivileged user + pid namespace with its own /proc
+    (probed once per process, native.c ``sl_pidns_probe``). The reaper clones the sandbox's first process into
+    a new user + mount + pid namespace; it is a small C init (pid 1: reaps, forwards SIGTERM/SIGUSR1/SIGUSR2/
+    SIGALRM, and SIGINT/SIGQUIT/SIGHUP/SIGWINCH when the sandbox has its own process group, hands the
+    program's raw wait status to the reaper, so ``Result.signal`` stays exact) with a fresh /proc mounted
+    ``nosuid,nodev,noexec`` over a private mount tree, and the program is pid 2. The kernel then hides every
+    other process from listings, ``/proc/<pid>``, kill, pidfd_open, setpgid, ``F_SETOWN``... and nothing is
+    notified for it: no stat, access, readlink, listing or pid-taking syscall (opens stay notified for the
+    sensitive files below). When the program exits the init exits and the kernel kills what is left in the
+    namespace (as the reaper did before); killing the init (timeout, ``kill()``, the caller's death) kills
+    the whole namespace, detached processes included. The init is a copy of the caller that runs no program
+    code and holds no fd; its command line is blanked and it is named ``sandlock-init``; it has no Landlock
+    domain, so the program cannot ptrace it or read its ptrace-guarded /proc files, and pid 1 ignores
+    signals from its own namespace. The caller's uid/gid are mapped to themselves (as root: every id to
+    itself); for an unprivileged caller every other id shows as the overflow id 65534 (root-owned files
+    read as owned by 65534). ``unshare``, ``setns``, ``chroot`` and the mount syscalls stay refused
+    (``namespaces.MOUNT_SYSCALLS``); the policy's Landlock rules on /proc (which name the caller's procfs
+    inodes) are added again on the new /proc, in a per-run ruleset. Names the supervisor resolves for the
+    child are walked in its root (``/proc/<pid>/root``: its /proc, never ours) with ``/proc/self`` its pid
+    in the namespace; the metadata guard opens absolute names the same way.
+  - **Supervised** (below) everywhere else: where the kernel refuses those namespaces; under ``confine()``;
+    for a confined Python function (``run_function``, the pytest plugin, ``fork()``: it goes on in the forked
+    child, no init can stand above it); for a run in the caller's process group (``run_foreground`` on a
+    terminal: the kernel's ``kill(0)`` and ``setpriority``/``ioprio_set(PGRP, 0)`` would reach host processes
+    of that group); and with mechanisms that open, resolve or connect names on the child's behalf in the
+    supervisor's view (``fs_denied``, the COW workdir, ``max_disk``, ``net_allow_hosts``/``port_remap``,
+    ``policy_fn``) or that make their own namespaces (``chroot``, ``privileged``, ``fs_isolation=overlayfs``).
+    Tests force it with ``SANDLOCK_PIDS_SUPERVISED=1`` (or ``plan.FORCE_SUPERVISED_PIDS``).
+
+  Supervised ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a duplicate of
   the child's fd, which shares its offset) show only the sandbox's processes; ``/proc/<pid>/...`` of any other
   process, opened, read as a link, stat'ed or tested with access, fails with ``ENOENT`` as if it did not exist;
   the sandbox's own ``/proc/<pid>`` entries are opened, read (readlink) and stat'ed on behalf and checked again on
@@ -35,7 +66,7 @@ Residual risk: a name that resolves *outside* /proc and /sys when checked is con
 it again: a symlink swapped in between can still reach a foreign ``/proc/<pid>`` entry (Landlock still refuses the
 ptrace-guarded ones) or a sensitive file. Existence probes other than the ones above (``chdir``, ``statfs``,
 xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
-Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
+Cost: under the supervised ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
 whose walk stays on the root file system, and fstat through an empty path, are answered in C without a trip
 through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too), and so are listings of
 directories other than /proc's root. The sandbox's

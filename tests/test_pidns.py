@@ -60,7 +60,10 @@ print(os.getpid(), os.getppid(), os.getpgid(0) == os.getpid())
 print(open("/proc/1/comm").read().strip(), os.stat("/proc/1/status").st_size == 0)
 print(sorted(int(x) for x in os.listdir("/proc") if x.isdigit()))
 for what, fn in (("kill", lambda: os.kill(host, 0)), ("stat", lambda: os.stat(f"/proc/{{host}}/status")),
-                 ("pidfd", lambda: os.close(os.pidfd_open(host))), ("kill1", lambda: os.kill(1, signal_zero))):
+                 ("pidfd", lambda: os.close(os.pidfd_open(host))), ("kill1", lambda: os.kill(1, signal_zero)),
+                 # the init holds a copy of the caller's memory: out of reach (Landlock, non-dumpable)
+                 ("mem1", lambda: open("/proc/1/mem", "rb").read(1)), ("environ1", lambda: open("/proc/1/environ").read()),
+                 ("kill1term", lambda: os.kill(1, 9))):
     try:
         fn()
         print(what, "ok")
@@ -73,7 +76,8 @@ def test_pid_1_is_the_sandboxs_init_and_the_host_is_out_of_reach():
     r = run(Policy(isolate_pids=True), IDENTITY, os.getpid())
     assert r.stdout.decode().splitlines() == [
         "2 1 True", "sandlock-init True", "[1, 2]", f"kill {errno.ESRCH}", f"stat {errno.ENOENT}",
-        f"pidfd {errno.ESRCH}", "kill1 ok"], r.stderr
+        f"pidfd {errno.ESRCH}", "kill1 ok", f"mem1 {errno.EACCES}", f"environ1 {errno.EACCES}", "kill1term ok"], \
+        r.stderr
 
 
 def test_exit_codes_and_signals_are_exact():
@@ -267,4 +271,5 @@ print(r.stdout.decode().strip(), r.signal)
         pytest.skip("uid 65534 gets no user + pid namespace here")
     # unmapped ids (root's) show as the overflow id 65534 to an unprivileged sandbox
     assert lines == ["pidns True", "2 1 True", "sandlock-init True", "[1, 2]", f"kill {errno.ESRCH}",
-                     f"stat {errno.ENOENT}", f"pidfd {errno.ESRCH}", "kill1 ok", "65534 11"], (lines, p.stderr)
+                     f"stat {errno.ENOENT}", f"pidfd {errno.ESRCH}", "kill1 ok", f"mem1 {errno.EACCES}",
+                     f"environ1 {errno.EACCES}", "kill1term ok", "65534 11"], (lines, p.stderr)

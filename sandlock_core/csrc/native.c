@@ -804,6 +804,9 @@ static void pidns_init_loop(const struct sl_cfg *cfg, pid_t prog)
     int keep[1] = { pidns_status_fd };
     close_fds_except_from(0, keep, 1);
     pidns_blank_cmdline();
+    /* Non-dumpable again (PR_SET_DUMPABLE was for the program, now exec'd): R holds a copy of the caller's
+       memory, so /proc/1/mem and ptrace need capabilities over it, on top of Landlock's domain check. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     pidns_prog = prog;
     struct sigaction fw, ign;
     memset(&fw, 0, sizeof(fw));
