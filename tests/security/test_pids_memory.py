@@ -352,7 +352,8 @@ def test_procfs_resolves_names_in_the_childs_root(as_nobody):
     assert out["overlay_procfs"][0] == "hi\nhi\nMemTotal:\nhidden\nhidden\n", out["overlay_procfs"]
 
 
-def test_a_shared_mapping_of_dev_zero_is_charged_and_other_shared_files_are_not():
+@pytest.mark.parametrize("pids", [False, True], ids=["plain", "isolate_pids"])  # a pid namespace where allowed
+def test_a_shared_mapping_of_dev_zero_is_charged_and_other_shared_files_are_not(pids):
     code = LIBC + """
 fd = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT, 0o600)
 if sys.argv[2] != "/dev/zero":
@@ -361,7 +362,7 @@ p = libc.mmap(None, n, int(sys.argv[3]), mmap.MAP_SHARED | 0x8000, fd, 0)  # MAP
 print("mapped" if p not in (None, 2**64 - 1) else ctypes.get_errno())
 """
     f = tempfile.mktemp(dir=tempfile.mkdtemp())
-    sb = Sandbox(Policy(max_memory="64M"))
+    sb = Sandbox(Policy(max_memory="64M", isolate_pids=pids))
     for prot in ("1", "3"):  # PROT_READ, PROT_READ|PROT_WRITE
         zero = sb.run([*PY, code, "256", "/dev/zero", prot], timeout=60)
         assert zero.stdout == f"{errno.ENOMEM}\n".encode(), (zero.stdout, zero.stderr)
