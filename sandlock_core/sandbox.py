@@ -366,7 +366,9 @@ class Sandbox:
             child.kill()
             while not child.read_report():
                 pass
-        if child.reaper:
+        if getattr(child, "cpu_ms", None) is not None:
+            child.cpu_time = child.cpu_ms / 1000  # reported: the init reaped the sandbox, not the reaper
+        elif child.reaper:
             child.cpu_time = _cpu_time(child.reaper)  # final once the reaper reported, gone once reaped
         child.reap()
         if child in self._running:

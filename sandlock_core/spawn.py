@@ -94,6 +94,7 @@ class Spawned:
         self.killed_by: int | None = None   # signal the reaper got asked to kill with
         self.exec_error: ChildSetupError | None = None
         self.plan = None                    # the Plan it was started with (set by spawn/fork_confined)
+        self.cpu_ms: int | None = None      # reported by the reaper under a pid namespace
 
     # ---- hand-off ----
     def take_listener(self, use_pidfd: bool) -> None:
@@ -161,6 +162,8 @@ class Spawned:
             kind, val = data[off:off + 1], _i32(data, off + 4)
             if kind == b"P":
                 self.root_pid = self.root_pid or val
+            elif kind == b"C":  # the CPU time of the sandbox, in ms (pid namespace: its init reaped it all)
+                self.cpu_ms = val
             elif kind == b"X":
                 self.status = val
                 done = True

@@ -273,3 +273,12 @@ print(r.stdout.decode().strip(), r.signal)
     assert lines == ["pidns True", "2 1 True", "sandlock-init True", "[1, 2]", f"kill {errno.ESRCH}",
                      f"stat {errno.ENOENT}", f"pidfd {errno.ESRCH}", "kill1 ok", f"mem1 {errno.EACCES}",
                      f"environ1 {errno.EACCES}", "kill1term ok", "65534 11"], (lines, p.stderr)
+
+
+def test_cpu_time_counts_every_process_of_the_namespace():
+    """The init reaps the sandbox (not the reaper) and reports its children's CPU time with the status."""
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    code = f"import os\nif os.fork() == 0:\n    exec({burn!r})\n    os._exit(0)\nexec({burn!r})\nos.wait()\n"
+    r = run(Policy(isolate_pids=True), code)
+    assert r.success, r.stderr
+    assert 0.5 <= r.cpu_time < 5, r.cpu_time

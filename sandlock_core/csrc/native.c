@@ -764,6 +764,29 @@ static int pidns_program(void *p)
     _exit(127);
 }
 
+/* What R hands the reaper: the program's raw wait status and the CPU time of everything R reaped. */
+struct pidns_end_msg { int32_t status; int32_t cpu_ms; };
+
+/* The program ended: kill and reap the rest of the namespace here (the kernel would at R's exit, but tearing
+   the namespaces down takes a while), then hand over. The reaper reports the end at once; R's own exit, with
+   the teardown, is off the caller's path. */
+static void pidns_end(int st)
+{
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    kill(-1, SIGKILL);  /* from pid 1: every other process of the namespace */
+    int s2;
+    while (waitpid(-1, &s2, __WALL) > 0 || errno == EINTR) {}
+    struct rusage ru;
+    long ms = 0;
+    if (getrusage(RUSAGE_CHILDREN, &ru) == 0)
+        ms = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000L + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+    struct pidns_end_msg m = { st, ms > 0x7fffffffL ? 0x7fffffff : (int32_t)ms };
+    write_all(pidns_status_fd, (const char *)&m, sizeof(m));
+    _exit(0);
+}
+
 static void pidns_forward(int sig)
 {
     int saved = errno;
@@ -829,10 +852,7 @@ static void pidns_init_loop(const struct sl_cfg *cfg, pid_t prog)
     for (;;) {
         int st;
         pid_t w = waitpid(-1, &st, __WALL);
-        if (w == prog) {
-            write_all(pidns_status_fd, (const char *)&st, sizeof(st));
-            _exit(0);  /* the kernel kills the rest of the namespace */
-        }
+        if (w == prog) pidns_end(st);
         if (w < 0 && errno == ECHILD) _exit(0);
     }
 }
@@ -878,12 +898,29 @@ static pid_t pidns_start(const struct sl_cfg *cfg, char *stack_top, struct exec_
     return root;
 }
 
-/* The program's wait status written by R, or R's own (killed before P ended: SIGKILL). */
-static int pidns_status(int st)
+/* The reaper under a pid namespace: the end comes from R's status pipe (R killed and reaped the namespace
+   before writing), so it is reported without waiting for R's exit; EOF means R died first (killed: its
+   namespace dies with it), and R's own status is reported once it is reaped. */
+static void pidns_reaper_wait(pid_t root)
 {
-    int v;
-    if (pidns_status_fd >= 0 && read(pidns_status_fd, &v, sizeof(v)) == (ssize_t)sizeof(v)) return v;
-    return st;
+    struct pidns_end_msg m;
+    ssize_t n;
+    do { n = read(pidns_status_fd, &m, sizeof(m)); } while (n < 0 && errno == EINTR);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    if (n == (ssize_t)sizeof(m)) {
+        report('C', m.cpu_ms);
+        report('X', m.status);
+        while (waitpid(root, NULL, __WALL) < 0 && errno == EINTR) {}
+        kill_all_children();
+        _exit(0);
+    }
+    int st = 0x7f00;
+    while (waitpid(root, &st, __WALL) < 0 && errno == EINTR) {}
+    report('X', st);
+    kill_all_children();
+    _exit(0);
 }
 
 static void reaper_setup(const struct sl_cfg *cfg, pid_t caller)
@@ -914,6 +951,7 @@ static void reaper_loop(pid_t root, const int *keep, int nkeep)
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     report('P', root);
+    if (pidns_status_fd >= 0) pidns_reaper_wait(root);
     for (;;) {
         int st;
         pid_t w = waitpid(-1, &st, __WALL);
@@ -922,7 +960,7 @@ static void reaper_loop(pid_t root, const int *keep, int nkeep)
             sigfillset(&all);
             sigprocmask(SIG_SETMASK, &all, NULL);
             kill_all_children();
-            report('X', pidns_status(st));
+            report('X', st);
             _exit(0);
         }
         if (w < 0 && errno == ECHILD) { report('X', 0x7f00); _exit(0); }
