@@ -634,12 +634,13 @@ static int exec_child(void *p)
 /* ---- pid namespace (isolate_pids where the kernel allows it; procfs.py, plan.py) ----
  *
  * The reaper clones the sandbox's first process R with CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID (a plain copy,
- * not CLONE_VFORK: R never execs). R is pid 1 there: it maps the caller's ids, makes the mount tree private,
- * mounts a /proc of the new pid namespace over /proc (nosuid,nodev,noexec), then starts the program P as pid 2
- * (CLONE_VM|CLONE_VFORK, so R waits for its exec) and stays a tiny init: it reaps every process of the
- * namespace, forwards the signals sent to it to P, and when P ends writes P's raw wait status to the reaper
- * (status pipe) and exits. The kernel then SIGKILLs whatever is left in the namespace (the reaper did the
- * same without it), and killing R kills the whole namespace (timeout, kill(), the caller's death).
+ * not CLONE_VFORK: R never execs) and writes its id maps from outside. R is pid 1 there: it makes the mount
+ * tree private, mounts a /proc of the new pid namespace over /proc (nosuid,nodev,noexec), then starts the
+ * program P as pid 2 (CLONE_VM|CLONE_VFORK, so R waits for its exec) and stays a tiny init: it reaps every
+ * process of the namespace and forwards the signals sent to it to P. When P ends, R SIGKILLs and reaps what is
+ * left in the namespace (the reaper did the same without one), writes P's raw wait status and the CPU time of
+ * what it reaped to the reaper (status pipe), and exits. Killing R kills the whole namespace (timeout, kill(),
+ * the caller's death).
  * P, not R, runs the program: pid 1 ignores default-action signals from its own namespace, P keeps normal
  * signal semantics. R runs no program code, holds no fd, and has no Landlock domain: the program cannot
  * ptrace it or read its /proc entries (Landlock), nor kill it (pid 1 of its namespace).
@@ -661,8 +662,6 @@ static int read_pid_link(int dirfd, const char *name)
     return v > 1 ? v : -1;
 }
 
-/* Unprivileged: the caller's own uid/gid (the kernel allows nothing more; other ids show as the overflow id
-   65534). As root: the identity map of every id, so nothing the program sees changes (and setgroups works). */
 static int write_text(const char *path, const char *text)
 {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
@@ -777,7 +776,8 @@ static void pidns_end(int st)
     sigprocmask(SIG_SETMASK, &all, NULL);
     kill(-1, SIGKILL);  /* from pid 1: every other process of the namespace */
     int s2;
-    while (waitpid(-1, &s2, __WALL) > 0 || errno == EINTR) {}
+    /* again after each reap: cheap insurance against a process made while the first kill went round */
+    while (waitpid(-1, &s2, __WALL) > 0 || errno == EINTR) kill(-1, SIGKILL);
     struct rusage ru;
     long ms = 0;
     if (getrusage(RUSAGE_CHILDREN, &ru) == 0)
@@ -821,7 +821,7 @@ static void pidns_blank_cmdline(void)
     if (start && end > start && end - start < (1UL << 20)) memset((void *)start, 0, end - start);
 }
 
-/* R after P's exec: hold nothing, forward signals, reap everything, hand P's wait status to the reaper. */
+/* R after P's exec: hold nothing, forward signals, reap everything, then pidns_end. */
 static void pidns_init_loop(const struct sl_cfg *cfg, pid_t prog)
 {
     int keep[1] = { pidns_status_fd };
