@@ -282,3 +282,24 @@ def test_cpu_time_counts_every_process_of_the_namespace():
     r = run(Policy(isolate_pids=True), code)
     assert r.success, r.stderr
     assert 0.5 <= r.cpu_time < 5, r.cpu_time
+
+
+def test_the_metadata_guard_resolves_names_in_the_sandboxs_view(tmp_path):
+    """chmod & co. are done on behalf under fs_writable: absolute names are walked from the child's root, so
+    /proc/<n> there is the sandbox's process n, never the supervisor's or a host process's."""
+    (tmp_path / "f").write_text("")
+    code = f"""
+import os
+os.chmod({str(tmp_path / "f")!r}, 0o600)
+print(oct(os.stat({str(tmp_path / "f")!r}).st_mode & 0o777))
+for p in ("/etc/hostname", "/proc/1/status", "/proc/self/status"):
+    try:
+        os.chmod(p, 0o600)
+        print(p, "changed")
+    except OSError as e:
+        print(p, e.errno in (1, 2, 13, 30))
+"""
+    r = run(Policy(isolate_pids=True, fs_readable=["/usr", "/lib", "/lib64", "/etc", "/proc"],
+                   fs_writable=[str(tmp_path)]), code)
+    assert r.stdout.decode().splitlines() == ["0o600", "/etc/hostname True", "/proc/1/status True",
+                                              "/proc/self/status True"], r.stderr
