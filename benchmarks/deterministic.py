@@ -1,15 +1,19 @@
-"""Cost of the deterministic mechanisms: clock reads (patched vDSO) and seeded randomness (supervisor).
+"""Cost of the deterministic mechanisms: clock reads (patched vDSO) and seeded randomness (preload, supervisor).
 
     .venv/bin/python benchmarks/deterministic.py [--clock N] [--urandom N] [--rounds R]
 
 Python loops run in a child Python (``/usr/bin/python3 -I -S``) that times itself, bare and inside the
-sandbox (``time_start`` for the clock, ``random_seed`` for ``os.urandom(16)``); the reference is one
-supervisor round trip: ``os.getppid`` notified and answered CONTINUE by a Python handler, the same loop. The
-C rows time raw ``getrandom(buf, 16, 0)`` against raw ``getppid`` notified and answered CONTINUE (as
-``benchmarks/notif.py`` does), without the Python loop around them. Runs are interleaved (bare, sandbox,
-round trip, ...) R times; the table gives medians, per call in microseconds, and the load average.
+sandbox (``time_start`` for the clock, ``random_seed`` for ``os.urandom(16)``: libc's getrandom, served in
+the process by the preloaded ``_seedrand.so``; and the same loop started through ``env -u LD_PRELOAD``, where
+every call is a supervisor round trip); the reference is one supervisor round trip: ``os.getppid`` notified
+and answered CONTINUE by a Python handler, the same loop. The C rows time libc ``getrandom(buf, 16, 0)``
+(preloaded) and the raw ``syscall(SYS_getrandom, buf, 16, 0)`` (supervisor, answered in C) against raw
+``getppid`` notified and answered CONTINUE (as ``benchmarks/notif.py`` does), without the Python loop around
+them. Runs are interleaved (bare, sandbox, round trip, ...) R times; the table gives medians, per call in
+microseconds, and the load average.
 Targets: clock reads under 5x bare (no supervisor round trip); ``os.urandom(16)`` no dearer than one
-supervisor round trip.
+supervisor round trip (met by the preload: a fraction of a microsecond, cheaper than bare, whose getrandom is
+a real syscall here; glibc 2.36 has no vDSO getrandom).
 """
 from __future__ import annotations
 
@@ -45,12 +49,17 @@ C_LOOP = r"""
 #include <stdlib.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/random.h>
 #include <sys/syscall.h>
 int main(int argc, char **argv) {
-    long n = atol(argv[2]); int rnd = argv[1][0] == 'r';
+    long n = atol(argv[2]); char mode = argv[1][0];
     char buf[16]; struct timespec a, b;
     clock_gettime(CLOCK_MONOTONIC, &a);
-    for (long i = 0; i < n; i++) { if (rnd) syscall(SYS_getrandom, buf, 16, 0); else syscall(SYS_getppid); }
+    for (long i = 0; i < n; i++) {
+        if (mode == 'r') syscall(SYS_getrandom, buf, 16, 0);
+        else if (mode == 'l') getrandom(buf, 16, 0);
+        else syscall(SYS_getppid);
+    }
     clock_gettime(CLOCK_MONOTONIC, &b);
     printf("%.4f\n", ((b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec)) / n / 1000.0);
     return 0;
@@ -110,6 +119,7 @@ def main() -> None:
     rnd = interleaved(a.rounds, {
         "bare": (py("urandom", a.urandom), None),
         "random_seed": (py("urandom", a.urandom), seeded),
+        "no preload": (["/usr/bin/env", "-u", "LD_PRELOAD"] + py("urandom", a.urandom), seeded),
         "round trip": (py("getppid", a.urandom), rt_box),
     })
     built = c_loop()
@@ -118,6 +128,7 @@ def main() -> None:
         c_ro = Policy(fs_readable=RO + [d], random_seed=42)
         crnd = interleaved(a.rounds, {
             "getrandom": ([exe, "r", str(a.urandom)], Sandbox(c_ro)),
+            "libc": ([exe, "l", str(a.urandom)], Sandbox(c_ro)),
             "round trip": ([exe, "p", str(a.urandom)],
                            Sandbox(Policy(fs_readable=RO + [d]), handlers={"getppid": lambda sup, n: CONTINUE})),
         })
@@ -130,12 +141,17 @@ def main() -> None:
               f"{clock[pol] / clock['bare']:.2f}x |")
     print(f"| os.urandom(16) x{a.urandom:,} | random_seed | {rnd['bare']:.3f} | {rnd['random_seed']:.3f} | "
           f"{rnd['random_seed'] / rnd['bare']:.2f}x |")
+    print(f"| os.urandom(16) x{a.urandom:,} | random_seed, without the preload | {rnd['bare']:.3f} | "
+          f"{rnd['no preload']:.3f} | {rnd['no preload'] / rnd['bare']:.2f}x |")
     print(f"\none supervisor round trip (os.getppid notified, CONTINUE): {rnd['round trip']:.2f} µs; "
           f"os.urandom(16) in the sandbox: {rnd['random_seed']:.2f} µs = {rnd['random_seed'] / rnd['round trip']:.2f} "
-          f"round trips")
+          f"round trips (without the preload: {rnd['no preload']:.2f} µs = "
+          f"{rnd['no preload'] / rnd['round trip']:.2f})")
     if built is not None:
-        print(f"C loop: getrandom(16) {crnd['getrandom']:.2f} µs, getppid notified (CONTINUE) "
-              f"{crnd['round trip']:.2f} µs = {crnd['getrandom'] / crnd['round trip']:.2f} round trips")
+        print(f"C loop: libc getrandom(16) {crnd['libc']:.2f} µs (preload) = "
+              f"{crnd['libc'] / crnd['round trip']:.2f} round trips; raw syscall getrandom(16) "
+              f"{crnd['getrandom']:.2f} µs (supervisor) = {crnd['getrandom'] / crnd['round trip']:.2f} round trips; "
+              f"getppid notified (CONTINUE) {crnd['round trip']:.2f} µs")
 
 
 if __name__ == "__main__":

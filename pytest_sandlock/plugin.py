@@ -490,6 +490,13 @@ def _resolve(item, s: P.Session, request=None) -> ItemState:
         if len(cache) >= _MAX_CACHED_POLICIES:
             cache.pop(next(iter(cache)))
         hit = cache[key] = (policy, _child_environ(policy))
+    if hit[1] is None and hit[0].random_seed is not None:  # the seeded getrandom library (seedrand.py)
+        from sandlock_core import seedrand
+        lib = seedrand.library(hit[0])
+        if lib:
+            preload = {b"LD_PRELOAD": os.environb.get(b"LD_PRELOAD", b"")}
+            seedrand.add_to(preload, lib)
+            env["LD_PRELOAD"] = os.fsdecode(preload[b"LD_PRELOAD"])
     state = ItemState(policy=hit[0], seed=seed, env=env, clean_env=hit[1], policy_key=key)
     item.stash[_STATE_KEY] = state
     return state

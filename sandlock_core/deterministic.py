@@ -56,9 +56,32 @@ Randomness (``random_seed``)
     slot runs short; Python always takes the slot's bytes first, so the bytes are the same either way.
     Errors are the kernel's: EINVAL for unknown flags or ``GRND_RANDOM|GRND_INSECURE``, EFAULT for an
     unwritable buffer, a short count when the buffer ends early (the bytes asked for are used up). The vDSO
-    ``getrandom`` (glibc 2.41+) is made to report ENOSYS so libc uses the syscall. ``/dev/urandom`` opens
-    get a pipe fed from the stream by one feeder thread (endless, unlike a file; ``fstat`` shows a FIFO).
-    ``/proc/sys/kernel/random/uuid`` gives a UUID4 from the stream.
+    ``getrandom`` (glibc 2.41+) is made to report ENOSYS so libc uses the syscall.
+
+    *libc's getrandom* (the fast path; ``seedrand.py``, ``csrc/seedrand.c``): dynamically linked programs get
+    ``_seedrand.so`` preloaded (``LD_PRELOAD``, after any the environment names; also with ``clean_env`` and
+    ``env``), whose ``getrandom``/``getentropy`` make the bytes in the process. Per thread: its first call
+    draws a 32-byte key K with the raw ``getrandom(2)``, i.e. the next 32 bytes of its process's
+    ``getrandom`` stream above; the thread's bytes are then blocks 0, 1, 2, ... of ChaCha20 (the RFC 8439
+    block function) under K, block i with counter ``i mod 2**32`` and nonce ``(i >> 32, 0, 0)`` as
+    little-endian 32-bit words, handed out in order across calls (a call takes the next ``count`` bytes;
+    what is left of a block stays for the next call). A forked child (detected without a syscall through a
+    ``MADV_WIPEONFORK`` page, else ``getpid()``) draws new keys from its own stream, so parent and child
+    never share bytes. Every flag combination gives the same bytes; bad flags are EINVAL, ``getentropy``
+    over 256 bytes EIO; a NULL buffer goes to the raw syscall (EFAULT); any other unwritable buffer faults
+    (SIGSEGV) as with the vDSO getrandom. Anything that keeps the library from working (no key, a signal
+    handler calling getrandom inside getrandom) sends the call to the raw syscall: never to other bytes.
+    Raw ``getrandom(2)`` (``syscall(SYS_getrandom)``, Python's ``os.getrandom``, glibc's own internal
+    callers such as malloc's tcache key and ``arc4random``), static programs (Go) and programs started
+    without the variable (``env -i``) take the supervisor path and read the process stream directly; their
+    draws and the threads' keys interleave in call order. Not preloaded under ``chroot``, ``privileged`` and
+    ``fs_isolation="overlayfs"`` (the library's host path may not exist in the child's root: ld.so would
+    print an error) nor when ``fs_denied`` covers it; everything is then served by the supervisor. 32-bit
+    programs cannot run in a sandbox at all (the filter kills foreign-architecture syscalls). Under a
+    confined filesystem the Landlock ruleset gets a read (and execute) rule for that one file.
+
+    ``/dev/urandom`` opens get a pipe fed from the stream by one feeder thread (endless, unlike a file;
+    ``fstat`` shows a FIFO). ``/proc/sys/kernel/random/uuid`` gives a UUID4 from the stream.
 
 Listings (``deterministic_dirs``): ``getdents64`` and the legacy ``getdents`` (x86_64; its own record
     layout, ``d_type`` in the last byte) are answered on behalf with the whole directory sorted by

@@ -617,8 +617,9 @@ def build_profile(obs: Observations, *, collapse: int = DEFAULT_COLLAPSE, home: 
     # -- reads
     readable: set[str] = set()
     scanned: dict = {}
+    from .seedrand import LIBRARY  # random_seed's preload: the sandbox grants it itself (plan.py)
     for path in obs.reads | obs.lists:
-        if secret(path, "read"):
+        if secret(path, "read") or path == os.path.realpath(LIBRARY):
             continue
         if _beneath(path, covered_read) or _beneath(path, covered_write) or _beneath(path, writable_l):
             continue

@@ -53,6 +53,16 @@ def _mechanism(module: str):
     return sys.modules[name]
 
 
+def _preload(p: Policy) -> tuple[str, ...]:
+    """(the seeded getrandom library,) when the policy's programs preload it (seedrand.py), else ().
+    ``_build_landlock`` makes it readable: ld.so must be able to load it, or it prints an error."""
+    if p.random_seed is None:
+        return ()
+    from . import seedrand
+    lib = seedrand.library(p)
+    return (lib,) if lib else ()
+
+
 def _namespaces(p: Policy) -> bool:
     return p.chroot is not None or p.privileged or p.fs_isolation is FsIsolation.OVERLAYFS
 
@@ -315,7 +325,8 @@ class Plan:
             rs = landlock.Ruleset(landlock.MAKE_BLOCK, 0, 0)
             return rs.finish([])
         info = landlock.build_ruleset(
-            readable=tuple(policy.fs_readable) + ((policy.workdir,) if policy.workdir else ()),  # COW lower
+            readable=tuple(policy.fs_readable) + ((policy.workdir,) if policy.workdir else ())  # COW lower
+            + (_preload(policy) if policy.fs_readable or policy.fs_writable else ()),  # only when fs is confined
             writable=policy.fs_writable,
             bind_ports=policy.net_bind, connect_ports=policy.net_connect,
             isolate_ipc=policy.isolate_ipc, isolate_signals=policy.isolate_signals,
@@ -332,6 +343,10 @@ class Plan:
             env = dict(os.environb)
         for k, v in policy.env.items():
             env[os.fsencode(k)] = os.fsencode(v)
+        lib = _preload(policy)
+        if lib:
+            from . import seedrand
+            seedrand.add_to(env, lib[0])
         return env
 
     @staticmethod

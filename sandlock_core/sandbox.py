@@ -299,6 +299,9 @@ class Sandbox:
             if self.policy.clean_env or self.policy.env:
                 os.environ.clear()  # the policy's environment holds for the function too, not only for execs
                 os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in plan.environ().items()})
+            elif self.policy.random_seed is not None and b"LD_PRELOAD" in plan.environ():
+                # the seeded getrandom library (seedrand.py) reaches the function's subprocesses too
+                os.environ["LD_PRELOAD"] = os.fsdecode(plan.environ()[b"LD_PRELOAD"])
             try:
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
