@@ -303,3 +303,15 @@ for p in ("/etc/hostname", "/proc/1/status", "/proc/self/status"):
                    fs_writable=[str(tmp_path)]), code)
     assert r.stdout.decode().splitlines() == ["0o600", "/etc/hostname True", "/proc/1/status True",
                                               "/proc/self/status True"], r.stderr
+
+
+def test_where_the_kernel_refuses_the_namespaces_the_plan_falls_back_to_the_supervised_mode():
+    """Inside a sandbox (its filter refuses new namespaces) the probe says no, and isolate_pids is supervised."""
+    root = os.path.dirname(os.path.dirname(__import__("sandlock_core").__file__))
+    code = ("import sys; sys.path[:0] = [%r]\n"
+            "from sandlock_core._native import lib\n"
+            "from sandlock_core import Policy\n"
+            "from sandlock_core.plan import Plan\n"
+            "print(lib.sl_pidns_probe() != 0, Plan(Policy(isolate_pids=True)).pidns)\n") % root
+    r = Sandbox(Policy()).run([sys.executable, "-c", code])
+    assert r.stdout == b"True False\n", r.stderr

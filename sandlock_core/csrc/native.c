@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -1057,36 +1058,44 @@ static pid_t raw_fork(void)
 }
 
 /*
- * Can this process start a pid-namespace sandbox? In a throw-away child: a new user + mount + pid namespace,
- * the id maps, private mounts, and a /proc mounted by its pid 1 (the step that container profiles and masked
- * /proc mounts refuse). 0, or the errno of the first step that failed (positive), or -errno of the fork.
+ * Can this process start a pid-namespace sandbox? In a throw-away child made as the sandbox's init is (a new
+ * user + mount + pid namespace; it is pid 1 there): the id map, private mounts, and a /proc mounted for the
+ * namespace (the step that container profiles and masked /proc mounts refuse). The child shares our memory
+ * until it exits (CLONE_VM|CLONE_VFORK: no copy of this process's page tables) and runs raw calls only, with
+ * every signal blocked (our handlers must not run in it). 0, or the errno of the first step that failed.
  */
+struct pidns_probe { unsigned uid, gid; int result; };
+
+static int pidns_probe_child(void *p)
+{
+    struct pidns_probe *pr = p;
+    int r = pidns_id_maps(0, pr->uid, pr->gid);  /* from inside: the one-id map (root's full one is written
+                                                    from outside, which needs nothing this probe could miss) */
+    if (r == 0 && mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) r = -errno;
+    if (r == 0 && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) r = -errno;
+    pr->result = -r;
+    syscall(SYS_exit_group, 0);
+    return 0;
+}
+
 long sl_pidns_probe(void)
 {
-    pid_t pid = raw_fork();
-    if (pid < 0) return -errno;
-    if (pid == 0) {
-        unsigned uid = (unsigned)geteuid(), gid = (unsigned)getegid();
-        if (unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID) < 0) syscall(SYS_exit_group, errno & 0xff);
-        int r = pidns_id_maps(0, uid, gid);  /* from inside: the one-id map (root's full one is written from
-                                                outside, which needs nothing this probe could miss) */
-        if (r < 0) syscall(SYS_exit_group, -r & 0xff);
-        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) syscall(SYS_exit_group, errno & 0xff);
-        pid_t init = raw_fork();
-        if (init < 0) syscall(SYS_exit_group, errno & 0xff);
-        if (init == 0) {
-            int r = mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-            syscall(SYS_exit_group, r < 0 ? errno & 0xff : 0);
-        }
-        int st;
-        while (waitpid(init, &st, 0) < 0 && errno == EINTR) {}
-        syscall(SYS_exit_group, WIFEXITED(st) ? WEXITSTATUS(st) : EIO);
-    }
+    struct pidns_probe pr = { (unsigned)geteuid(), (unsigned)getegid(), EIO };
+    size_t size = 64 * 1024;
+    char *stack = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) return -errno;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = clone(pidns_probe_child, stack + size,
+                      CLONE_VM | CLONE_VFORK | CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | SIGCHLD, &pr);
+    int err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    munmap(stack, size);
+    if (pid < 0) return err;
     int st;
-    pid_t w;
-    do { w = waitpid(pid, &st, 0); } while (w < 0 && errno == EINTR);
-    if (w < 0) return -errno;
-    return WIFEXITED(st) ? WEXITSTATUS(st) : EIO;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+    return pr.result;
 }
 
 /* The end of a clone (after Python flushed its streams): exit_group without libc's atexit work. */
