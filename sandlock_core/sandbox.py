@@ -100,6 +100,7 @@ class Sandbox:
                                policy_fn_timeout=policy_fn_timeout)
         self._plan = Plan(self.policy, **self._plan_args)
         self._fplan = None            # the plan of confined functions when _plan uses a pid namespace
+        self._retired: list = []      # plans replaced by _pidns_fallback, closed with the sandbox
         self._running: list[_spawn.Spawned] = []
         self._procs: list = []        # Process handles from popen() still running
         self._template = None         # the COW fork template (forking.Template), started by fork()
@@ -123,6 +124,8 @@ class Sandbox:
         self._plan.close()
         if self._fplan is not None:
             self._fplan.close()
+        for plan in self._retired:
+            plan.close()
         _spawn.reap_pending(block=True)
 
     @property
@@ -393,9 +396,27 @@ class Sandbox:
 
     def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
         res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
+        if res.reason is ExitReason.SETUP_FAILED and self._pidns_fallback(res):
+            res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
         if res.reason is ExitReason.SETUP_FAILED and self._nested_fallback():
             res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
         return res
+
+    # the steps of the pid namespace's set-up (native.c): refused there, isolate_pids goes on supervised
+    _PIDNS_STEPS = ("namespaces: clone(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID)", "namespaces: write uid_map/gid_map",
+                    "namespaces: make mounts private", "namespaces: mount /proc of the new pid namespace")
+
+    def _pidns_fallback(self, res) -> bool:
+        """The kernel refused this run's pid namespace although the probe passed (a namespace count limit
+        reached meanwhile, a changed sysctl): from now on this sandbox uses the supervised isolate_pids, which
+        enforces the same isolation (nothing is weakened). The plan it replaces is closed with the sandbox
+        (another thread may still be running with it)."""
+        if not self._plan.pidns or not any(step in (res.error or "") for step in self._PIDNS_STEPS):
+            return False
+        self._retired.append(self._plan)
+        self._plan = self._fork_plan()
+        self._fplan = None
+        return True
 
     def _fork_plan(self):
         """The plan with the supervised isolate_pids (made on first use) when ``_plan`` uses a pid namespace.

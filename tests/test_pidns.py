@@ -315,3 +315,19 @@ def test_where_the_kernel_refuses_the_namespaces_the_plan_falls_back_to_the_supe
             "print(lib.sl_pidns_probe() != 0, Plan(Policy(isolate_pids=True)).pidns)\n") % root
     r = Sandbox(Policy()).run([sys.executable, "-c", code])
     assert r.stdout == b"True False\n", r.stderr
+
+
+def test_a_refused_namespace_at_run_time_falls_back_to_the_supervised_mode():
+    """The probe passed but the kernel refuses the run's namespaces (here: inside a sandbox whose filter
+    refuses them, the probe's answer forced): the run is made again with the supervised isolate_pids."""
+    root = os.path.dirname(os.path.dirname(__import__("sandlock_core").__file__))
+    code = ("import sys; sys.path[:0] = [%r]\n"
+            "from sandlock_core import plan, Policy, Sandbox\n"
+            "plan._pidns_ok[:] = [True]\n"
+            "sb = Sandbox(Policy(isolate_pids=True))\n"
+            "before = sb._plan.pidns\n"
+            "r = sb.run(['/bin/true'])\n"
+            "print(before, sb._plan.pidns, 'CLONE_NEWPID' in (r.error or ''))\n") % root
+    r = Sandbox(Policy()).run([sys.executable, "-c", code])
+    # the supervised retry then fails on its own (nested under another supervisor), not at the namespace
+    assert r.stdout == b"True False False\n", (r.stdout, r.stderr)
