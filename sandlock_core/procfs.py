@@ -30,7 +30,8 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
     (``namespaces.MOUNT_SYSCALLS``); the policy's Landlock rules on /proc (which name the caller's procfs
     inodes) are added again on the new /proc, in a per-run ruleset. Names the supervisor resolves for the
     child are walked in its root (``/proc/<pid>/root``: its /proc, never ours) with ``/proc/self`` its pid
-    in the namespace; the metadata guard opens absolute names the same way.
+    in the namespace; the metadata guard opens absolute names the same way. The session (and, on a terminal,
+    the group) leader is the caller, outside the namespace: ``getsid(0)`` answers 0 there.
   - **Supervised** (below) everywhere else: where the kernel refuses those namespaces; under ``confine()``;
     for a confined Python function (``run_function``, the pytest plugin, ``fork()``: it goes on in the forked
     child, no init can stand above it); for a run in the caller's process group (``run_foreground`` on a
