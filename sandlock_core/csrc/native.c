@@ -725,15 +725,11 @@ static int pidns_proc_rules(const struct sl_cfg *cfg)
 
 static int pidns_sync_fd = -1;  /* R: the read end of "the reaper wrote your id maps" */
 
-/* In R: wait for the id maps, make mounts private, mount the new /proc. The caller's /proc stays reachable
-   through pidns_old_proc only. */
+/* In R: make mounts private, mount the new /proc (while the reaper writes the id maps: the mounts need only
+   R's capabilities in its namespace), then wait for the maps. The caller's /proc stays reachable through
+   pidns_old_proc only. */
 static int pidns_setup(const struct sl_cfg *cfg)
 {
-    char go = 0;
-    ssize_t n;
-    do { n = read(pidns_sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
-    if (n != 1) _exit(127);  /* the reaper reported why */
-    close(pidns_sync_fd);
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) { fail(cfg, SL_STEP_NS_PRIVATE, errno); return -1; }
     pidns_old_proc = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (pidns_old_proc < 0) { fail(cfg, SL_STEP_NS_HOSTPID, errno); return -1; }
@@ -741,6 +737,11 @@ static int pidns_setup(const struct sl_cfg *cfg)
         fail(cfg, SL_STEP_NS_PROC, errno); return -1;
     }
     if (pidns_proc_rules(cfg) < 0) return -1;
+    char go = 0;
+    ssize_t n;
+    do { n = read(pidns_sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
+    if (n != 1) _exit(127);  /* the reaper reported why */
+    close(pidns_sync_fd);
     /* Gaining capabilities in the new user namespace made us non-dumpable: the supervisor needs pidfd_getfd
        and /proc/<pid>/mem on the program, as on any sandbox. */
     if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NS_DUMPABLE, errno); return -1; }
