@@ -24,6 +24,15 @@ MAX_REPORT = 64 << 20  # the child is untrusted: never read more than this from 
 IN_CHILD = False  # True inside the confined child (the timeout hooks and fixtures look at it)
 
 
+def no_fds() -> list[int]:
+    return []
+
+
+# The fds a fork-mode child closes first: a running worker's (worker mode) pipes and supervision fds, above all
+# its seccomp listener, which would let this test answer the worker's syscalls.
+CLOSE_IN_CHILD = no_fds
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -91,6 +100,16 @@ class _ChildCoverage:
             self.cov = cov
         except Exception as exc:  # never break the test over coverage
             sys.stderr.write(f"sandlock: coverage not measured in the confined test: {exc!r}\n")
+
+    def checkpoint(self) -> None:
+        """Save what was measured so far, still measuring (the worker mode, after each test: a worker that is
+        killed later loses no test's lines but the running one's)."""
+        if self.cov is None:
+            return
+        try:
+            self.cov.save()
+        except Exception as exc:
+            sys.stderr.write(f"sandlock: coverage data of the confined worker not saved: {exc!r}\n")
 
     def save(self) -> None:
         if self.cov is None:
@@ -184,6 +203,11 @@ def child_main(item, out_fd: int, env: dict[str, str], whole_env: dict[str, str]
     policy's clean_env/env); ``env`` adds to it (TMPDIR); ``channel`` asks the parent for COW changes."""
     global IN_CHILD, CHANNEL
     IN_CHILD = True
+    for fd in CLOSE_IN_CHILD():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     CHANNEL = ChangesChannel(*channel) if channel else None
     if whole_env is not None:
         os.environ.clear()

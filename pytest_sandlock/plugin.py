@@ -4,6 +4,16 @@ Thin on purpose: option parsing, markers, hooks and report formatting. All kerne
 :mod:`sandlock_core` (``Sandbox(policy, record_denials=True).run_function``). Policy resolution and its
 precedence are documented in :mod:`pytest_sandlock._policy`; the fork/report protocol in
 :mod:`pytest_sandlock._runner`; the denial mirror in :mod:`sandlock_core.denials`.
+
+Two modes. The default, fork mode: setup and teardown run in pytest (fixtures of the pytest process are
+visible, session fixtures set up once), and each confined test's call phase runs in a child forked from pytest
+(one fork per test: ~8 ms on its own). ``--sandlock-worker`` (ini ``sandlock_worker = true``) adds worker mode:
+the tests whose policy is exactly the session's (no marker, or one that changes nothing; no per-test fields
+such as ``workdir`` or ``random_seed``) run their whole protocol, fixtures included, in one long-lived confined
+worker forked after collection; ``{tmp_path}`` is pytest's basetemp there (writable: the tests of a worker can
+write each other's tmp dirs). Every other test falls back to fork mode in the same run. Denials stay per
+test (``Sandbox.take_denials()`` once the worker is idle after each test); a crash or timeout fails the
+running test with the real cause and the next test gets a new worker. Details: :mod:`pytest_sandlock._worker`.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import pytest
 from . import _policy as P
 from . import _report as R
 from . import _runner
+from . import _worker
 
 PLUGIN_NAME = "sandlock"
 
@@ -73,6 +84,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="do not record denials (saves one supervisor round trip per open/exec)")
     group.addoption("--sandlock-timeout", metavar="SECS", type=float, dest="sandlock_timeout", default=None,
                     help="kill a confined test (and everything it started) after SECS; ini sandlock_timeout")
+    group.addoption("--sandlock-worker", action="store_true", dest="sandlock_worker", default=None,
+                    help="run the tests whose policy is the session's (--sandlock-profile/ini, no marker) whole "
+                         "(fixtures too) in one long-lived confined worker instead of a fork per test: faster; "
+                         "tests in one worker share its process and basetemp. ini: sandlock_worker")
     group.addoption("--sandlock-learn", metavar="FILE", nargs="?", const="sandlock-learned.toml", default=None,
                     dest="sandlock_learn", help="run every test permissively, record what it does and write the "
                     "least-privilege profile to FILE (default sandlock-learned.toml)")
@@ -103,6 +118,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default=False)
     parser.addini("sandlock_best_effort", "apply what the kernel supports", type="bool", default=False)
     parser.addini("sandlock_timeout", "kill a confined test after this many seconds (0: never)", default="0")
+    parser.addini("sandlock_worker", "worker mode (like --sandlock-worker)", type="bool", default=False)
     parser.addini("sandlock_max_denials", "denials listed per failing test (default 20)", default="20")
 
 
@@ -205,6 +221,8 @@ def pytest_configure(config: pytest.Config) -> None:
             merge=config.getoption("sandlock_learn_merge"))
         config.pluginmanager.register(lrn, "sandlock-learn")
     config.stash[_STATS_KEY] = Stats()
+    _worker.configure(config, s, bool(_opt(config, "sandlock_worker", "sandlock_worker")),
+                      config.stash.get(_LEARN_KEY, None) is not None)
     if not config.pluginmanager.has_plugin("sandlock-late-setup"):
         config.pluginmanager.register(_LateSetup(), "sandlock-late-setup")
     if s.profile and not s.off:
@@ -277,6 +295,9 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         parts.append("all tests confined")
     parts.append(f"seed={s.seed} (replay: --sandlock-seed {s.seed})")
     lines = ["sandlock: " + "; ".join(parts)]
+    mode = _worker.header(config)
+    if mode:
+        lines.append("sandlock: " + mode)
     if s.best_effort:
         gaps = _kernel_gaps(abi)
         if s.profile or s.ini_fields:
@@ -334,6 +355,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if st.opted_out:
         lines.append(f"{len(st.opted_out)} test{'s' if len(st.opted_out) != 1 else ''} opted out and ran "
                      f"unconfined: " + ", ".join(st.opted_out[:10]) + (" ..." if len(st.opted_out) > 10 else ""))
+    mode = _worker.summary(config)
+    if mode:
+        lines.append(mode)
     if st.denied:
         lines.append("denials: " + ", ".join(f"{k} ({v})" for k, v in list(st.denied.items())[:10]))
     if st.missing:
@@ -574,6 +598,7 @@ def _cached_sandbox(item, s: P.Session, state: ItemState):
 
 
 def pytest_unconfigure(config) -> None:
+    _worker.kill_all(config)
     for sb in config.stash.get(_SANDBOXES_KEY, {}).values():
         try:
             sb.close()
@@ -612,7 +637,7 @@ def _mode(item) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     """Before fixtures: reject bad marker arguments early (no fixture runs for a test that cannot run)."""
-    if _mode(item) != P.CONFINED:
+    if _worker.IN_WORKER or _mode(item) != P.CONFINED:
         return
     s = _session(item.config)
     try:
@@ -627,7 +652,7 @@ class _LateSetup:
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_setup(self, item) -> None:
-        if _mode(item) != P.CONFINED:
+        if _worker.IN_WORKER or _mode(item) != P.CONFINED:  # the worker is confined already
             return
         s = _session(item.config)
         try:
@@ -654,13 +679,20 @@ def _timeout_for(item, s: P.Session) -> tuple[float | None, str]:
 
 def pytest_runtest_protocol(item, nextitem):
     mode = _mode(item)
+    own_next = nextitem
+    if _worker.enabled(item.config):
+        if mode == P.CONFINED and _worker.eligible(item) and _worker.protocol(item, nextitem):
+            return True
+        # this process's own next item: its teardown must not keep fixtures for a test the worker runs
+        own_next = _worker.following(item, nextitem, False)
+        _worker.tear_down_foreign(item)
     if mode == P.OPTED_OUT:
         st = item.config.stash[_STATS_KEY]
         st.opted_out.append(item.nodeid)
         item.user_properties.append(("sandlock", "opted out: ran unconfined"))
-        return None
-    if mode != P.CONFINED:
-        return None
+    if mode != P.CONFINED:  # pytest's own protocol (or other plugins'), unless the nextitem must change
+        return None if own_next is nextitem else _unconfined_protocol(item, own_next)
+    nextitem = own_next
     from _pytest.runner import call_and_report, show_test_item
     ihook = item.ihook
     ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
@@ -687,6 +719,19 @@ def pytest_runtest_protocol(item, nextitem):
             item.funcargs = None
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
+
+
+def _unconfined_protocol(item, nextitem) -> bool:
+    """pytest's own protocol, with the nextitem worker mode chose (pytest's may be a worker's test)."""
+    from _pytest.runner import runtestprotocol
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    runtestprotocol(item, nextitem=nextitem)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def pytest_sessionfinish(session) -> None:
+    _worker.finish(session)  # the worker's remaining teardowns, then it is reaped
 
 
 def _confined_call(item) -> None:

@@ -219,21 +219,22 @@ def _record(sup, n, syscall: str, detail: str, access: str, hint: str, err: int 
         shown, allow = _display(detail)
         if allow != detail:
             detail, hint = shown, f"{hint.split(' += ')[0]} += [{allow!r}]"
-    state = sup.state
-    seen = state.get("denials.seen")
-    if seen is None:
-        seen = state["denials.seen"] = {}
-    key = (syscall, detail, access)
-    d = seen.get(key)
-    if d is not None:
-        d.count += 1
-        return
-    if len(sup.denials) >= MAX_DENIALS:
-        state["denials.dropped"] = state.get("denials.dropped", 0) + 1
-        return
-    d = MirroredDenial(syscall, n.pid, err, detail, hint, comm=_comm(n.pid), access=access)
-    seen[key] = d
-    sup.denials.append(d)
+    with sup.denials_lock:  # Sandbox.take_denials() may start a new window from another thread
+        state = sup.state
+        seen = state.get("denials.seen")
+        if seen is None:
+            seen = state["denials.seen"] = {}
+        key = (syscall, detail, access)
+        d = seen.get(key)
+        if d is not None:
+            d.count += 1
+            return
+        if len(sup.denials) >= MAX_DENIALS:
+            state["denials.dropped"] = state.get("denials.dropped", 0) + 1
+            return
+        d = MirroredDenial(syscall, n.pid, err, detail, hint, comm=_comm(n.pid), access=access)
+        seen[key] = d
+        sup.denials.append(d)
 
 
 def _check_fs(sup, n, mirror: Mirror, syscall: str, path: str | None, access: str) -> None:

@@ -154,6 +154,7 @@ class Supervisor:
         self.path_syscalls = path_syscalls
         self.names = names or {}
         self.denials: list[Denial] = []
+        self.denials_lock = threading.Lock()  # recording (supervisor thread) vs take_denials (any thread)
         self.errors: list[str] = []
         self.state: dict = {}          # per-sandbox state that mechanisms share (ledgers, maps)
         self.root_pid = 0              # the sandbox's first process
@@ -331,8 +332,18 @@ class Supervisor:
 
     # ---- reporting ----
     def record(self, syscall: str, pid: int, err: int, detail: str = "", hint: str = "") -> None:
-        if len(self.denials) < self.MAX_DENIALS:
-            self.denials.append(Denial(syscall, pid, err, detail, hint))
+        with self.denials_lock:
+            if len(self.denials) < self.MAX_DENIALS:
+                self.denials.append(Denial(syscall, pid, err, detail, hint))
+
+    def take_denials(self) -> list[Denial]:
+        """The denials recorded since the previous take (or the start), and a new window: the deduplication of
+        mirrored denials and the ``MAX_DENIALS`` cap start again. Thread-safe (the recorders hold the lock)."""
+        with self.denials_lock:
+            taken, self.denials = self.denials, []
+            self.state.pop("denials.seen", None)
+            self.state.pop("denials.dropped", None)
+        return taken
 
     # ---- access to the child ----
     def id_valid(self, notif_id: int) -> bool:

@@ -152,6 +152,30 @@ class Sandbox:
             return []
         return [Change(k, p) for k, p in branch.changes()]
 
+    def take_denials(self) -> list:
+        """With ``record_denials=True``: the denials the current run has recorded since the previous call (or
+        since it started), and a new window (the deduplication of repeated denials and the 256 cap start
+        again). Safe to call from another thread while ``run``/``run_function`` runs: a long-lived confined
+        process (the pytest plugin's worker mode) gets its denials per unit of work. The final
+        ``Result.denials`` holds only those not taken. Empty when nothing runs or nothing is recorded."""
+        sup = getattr(self, "_sup", None)
+        return sup.take_denials() if sup is not None else []
+
+    def private_fds(self) -> list[int]:
+        """The file descriptors through which this process supervises the current run (the seccomp listener,
+        the supervisor's wake-up pipe and pidfds, the reaper's socket, report pipe and pidfd). A process forked
+        from the caller to run other code (another sandbox's ``run_function``) must close them: the listener
+        answers this sandbox's syscalls."""
+        fds = []
+        sup = getattr(self, "_sup", None)
+        if sup is not None and sup.listener >= 0:  # -1 once the supervisor is closed
+            fds += [sup.listener, sup._wake_r, sup._wake_w, *list(sup._pidfds.values())]
+        for child in list(self._running):
+            fds += [fd for fd in (getattr(child, "listener", -1), getattr(child, "sock", -1),
+                                  getattr(child, "report_fd", -1), getattr(child, "reaper_pidfd", -1))
+                    if isinstance(fd, int) and fd >= 0]
+        return sorted(set(fds))
+
     # ---- a running sandbox ----
     def popen(self, cmd: list[str], *, stdin=-1, stdout=-1, stderr=-1):
         """Start ``cmd`` confined and return a ``Process`` at once. Each of ``stdin``/``stdout``/``stderr`` is

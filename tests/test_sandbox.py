@@ -747,3 +747,44 @@ def test_a_forked_caller_runs_supervised_sandboxes_after_the_parent_did():
         assert os.read(r, 64) == b"0 1" and status == 0
     finally:
         os.close(r)
+
+
+def test_take_denials_gives_each_window_its_own_denials(tmp_path):
+    """Sandbox.take_denials() while run_function runs: each window has its own denials (the dedup and the cap
+    start again), and Result.denials keeps only what was not taken (the plugin's worker mode)."""
+    import threading
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    sb = Sandbox(Policy(fs_readable=SYSTEM_RO), record_denials=True)
+    go_r, go_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+
+    def body():
+        for _ in range(3):
+            os.read(go_r, 1)
+            try:
+                open(secret).close()
+            except PermissionError:
+                pass
+            os.write(ack_w, b"k")
+        return 0
+
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("res", sb.run_function(body, timeout=30)))
+    t.start()
+    windows = []
+    try:
+        for _ in range(2):
+            os.write(go_w, b"g")
+            assert os.read(ack_r, 1) == b"k"
+            windows.append(sb.take_denials())
+        os.write(go_w, b"g")
+        assert os.read(ack_r, 1) == b"k"
+    finally:
+        t.join(30)
+        for fd in (go_r, go_w, ack_r, ack_w):
+            os.close(fd)
+        sb.close()
+    for w in windows:
+        assert [(d.detail, d.count) for d in w] == [(str(secret), 1)], w
+    assert [(d.detail, d.count) for d in out["res"].denials] == [(str(secret), 1)]
