@@ -29,7 +29,8 @@ struct sl_cfg {
     /* namespaces (native.h) */
     int ns_enable; int ns_privileged; const char *ov_target; const char *ov_options;
     int ns_readonly; char *const *ns_writable; int n_ns_writable; const char *ns_chroot;
-    uint64_t ov_landlock_rights;
+    uint64_t ov_landlock_rights; int ns_pid;
+    char *const *ns_proc_paths; const uint64_t *ns_proc_rights; int n_ns_proc;
 };
 
 long sl_landlock_create_ruleset(const struct sl_ruleset_attr *attr, size_t size, uint32_t flags);
@@ -62,6 +63,7 @@ const char *sl_step_name(int step);
 int sl_confine(const struct sl_cfg *cfg);
 long sl_spawn(const struct sl_cfg *cfg);
 long sl_fork_with_reaper(const struct sl_cfg *cfg);
+long sl_pidns_probe(void);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
 void sl_clone_exit(int code);

@@ -214,7 +214,7 @@ class Template:
         sys.stdout.flush()
         sys.stderr.flush()
         cloexec = _cloexec_fds()
-        pid, child = _spawn.fork_confined(sandbox._plan)
+        pid, child = _spawn.fork_confined(sandbox._fork_plan())
         if child is None:  # the confined template: never returns
             _template_main(sandbox.init_fn, sandbox.work_fn, theirs_fd, ours.fileno(), cloexec)
         theirs.close()

@@ -67,6 +67,7 @@ def install(builder) -> None:
     from .fsdeny import Opener
     from .metadata_guard import Metadata
     md = Metadata(builder.policy)
+    md.in_root = getattr(builder, "pidns", False)
     for name, handler in md.handlers().items():
         builder.notify(name, handler)  # False: this arch has no such syscall
     builder.fileattr_ioctl = md.fileattr_ioctl

@@ -49,6 +49,9 @@ class Metadata:
     def __init__(self, policy):
         self.deny = DenySet(policy.fs_denied)
         self.roots = [os.path.realpath(p) for p in policy.fs_writable]
+        # Under a pid namespace (isolate_pids) the child's /proc is not ours: absolute names are walked from its
+        # root (/proc/<pid>/root, RESOLVE_IN_ROOT), so /proc/<n> there is its process n, never ours.
+        self.in_root = False
 
     def allowed(self, real: str, st, fd: int) -> bool:
         if not real.startswith("/"):
@@ -70,7 +73,12 @@ class Metadata:
                 return os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_CLOEXEC), False
             return sup.dup_child_fd(n, dirfd), True
         base = AT_FDCWD
-        if not path.startswith(b"/"):
+        resolve = _sys.RESOLVE_NO_MAGICLINKS
+        if path.startswith(b"/"):
+            if self.in_root:
+                base = os.open(f"/proc/{n.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+                resolve |= _sys.RESOLVE_IN_ROOT
+        else:
             if dirfd == AT_FDCWD:
                 base = os.open(f"/proc/{n.pid}/cwd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
             else:
@@ -78,7 +86,7 @@ class Metadata:
         flags = os.O_PATH | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
         try:
             fd = sup.state["metadata.opener"].call(
-                lambda: _sys.openat2(base, path, flags, 0, _sys.RESOLVE_NO_MAGICLINKS))
+                lambda: _sys.openat2(base, path, flags, 0, resolve))
         finally:
             if base != AT_FDCWD:
                 os.close(base)

@@ -21,6 +21,10 @@ Semantics (what users see):
 * **Mount syscalls stay closed.** Landlock forbids mount topology changes; the filter adds ``chroot``,
   ``mount_setattr``, ``open_tree``, ``move_mount`` and the ``fs*`` mount API to the refused set (a ``privileged``
   sandbox holds capabilities inside its namespace: it must not undo the read-only view or leave the chroot).
+* **isolate_pids** makes its own user + mount + pid namespace (``plan.pid_namespace_mode``, native.c "pid
+  namespace", described in ``procfs.py``): made by the reaper's clone, not by the child's unshare, with the same
+  refused mount syscalls. It is not combined with the namespaces of this module: with ``chroot``,
+  ``privileged`` or ``fs_isolation=overlayfs``, ``isolate_pids`` is the supervised one.
 * **Where the kernel refuses** (user namespaces disabled, a container profile, an outer sandbox's seccomp
   filter), the child stops at that step and the run fails with ``sandlock: namespaces: <step>: <error>`` plus
   the likely reason (:func:`hint`). Nothing falls back silently.

@@ -66,6 +66,38 @@ def _preload(p: Policy) -> tuple[str, ...]:
 def _namespaces(p: Policy) -> bool:
     return p.chroot is not None or p.privileged or p.fs_isolation is FsIsolation.OVERLAYFS
 
+#: isolate_pids by a pid namespace where the kernel allows it (procfs.py); tests set this (or the environment
+#: variable SANDLOCK_PIDS_SUPERVISED=1) to run the supervised implementation, the fallback, where it would work.
+FORCE_SUPERVISED_PIDS = False
+_pidns_ok: list[bool] = []
+
+
+def pidns_usable() -> bool:
+    """Whether this process can start a pid-namespace sandbox (probed once: a throw-away child makes the
+    namespaces and mounts a /proc, native.c sl_pidns_probe)."""
+    if not _pidns_ok:
+        from ._native import lib
+        _pidns_ok.append(lib.sl_pidns_probe() == 0)
+    return _pidns_ok[0]
+
+
+def pid_namespace_mode(p: Policy, *, supervised: bool, policy_fn=None) -> bool:
+    """isolate_pids by a user + mount + pid namespace (the kernel hides every other process; no stat, listing
+    or pid-taking syscall is notified for it), or False for the supervised implementation. The supervised one
+    stays where the kernel refuses the namespaces, under confine() (no new process), and where another
+    mechanism opens, resolves or connects names on the child's behalf in the supervisor's view, which would
+    then see the caller's /proc instead of the sandbox's: fs_denied, the COW workdir, network, policy_fn; and
+    with chroot/privileged/overlayfs, whose namespaces are made by the child itself (not combined yet)."""
+    if not p.isolate_pids or not supervised or FORCE_SUPERVISED_PIDS:
+        return False
+    if os.environ.get("SANDLOCK_PIDS_SUPERVISED") == "1":
+        return False
+    if (_namespaces(p) or p.fs_denied or p.workdir is not None or p.fs_isolation is not FsIsolation.NONE
+            or p.max_disk is not None or p.net_allow_hosts is not None or p.port_remap or policy_fn is not None):
+        return False
+    return pidns_usable()
+
+
 # Kept from the caller's environment under clean_env (the seed README's promise).
 CLEAN_ENV_KEEP = (b"PATH", b"HOME", b"USER", b"LOGNAME", b"TERM", b"LANG")
 DEFAULT_PATH = b"/usr/local/bin:/usr/bin:/bin"
@@ -110,6 +142,7 @@ class PlanBuilder:
         self.finish: list[Callable] = []  # called with (supervisor, result) once the sandbox is over
         self.ruleset_fd = -1              # the sandbox's Landlock ruleset, for threads acting on its behalf
         self.supervised = True            # False under confine(): no supervisor will serve notifications
+        self.pidns = False                # isolate_pids by a pid namespace (pid_namespace_mode)
         self.cfg_hooks: list[Callable] = []  # fn(cfg, keep) per spawn, after the plan's own fields
 
     def on_cfg(self, fn: Callable) -> None:
@@ -159,7 +192,7 @@ class PlanBuilder:
 class Plan:
     def __init__(self, policy: Policy, *, best_effort: bool | None = None, record_denials: bool = False,
                  handlers: dict | None = None, policy_fn=None, policy_fn_timeout: float = 5.0,
-                 supervised: bool = True):
+                 supervised: bool = True, pid_namespace: bool | None = None):
         check_supported(policy)
         self.policy = policy
         self.record_denials = record_denials
@@ -169,6 +202,9 @@ class Plan:
         self.ruleset = self._build_landlock(policy)
         builder = PlanBuilder(policy, self.arch)
         builder.supervised = supervised
+        # None: wherever it works; False: the supervised isolate_pids (Sandbox.run_function's fork plan)
+        self.pidns = builder.pidns = pid_namespace is not False and pid_namespace_mode(
+            policy, supervised=supervised, policy_fn=policy_fn)
         builder.ruleset_fd = self.ruleset.fd if self.ruleset is not None else -1
         for applies, module in MECHANISMS:
             if applies(policy):
@@ -352,6 +388,7 @@ class Plan:
             flags = _sys.SECCOMP_FILTER_FLAG_NEW_LISTENER | _sys.SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV
         cfg.seccomp_flags = flags
         cfg.handoff_scm = int(self.handoff_scm)
+        cfg.ns_pid = int(self.pidns)
         for fn in self.cfg_hooks:
             fn(cfg, keep)
 

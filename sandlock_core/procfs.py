@@ -9,7 +9,39 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
 * ``num_cpus``: ``/proc/cpuinfo`` lists N processors, ``/sys/devices/system/cpu/{online,possible,present}`` say
   ``0-(N-1)`` (glibc's ``get_nprocs``, hence ``os.cpu_count()``), ``sched_getaffinity`` answers a mask of N CPUs
   (``nproc``, ``os.sched_getaffinity``). The real affinity is unchanged (``cpu_cores`` sets that).
-* ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a duplicate of
+* ``isolate_pids`` has two implementations, chosen when the plan is compiled (``plan.pid_namespace_mode``):
+
+  - **A pid namespace** wherever the kernel allows an unprivileged user + pid namespace with its own /proc
+    (probed once per process, ~0.3 ms, native.c ``sl_pidns_probe``). The reaper clones the sandbox's first process into
+    a new user + mount + pid namespace; it is a small C init (pid 1: reaps, forwards SIGTERM/SIGUSR1/SIGUSR2/
+    SIGALRM, and SIGINT/SIGQUIT/SIGHUP/SIGWINCH when the sandbox has its own process group, hands the
+    program's raw wait status to the reaper, so ``Result.signal`` stays exact) with a fresh /proc mounted
+    ``nosuid,nodev,noexec`` over a private mount tree, and the program is pid 2. The kernel then hides every
+    other process from listings, ``/proc/<pid>``, kill, pidfd_open, setpgid, ``F_SETOWN``... and nothing is
+    notified for it: no stat, access, readlink, listing or pid-taking syscall (opens stay notified for the
+    sensitive files below). When the program exits the init SIGKILLs and reaps what is left in the namespace
+    (as the reaper did before) and hands over the status with the CPU time it reaped; killing the init (timeout, ``kill()``, the caller's death) kills
+    the whole namespace, detached processes included. The init is a copy of the caller that runs no program
+    code and holds no fd; its command line is blanked and it is named ``sandlock-init``; it has no Landlock
+    domain, so the program cannot ptrace it or read its ptrace-guarded /proc files, and pid 1 ignores
+    signals from its own namespace. The caller's uid/gid are mapped to themselves (as root: every id to
+    itself); for an unprivileged caller every other id shows as the overflow id 65534 (root-owned files
+    read as owned by 65534). ``unshare``, ``setns``, ``chroot`` and the mount syscalls stay refused
+    (``namespaces.MOUNT_SYSCALLS``); the policy's Landlock rules on /proc (which name the caller's procfs
+    inodes) are added again on the new /proc, in a per-run ruleset. Names the supervisor resolves for the
+    child are walked in its root (``/proc/<pid>/root``: its /proc, never ours) with ``/proc/self`` its pid
+    in the namespace; the metadata guard opens absolute names the same way. The session (and, on a terminal,
+    the group) leader is the caller, outside the namespace: ``getsid(0)`` answers 0 there.
+  - **Supervised** (below) everywhere else: where the kernel refuses those namespaces; under ``confine()``;
+    for a confined Python function (``run_function``, the pytest plugin, ``fork()``: it goes on in the forked
+    child, no init can stand above it); for a run in the caller's process group (``run_foreground`` on a
+    terminal: the kernel's ``kill(0)`` and ``setpriority``/``ioprio_set(PGRP, 0)`` would reach host processes
+    of that group); and with mechanisms that open, resolve or connect names on the child's behalf in the
+    supervisor's view (``fs_denied``, the COW workdir, ``max_disk``, ``net_allow_hosts``/``port_remap``,
+    ``policy_fn``) or that make their own namespaces (``chroot``, ``privileged``, ``fs_isolation=overlayfs``).
+    Tests force it with ``SANDLOCK_PIDS_SUPERVISED=1`` (or ``plan.FORCE_SUPERVISED_PIDS``).
+
+  Supervised ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a duplicate of
   the child's fd, which shares its offset) show only the sandbox's processes; ``/proc/<pid>/...`` of any other
   process, opened, read as a link, stat'ed or tested with access, fails with ``ENOENT`` as if it did not exist;
   the sandbox's own ``/proc/<pid>`` entries are opened, read (readlink) and stat'ed on behalf and checked again on
@@ -35,7 +67,7 @@ Residual risk: a name that resolves *outside* /proc and /sys when checked is con
 it again: a symlink swapped in between can still reach a foreign ``/proc/<pid>`` entry (Landlock still refuses the
 ptrace-guarded ones) or a sensitive file. Existence probes other than the ones above (``chdir``, ``statfs``,
 xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
-Cost: under ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
+Cost: under the supervised ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
 whose walk stays on the root file system, and fstat through an empty path, are answered in C without a trip
 through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too), and so are listings of
 directories other than /proc's root. The sandbox's
@@ -80,6 +112,26 @@ _PID_RE = re.compile(r"^/proc/(\d+)(?:/|$)")
 _SELF = ("self", "thread-self")
 
 
+def _ns_pid(pid: int) -> int:
+    """The pid of host process ``pid`` in its own (innermost) pid namespace; -1 if it is gone (names nothing)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError):
+        pass
+    return -1
+
+
+def _child_proc_dev(pid: int) -> int:
+    """st_dev of the /proc a process sees (under a pid namespace, not ours: a new procfs instance)."""
+    try:
+        return os.stat(f"/proc/{pid}/root/proc").st_dev
+    except OSError:
+        return -1
+
+
 def _kernel_devs() -> frozenset[int]:
     """st_dev of every mount at or under /proc and /sys (procfs, sysfs, debugfs, tracefs, cgroup...): an
     object on none of them is not a name this module cares about."""
@@ -110,9 +162,12 @@ def _sensitive(name: str) -> bool:
 
 
 class ProcFs:
-    def __init__(self, policy, arch: str):
+    def __init__(self, policy, arch: str, pidns: bool = False):
         from . import syscalls
-        self.isolate = policy.isolate_pids
+        # Under a pid namespace the kernel hides other processes: nothing here decides on pids, and names are
+        # resolved in the child's view (its /proc is its namespace's), with /proc/self its pid there.
+        self.pidns = pidns
+        self.isolate = policy.isolate_pids and not pidns
         self.num_cpus = policy.num_cpus
         self.max_memory = policy.max_memory
         self.sort = policy.deterministic_dirs
@@ -131,7 +186,7 @@ class ProcFs:
         # chroot, overlayfs, privileged: the child's / is not the supervisor's (a mount namespace, a new root):
         # its absolute names are resolved from /proc/<pid>/root, as the child would
         from .plan import _namespaces
-        self.in_root = _namespaces(policy)
+        self.in_root = _namespaces(policy) or pidns
         # open_how for the fast resolution: [follow the last link?][stay on the starting mount?]
         root = RESOLVE_IN_ROOT if self.in_root else 0
         self._how_bufs = [ffi.new("uint64_t[3]", [
@@ -162,9 +217,13 @@ class ProcFs:
         return False
 
     # ---- name resolution as the child sees it ----
-    @staticmethod
-    def _tgid(tid: int) -> int:
-        return tgid_of(tid)
+    def _self_names(self, tid: int) -> tuple[int, int]:
+        """(tgid, tid) of a child thread as its /proc names them: the host's, or under a pid namespace the
+        namespace's (the last NSpid field; the host numbers would name other processes, or none, there)."""
+        tgid = tgid_of(tid)
+        if not self.pidns:
+            return tgid, tid
+        return _ns_pid(tgid), _ns_pid(tid)
 
     def _start_dir(self, n, dirfd: int) -> str | None:
         """The name of the child's cwd (or ``dirfd``) as the child sees it; None if it is no directory or lies
@@ -197,16 +256,16 @@ class ProcFs:
                 return None
         stack = [c for c in reversed(p.split("/")) if c not in ("", ".")]
         links = 0
-        tgid = None
+        ids = None
         while stack:
             c = stack.pop()
             if c == "..":
                 cur = os.path.dirname(cur) or "/"
                 continue
             if cur == "/proc" and c in _SELF:
-                if tgid is None:
-                    tgid = self._tgid(n.pid)
-                cur = f"/proc/{tgid}" if c == "self" else f"/proc/{tgid}/task/{n.pid}"
+                if ids is None:
+                    ids = self._self_names(n.pid)
+                cur = f"/proc/{ids[0]}" if c == "self" else f"/proc/{ids[0]}/task/{ids[1]}"
                 continue
             nxt = (cur if cur != "/" else "") + "/" + c
             try:
@@ -310,11 +369,16 @@ class ProcFs:
             if fd == -errno.EXDEV:
                 fd = self._openat2(base, path, self._hows[nofollow, False, absolute])
                 if fd == -errno.ENOENT:
+                    if self.pidns and b"self" in path:
+                        # the sandbox's /proc/self names nothing for us (we are outside its pid namespace):
+                        # only the exact walk can tell
+                        return None
                     return MISSING  # exact unless the walk went through /proc/self: the caller resolves
             if fd < 0:
                 return None
             try:
-                if os.fstat(fd).st_dev not in self.kernel_devs:
+                dev = os.fstat(fd).st_dev
+                if dev not in self.kernel_devs and not (self.pidns and dev == _child_proc_dev(n.pid)):
                     return OUTSIDE
                 return os.readlink(f"/proc/self/fd/{fd}")
             finally:
@@ -1016,13 +1080,69 @@ def _filter(data: bytes, name_off: int, pids: set[int]) -> bytes:
     return bytes(out)
 
 
+def _install_pidns(builder) -> None:
+    """The pid namespace's own needs: its mounts stay closed to the program, and the policy's Landlock rules on
+    /proc follow it to the new /proc."""
+    from . import syscalls
+    from .namespaces import MOUNT_SYSCALLS
+    for name in MOUNT_SYSCALLS:  # the program holds capabilities in its user namespace: no mount, no chroot
+        nr = syscalls.number(name, builder.arch)
+        if nr is not None:
+            builder.extra_deny[nr] = errno.EPERM
+    rules = proc_rules(builder.policy)
+    if rules:
+        builder.on_cfg(lambda cfg, keep: _fill_proc_rules(builder.policy, rules, cfg, keep))
+
+
+def proc_rules(policy) -> list[tuple[str, bool, bool]]:
+    """(name, writable, is_dir) of the fs_readable/fs_writable paths at or under /proc. Landlock rules are on
+    inodes: those name the caller's procfs, not the sandbox's new one. A /proc/<pid> name (``/proc/self``
+    resolves to the caller's pid) names a process outside the namespace: dropped."""
+    out = []
+    for writable, paths in ((False, policy.fs_readable), (True, policy.fs_writable)):
+        for p in paths:
+            real = os.path.realpath(p)
+            if real != "/proc" and not real.startswith("/proc/"):
+                continue
+            if real[len("/proc/"):].split("/")[0].isdigit():
+                continue
+            out.append((real, writable, os.path.isdir(real)))
+    return out
+
+
+def _fill_proc_rules(policy, rules, cfg, keep) -> None:
+    """This run's own ruleset (the plan's, rebuilt: the child adds rules for inodes of its new /proc, which
+    would pile up on the shared one) and the rules the child adds. No ruleset: nothing to add to."""
+    if cfg.landlock_fd < 0:
+        return
+    import types
+    from . import landlock
+    from .plan import Plan
+    info = Plan._build_landlock(types.SimpleNamespace(best_effort=True, missing=[]), policy)
+    if info is None or info.fd < 0 or not info.handled_fs:
+        return  # the plan's ruleset stays: the new /proc is then refused (fail closed)
+    keep.append(info)  # closed when the spawn is done with cfg (the child has its copy)
+    merged: dict[str, int] = {}
+    for name, writable, is_dir in rules:
+        rights = landlock.write_rights(info.abi) if writable else landlock.READ_RIGHTS
+        merged[name] = merged.get(name, 0) | landlock.rights_for(rights & info.handled_fs, is_dir)
+    names = [ffi.new("char[]", os.fsencode(n)) for n in merged]
+    keep.extend(names)
+    arr = ffi.new("char *[]", names)
+    rights_arr = ffi.new("uint64_t[]", list(merged.values()))
+    keep.extend((arr, rights_arr))
+    cfg.landlock_fd = info.fd
+    cfg.ns_proc_paths, cfg.ns_proc_rights, cfg.n_ns_proc = arr, rights_arr, len(merged)
+
+
 def wanted(policy) -> bool:
     return policy.isolate_pids or policy.num_cpus is not None or policy.max_memory is not None
 
 
 def install(builder) -> None:
     policy = builder.policy
-    fs = ProcFs(policy, builder.arch)
+    pidns = getattr(builder, "pidns", False)
+    fs = ProcFs(policy, builder.arch, pidns)
     fs.ruleset_fd = builder.ruleset_fd
     fast = FastPath(fs, policy, builder.arch)
     builder.on_prepare(fast.prepare)
@@ -1030,6 +1150,13 @@ def install(builder) -> None:
     builder.notify("open", fs.h_open)
     builder.notify("openat", fs.h_openat)
     builder.notify("openat2", fs.h_openat2)
+    if pidns:
+        # The kernel does the rest (native.c "pid namespace"): listings, /proc/<pid>, kill & co. see only the
+        # sandbox. Opens stay notified for the sensitive files (and meminfo/cpuinfo when they are virtual).
+        if policy.num_cpus is not None:
+            builder.notify("sched_getaffinity", fs.h_sched_getaffinity)
+        _install_pidns(builder)
+        return
     if policy.isolate_pids:
         builder.notify("getdents64", fs.h_getdents64)
         builder.notify("getdents", fs.h_getdents)

@@ -168,6 +168,7 @@ class Run:
         self.sup = sup
         self.lock = threading.Lock()
         self.reaper = 0
+        self.init = 0  # under a pid namespace: its pid 1 (native.c), a copy of the reaper, not counted
         # processes
         self.known: set[int] = set()            # tgids at the last walk
         self.since = 0                          # forks allowed since the last walk
@@ -200,6 +201,8 @@ class Run:
         """The run's processes are known (the listener arrived): its root, and the reaper above it."""
         reaper = sup.reaper_pid or ppid_of(sup.root_pid)
         sup.state["reaper_pid"] = reaper
+        if self.mech.pidns:  # the root is the init's first child; the init is the reaper's
+            self.init = ppid_of(sup.root_pid)
         mark_paused(reaper, False)  # a reused pid of a sandbox that ended while paused
         with self.watch_lock:  # the watcher may be ticking: it sees the run whole or not at all
             self.known = {sup.root_pid}
@@ -232,6 +235,8 @@ class Run:
 
     def _walk_procs(self) -> dict[int, int]:
         links = tree(self.reaper)
+        if self.init:
+            links.pop(self.init, None)  # neither a process of the program nor memory of it (it shares the caller's)
         self.known = set(links)
         # An allowed fork is in flight until its thread returned from clone: the thread made another
         # notified syscall (popped above), is blocked in another syscall, or is gone.
@@ -601,6 +606,7 @@ class Resources:
         self.fork_nrs = frozenset(n for n in (syscalls.number(s, arch) for s in ("clone", "fork", "vfork", "clone3"))
                                   if n is not None)
         self.kcmp_nr = syscalls.number("kcmp", arch)
+        self.pidns = False  # isolate_pids by a pid namespace: its init (the root's parent) is not the sandbox's
 
     @staticmethod
     def run(sup) -> Run:
@@ -796,6 +802,7 @@ def wanted(policy) -> bool:
 def install(builder) -> None:
     policy = builder.policy
     mech = Resources(policy, builder.arch)
+    mech.pidns = getattr(builder, "pidns", False)
     if mech.proc_limit is not None or mech.mem_limit is not None:
         builder.notify("clone", mech.h_clone)
         builder.notify("fork", mech.h_fork)

@@ -96,8 +96,11 @@ class Sandbox:
         self.policy_fn = policy_fn
         self.init_fn = init_fn
         self.work_fn = work_fn
-        self._plan = Plan(self.policy, record_denials=record_denials, handlers=handlers, policy_fn=policy_fn,
-                          policy_fn_timeout=policy_fn_timeout)
+        self._plan_args = dict(record_denials=record_denials, handlers=handlers, policy_fn=policy_fn,
+                               policy_fn_timeout=policy_fn_timeout)
+        self._plan = Plan(self.policy, **self._plan_args)
+        self._fplan = None            # the plan of confined functions when _plan uses a pid namespace
+        self._retired: list = []      # plans replaced by _pidns_fallback, closed with the sandbox
         self._running: list[_spawn.Spawned] = []
         self._procs: list = []        # Process handles from popen() still running
         self._template = None         # the COW fork template (forking.Template), started by fork()
@@ -119,6 +122,10 @@ class Sandbox:
         for proc in list(self._procs):
             proc.close()
         self._plan.close()
+        if self._fplan is not None:
+            self._fplan.close()
+        for plan in self._retired:
+            plan.close()
         _spawn.reap_pending(block=True)
 
     @property
@@ -312,15 +319,16 @@ class Sandbox:
         body). The child inherits the caller's memory and fds; its exit code is fn's int result (0 for
         None), 1 if it raised. Talk to it through pipes or files made beforehand."""
         start = time.monotonic()
-        pid, child = _spawn.fork_confined(self._plan)
+        plan = self._fork_plan()
+        pid, child = _spawn.fork_confined(plan)
         if child is None:  # confined child
             code = 1
             if self.policy.clean_env or self.policy.env:
                 os.environ.clear()  # the policy's environment holds for the function too, not only for execs
-                os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self._plan.environ().items()})
-            elif self.policy.random_seed is not None and b"LD_PRELOAD" in self._plan.environ():
+                os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in plan.environ().items()})
+            elif self.policy.random_seed is not None and b"LD_PRELOAD" in plan.environ():
                 # the seeded getrandom library (seedrand.py) reaches the function's subprocesses too
-                os.environ["LD_PRELOAD"] = os.fsdecode(self._plan.environ()[b"LD_PRELOAD"])
+                os.environ["LD_PRELOAD"] = os.fsdecode(plan.environ()[b"LD_PRELOAD"])
             try:
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
@@ -345,9 +353,10 @@ class Sandbox:
             self._end(child)
         return self._conclude(child, sup, out, err, timed_out, setup_error, start)
 
-    def _prepare(self):
+    def _prepare(self, plan=None):
         """The run's supervisor, made before the fork (``Plan.prepare_supervisor``), or None if none serves."""
-        return self._plan.prepare_supervisor() if self._plan.want_listener else None
+        plan = plan or self._plan
+        return plan.prepare_supervisor() if plan.want_listener else None
 
     def _launch(self, child, prepared=None):
         """Take the listener, start the supervisor (``prepared`` before the fork, or made now), release the
@@ -356,10 +365,11 @@ class Sandbox:
         child without a listener does not wait for a release at all."""
         self._running.append(child)
         setup_error = sup = None
+        plan = getattr(child, "plan", None) or self._plan
         try:
-            child.take_listener(use_pidfd=not self._plan.handoff_scm)
+            child.take_listener(use_pidfd=not plan.handoff_scm)
             if child.listener >= 0:
-                sup = self._plan.make_supervisor(child.listener, child.root_pid, prepared, child.reaper)
+                sup = plan.make_supervisor(child.listener, child.root_pid, prepared, child.reaper)
                 prepared = None
                 sup.on_crash = child.kill
                 self._sup = sup  # the current/most recent run's supervisor (ports())
@@ -386,7 +396,9 @@ class Sandbox:
             child.kill()
             while not child.read_report():
                 pass
-        if child.reaper:
+        if getattr(child, "cpu_ms", None) is not None:
+            child.cpu_time = child.cpu_ms / 1000  # reported: the init reaped the sandbox, not the reaper
+        elif child.reaper:
             child.cpu_time = _cpu_time(child.reaper)  # final once the reaper reported, gone once reaped
         child.reap()
         if child in self._running:
@@ -399,7 +411,7 @@ class Sandbox:
                 sup.end_loop()  # the loop's count is final only once it has stopped
             result = self._result(child, sup, out, err, timed_out, setup_error, time.monotonic() - start)
             result.cpu_time = getattr(child, "cpu_time", None)
-            for fn in self._plan.finish:
+            for fn in (getattr(child, "plan", None) or self._plan).finish:
                 fn(sup, result)
         finally:
             if sup is not None:
@@ -408,9 +420,40 @@ class Sandbox:
 
     def _run(self, cmd, timeout, *, stdin, capture: bool, new_pgrp: bool = True) -> Result:
         res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
+        if res.reason is ExitReason.SETUP_FAILED and self._pidns_fallback(res):
+            res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
         if res.reason is ExitReason.SETUP_FAILED and self._nested_fallback():
             res = self._run_once(cmd, timeout, stdin=stdin, capture=capture, new_pgrp=new_pgrp)
         return res
+
+    # the steps of the pid namespace's set-up (native.c): refused there, isolate_pids goes on supervised
+    _PIDNS_STEPS = ("namespaces: clone(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID)", "namespaces: write uid_map/gid_map",
+                    "namespaces: make mounts private", "namespaces: mount /proc of the new pid namespace")
+
+    def _pidns_fallback(self, res) -> bool:
+        """The kernel refused this run's pid namespace although the probe passed (a namespace count limit
+        reached meanwhile, a changed sysctl): from now on this sandbox uses the supervised isolate_pids, which
+        enforces the same isolation (nothing is weakened). The plan it replaces is closed with the sandbox
+        (another thread may still be running with it)."""
+        if not self._plan.pidns or not any(step in (res.error or "") for step in self._PIDNS_STEPS):
+            return False
+        self._retired.append(self._plan)
+        self._plan = self._fork_plan()
+        self._fplan = None
+        return True
+
+    def _fork_plan(self):
+        """The plan with the supervised isolate_pids (made on first use) when ``_plan`` uses a pid namespace.
+        For a confined Python function (run_function, fork()'s template): the function goes on in the forked
+        child itself, so no init can stand above it as pid 1. For a run in the caller's process group
+        (run_foreground on a terminal): the kernel's kill(0), setpriority/ioprio_set(PGRP, 0) act on the
+        caller's group, host processes included, which only the supervised mode filters."""
+        if not self._plan.pidns:
+            return self._plan
+        if self._fplan is None:
+            from .plan import Plan
+            self._fplan = Plan(self.policy, pid_namespace=False, **self._plan_args)
+        return self._fplan
 
     def _nested_fallback(self) -> bool:
         """Inside another supervised sandbox the kernel refuses a second seccomp listener. When the only
@@ -462,9 +505,10 @@ class Sandbox:
             stdio = (in_fd, out_w, err_w)
         else:
             stdio = (in_fd, 1, 2)
-        prepared = self._prepare()
+        plan = self._plan if new_pgrp else self._fork_plan()
+        prepared = self._prepare(plan)
         try:
-            child = _spawn.spawn(self._plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
+            child = _spawn.spawn(plan, list(cmd), stdio=stdio, new_pgrp=new_pgrp)
         except BaseException:
             if prepared is not None:
                 prepared.close()

@@ -93,6 +93,8 @@ class Spawned:
         self.status: int | None = None      # raw wait status of the root process
         self.killed_by: int | None = None   # signal the reaper got asked to kill with
         self.exec_error: ChildSetupError | None = None
+        self.plan = None                    # the Plan it was started with (set by spawn/fork_confined)
+        self.cpu_ms: int | None = None      # reported by the reaper under a pid namespace
 
     # ---- hand-off ----
     def take_listener(self, use_pidfd: bool) -> None:
@@ -107,7 +109,7 @@ class Spawned:
                 os.close(fd)
             raise ChildError("sandlock: the child exited before confinement was complete")
         kind, step, val, pid = _msg(data)
-        self.root_pid = pid
+        self.root_pid = pid if pid > 1 else 0  # never 1 or below: os.killpg/os.kill would reach the host
         if kind == b"E":
             raise ChildSetupError(ffi.string(lib.sl_step_name(step)).decode(), val)
         if kind == b"L":
@@ -160,6 +162,8 @@ class Spawned:
             kind, val = data[off:off + 1], _i32(data, off + 4)
             if kind == b"P":
                 self.root_pid = self.root_pid or val
+            elif kind == b"C":  # the CPU time of the sandbox, in ms (pid namespace: its init reaped it all)
+                self.cpu_ms = val
             elif kind == b"X":
                 self.status = val
                 done = True
@@ -283,7 +287,9 @@ def spawn(plan, argv: list[str], *, stdio=(-1, -1, -1), cwd: str | None = None, 
         pidfd = _sys.pidfd_open(pid)
     except OSError:
         pidfd = -1
-    return Spawned(pid, pidfd, report_r, sock_parent)
+    handle = Spawned(pid, pidfd, report_r, sock_parent)
+    handle.plan = plan
+    return handle
 
 
 def fork_confined(plan) -> tuple[int, Spawned | None]:
@@ -334,7 +340,9 @@ def fork_confined(plan) -> tuple[int, Spawned | None]:
         pidfd = _sys.pidfd_open(pid)
     except OSError:
         pidfd = -1
-    return pid, Spawned(pid, pidfd, report_r, sock_parent)
+    handle = Spawned(pid, pidfd, report_r, sock_parent)
+    handle.plan = plan
+    return pid, handle
 
 
 def describe_status(status: int) -> tuple[int, int | None]:

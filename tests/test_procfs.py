@@ -81,7 +81,7 @@ for p in {SENSITIVE!r} + [link, "kcore", "./self/../kallsyms", "/proc//keys"]:
 """
 
 
-def test_sensitive_files_are_eacces(tmp_path):
+def test_sensitive_files_are_eacces(tmp_path, pid_mode):
     r = run(Policy(isolate_pids=True), _sensitive_code(str(tmp_path)))
     lines = r.stdout.decode().splitlines()
     assert len(lines) == len(SENSITIVE) + 4, r.stderr
@@ -90,14 +90,20 @@ def test_sensitive_files_are_eacces(tmp_path):
 
 
 # ---- isolate_pids ----
-def test_ps_aux_shows_only_the_sandbox():
+def test_ps_aux_shows_only_the_sandbox(pid_mode):
     r = Sandbox(Policy(isolate_pids=True)).run(["sh", "-c", "sleep 5 & ps -eo pid,ppid,comm; kill %1"])
     rows = [line.split() for line in r.stdout.decode().splitlines()[1:]]
-    assert sorted(row[2] for row in rows) == ["ps", "sh", "sleep"], r.stdout
     pids = {int(row[0]) for row in rows}
-    assert os.getpid() not in pids and 1 not in pids
+    if pid_mode == "namespace":  # pid 1 is the sandbox's own init, the program pid 2
+        assert sorted(row[2] for row in rows) == ["ps", "sandlock-init", "sh", "sleep"], r.stdout
+        assert ["1", "0", "sandlock-init"] in rows and ["2", "1", "sh"] in rows
+    else:
+        assert sorted(row[2] for row in rows) == ["ps", "sh", "sleep"], r.stdout
+        assert 1 not in pids
+    assert os.getpid() not in pids
     r = Sandbox(Policy(isolate_pids=True)).run(["ps", "aux"])
-    assert len(r.stdout.splitlines()) == 2 and r.stdout.splitlines()[1].endswith(b"ps aux")
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 + (pid_mode == "namespace") and lines[-1].endswith(b"ps aux"), r.stdout
 
 
 FOREIGN = """
@@ -127,8 +133,13 @@ attempt("relative", lambda: open(f"{host}/status").read())
 d = os.open("/proc", os.O_RDONLY)
 attempt("dirfd", lambda: os.close(os.open(f"{host}/stat", os.O_RDONLY, dir_fd=d)))
 attempt("affinity", lambda: os.sched_getaffinity(host))
+# under a pid namespace the sandbox's own init (pid 1) is listed too
+try:
+    mine = sorted({me, 1}) if open("/proc/1/comm").read() == "sandlock-init\\n" else [me]
+except OSError:
+    mine = [me]
 listed = {int(x) for x in os.listdir("/proc") if x.isdigit()}
-out.append(f"listed {sorted(listed) == [me]}")
+out.append(f"listed {sorted(listed) == mine}")
 # the legacy getdents and getdents64, with a buffer that holds a few entries only
 libc = ctypes.CDLL(None, use_errno=True)
 for nr, off in ((217, 19), (78, 18)):
@@ -146,7 +157,7 @@ for nr, off in ((217, 19), (78, 18)):
             i += reclen
     os.close(fd)
     pids = sorted(int(x) for x in names if x.isdigit())
-    out.append(f"getdents{nr} {pids == [me]} {b'meminfo' in names}")
+    out.append(f"getdents{nr} {pids == mine} {b'meminfo' in names}")
 print("\\n".join(out))
 """
 FOREIGN_EXPECT = [f"open {errno.ENOENT}", f"open1 {errno.ENOENT}", f"readlink {errno.ENOENT}", f"dir {errno.ENOENT}",
@@ -155,9 +166,14 @@ FOREIGN_EXPECT = [f"open {errno.ENOENT}", f"open1 {errno.ENOENT}", f"readlink {e
                   f"affinity {errno.ESRCH}", "listed True", "getdents217 True True", "getdents78 True True"]
 
 
-def test_foreign_processes_are_hidden_and_refused(tmp_path):
+def _foreign_expect(pid_mode):
+    """/proc/1 is the sandbox's own init under a pid namespace (the host's pid 1 is out of reach either way)."""
+    return [("open1 ok" if x.startswith("open1 ") and pid_mode == "namespace" else x) for x in FOREIGN_EXPECT]
+
+
+def test_foreign_processes_are_hidden_and_refused(tmp_path, pid_mode):
     r = Sandbox(Policy(isolate_pids=True)).run([*PY, FOREIGN, str(os.getpid()), str(tmp_path)], timeout=60)
-    assert r.stdout.decode().splitlines() == FOREIGN_EXPECT, r.stderr
+    assert r.stdout.decode().splitlines() == _foreign_expect(pid_mode), r.stderr
 
 
 PID_CALLS = """
@@ -215,7 +231,7 @@ def _check_pid_calls(lines):
     assert got == PID_EXPECT + PID_OK + PID_TAIL
 
 
-def test_pid_syscalls_and_proc_names_of_foreign_processes_are_esrch_and_enoent():
+def test_pid_syscalls_and_proc_names_of_foreign_processes_are_esrch_and_enoent(pid_mode):
     import subprocess
     victim = subprocess.Popen(["sleep", "60"])
     try:
@@ -228,24 +244,34 @@ def test_pid_syscalls_and_proc_names_of_foreign_processes_are_esrch_and_enoent()
         victim.wait()
 
 
-def test_pid_syscalls_as_an_unprivileged_user():
+def _nobody_mode(lines, pid_mode):
+    """The first line a uid-65534 run printed: whether its plan used the pid namespace (as that user)."""
+    if lines and lines[0] == "pidns False" and pid_mode == "namespace":
+        pytest.skip("uid 65534 gets no user + pid namespace here (the supervised mode ran)")
+    assert lines and lines[0] == f"pidns {pid_mode == 'namespace'}", lines
+    return lines[1:]
+
+
+def test_pid_syscalls_as_an_unprivileged_user(pid_mode):
     code = f"""
 import os, subprocess
 from sandlock_core import Policy, Sandbox
 victim = subprocess.Popen(["sleep", "60"])
-r = Sandbox(Policy(isolate_pids=True)).run(["/usr/bin/python3", "-I", "-S", "-c", {PID_CALLS!r},
-                                            str(os.getppid()), str(victim.pid), str(os.getpgid(0))])
+sb = Sandbox(Policy(isolate_pids=True))
+print("pidns", sb._plan.pidns)
+r = sb.run(["/usr/bin/python3", "-I", "-S", "-c", {PID_CALLS!r},
+            str(os.getppid()), str(victim.pid), str(os.getpgid(0))])
 print(r.stdout.decode(), end="")
 print("alive", victim.poll() is None)
 victim.kill()
 """
     p = run_as_nobody(code)
-    lines = p.stdout.splitlines()
+    lines = _nobody_mode(p.stdout.splitlines(), pid_mode)
     _check_pid_calls(lines)
     assert lines[-1] == "alive True", p.stderr
 
 
-def test_a_symlink_flipped_between_own_and_foreign_entries_never_opens_the_foreign_one(shared_tmp):
+def test_a_symlink_flipped_between_own_and_foreign_entries_never_opens_the_foreign_one(shared_tmp, pid_mode):
     """The check and the open are one on-behalf step: a thread flipping a link between this process's
     /proc entry and the host's can make an open fail, never return the host's file."""
     code = f"""
@@ -278,7 +304,7 @@ print(sorted(seen))
 NR_FSTATAT = syscalls.number("newfstatat") or syscalls.number("fstatat64")
 
 
-def test_ordinary_stat_access_and_open_are_unchanged_under_isolate_pids(tmp_path):
+def test_ordinary_stat_access_and_open_are_unchanged_under_isolate_pids(tmp_path, pid_mode):
     code = f"""
 import ctypes, errno, os
 libc = ctypes.CDLL(None, use_errno=True)
@@ -300,7 +326,7 @@ print(os.lstat(d + "/lnk").st_size == len(d + "/new"), os.stat(d + "/lnk").st_si
         r.stderr
 
 
-def test_the_c_fast_path_answers_as_the_python_handlers_do(tmp_path):
+def test_the_c_fast_path_answers_as_the_python_handlers_do(tmp_path, pid_mode):
     """Absolute names on the root file system are answered in C (native.c, sl_proc_wait_recv); a second handler
     on the same syscalls sends everything to Python. Both must give the same answers, for names longer than
     the C path's first 256-byte copy too."""
@@ -372,12 +398,13 @@ def shared_tmp():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def test_isolation_and_sensitive_files_as_an_unprivileged_user(shared_tmp):
+def test_isolation_and_sensitive_files_as_an_unprivileged_user(shared_tmp, pid_mode):
     tmp_path = shared_tmp
     code = f"""
 import os, sys
 from sandlock_core import Policy, Sandbox
 sb = Sandbox(Policy(isolate_pids=True))
+print("pidns", sb._plan.pidns)
 r = sb.run(["/usr/bin/python3", "-I", "-S", "-c", {FOREIGN!r}, str(os.getppid()), {str(tmp_path)!r}])
 print(r.stdout.decode(), end="")
 r = sb.run(["/usr/bin/python3", "-I", "-S", "-c", {_sensitive_code(str(tmp_path / "s"))!r}])
@@ -386,27 +413,29 @@ print(r.stdout.decode(), end="")
     (tmp_path / "s").mkdir(mode=0o777)
     os.chmod(tmp_path / "s", 0o777)
     p = run_as_nobody(code)
-    lines = p.stdout.splitlines()
-    assert lines[:len(FOREIGN_EXPECT)] == FOREIGN_EXPECT, p.stderr
+    lines = _nobody_mode(p.stdout.splitlines(), pid_mode)
+    assert lines[:len(FOREIGN_EXPECT)] == _foreign_expect(pid_mode), p.stderr
     assert len(lines) == len(FOREIGN_EXPECT) + len(SENSITIVE) + 4
     assert all(line.endswith(f" {errno.EACCES}") for line in lines[len(FOREIGN_EXPECT):]), lines
 
 
-def test_isolate_pids_with_deterministic_dirs_is_sorted_and_filtered(tmp_path):
+def test_isolate_pids_with_deterministic_dirs_is_sorted_and_filtered(tmp_path, pid_mode):
     for name in ("b", "c", "a"):
         (tmp_path / name).write_text("")
+    mine = '["1", str(os.getpid())]' if pid_mode == "namespace" else "[str(os.getpid())]"
     code = f"""
 import os
 print(os.listdir({str(tmp_path)!r}))
-print([x for x in os.listdir("/proc") if x.isdigit()] == [str(os.getpid())], os.listdir("/proc") == sorted(os.listdir("/proc")))
+print([x for x in os.listdir("/proc") if x.isdigit()] == {mine}, os.listdir("/proc") == sorted(os.listdir("/proc")))
 """
     r = run(Policy(isolate_pids=True, deterministic_dirs=True), code)
     assert r.stdout == b"['a', 'b', 'c']\nTrue True\n", r.stderr
 
 
-def test_nothing_is_notified_without_these_fields():
+def test_nothing_is_notified_without_these_fields(monkeypatch):
     assert not Plan(Policy()).want_listener
     names = set(Plan(Policy(num_cpus=2)).names.values())
     assert {"openat", "sched_getaffinity"} <= names and "getdents64" not in names
+    monkeypatch.setenv("SANDLOCK_PIDS_SUPERVISED", "1")
     names = set(Plan(Policy(isolate_pids=True)).names.values())
-    assert {"openat", "getdents64", "getdents", "readlink", "readlinkat"} <= names
+    assert {"openat", "getdents64", "getdents", "readlink", "readlinkat", "newfstatat", "kill"} <= names

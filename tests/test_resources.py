@@ -342,8 +342,10 @@ print((time.process_time() - c0) / (time.monotonic() - t0))
 """
 
 
-def test_a_busy_loop_under_25_percent_gets_15_to_35_percent_of_a_core():
-    r = run(Policy(max_cpu=25), BUSY)
+# isolate_pids: a pid namespace where the kernel allows it (its init is not throttled, nor counted)
+@pytest.mark.parametrize("pids", [False, True], ids=["plain", "isolate_pids"])
+def test_a_busy_loop_under_25_percent_gets_15_to_35_percent_of_a_core(pids):
+    r = run(Policy(max_cpu=25, isolate_pids=pids), BUSY)
     share = float(r.stdout)
     assert 0.15 <= share <= 0.35, share
     assert 0.15 <= r.cpu_time / r.wall_time <= 0.35
@@ -371,11 +373,12 @@ def _state_and_ticks(pid: int) -> tuple[str, int]:
     return fields[0], int(fields[11]) + int(fields[12])
 
 
+@pytest.mark.parametrize("pids", [False, True], ids=["plain", "isolate_pids"])
 @pytest.mark.parametrize("via", ["sandbox", "process"])
-def test_pause_wins_over_the_cpu_throttle(via):
+def test_pause_wins_over_the_cpu_throttle(via, pids):
     """The throttle SIGCONTs what it stopped every ~100 ms at 25 %: a paused sandbox must stay stopped (and
     use no CPU) over many such cycles, and run again after resume()."""
-    sb = Sandbox(Policy(max_cpu=25))
+    sb = Sandbox(Policy(max_cpu=25, isolate_pids=pids))
     proc = sb.popen([*PY, "while True: pass"])
     ctl = sb if via == "sandbox" else proc
     try:

@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -237,6 +238,9 @@ static const char *const step_names[] = {
     [SL_STEP_NS_CWD] = "namespaces: chdir (working directory in the new view)",
     [SL_STEP_NS_DUMPABLE] = "namespaces: prctl(PR_SET_DUMPABLE)",
     [SL_STEP_NS_LANDLOCK] = "namespaces: landlock_add_rule (overlay root)",
+    [SL_STEP_NS_PIDNS] = "namespaces: clone(CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID)",
+    [SL_STEP_NS_PROC] = "namespaces: mount /proc of the new pid namespace",
+    [SL_STEP_NS_HOSTPID] = "namespaces: read the program's pid in the caller's namespace",
 };
 
 const char *sl_step_name(int step)
@@ -244,6 +248,13 @@ const char *sl_step_name(int step)
     if (step < 0 || step >= (int)(sizeof(step_names) / sizeof(step_names[0])) || !step_names[step]) return "setup";
     return step_names[step];
 }
+
+/* This process's pid as the supervisor names it: under a pid namespace getpid() names another process of the
+   caller's (pid 1 or 2 there), so the pid namespace code sets host_pid first. Never 1: the caller would signal
+   its own init. */
+static int32_t host_pid;
+
+static int32_t self_pid(void) { return host_pid > 0 ? host_pid : host_pid < 0 ? 0 : (int32_t)getpid(); }
 
 /* Report a failed step: on stderr as "sandlock: <step>: <error>" and to the parent over the socket. */
 static void fail(const struct sl_cfg *cfg, int step, int err)
@@ -259,7 +270,7 @@ static void fail(const struct sl_cfg *cfg, int step, int err)
         write_all(2, "\n", 1);
     }
     if (cfg->sock_fd >= 0) {
-        struct sl_msg m = { 'E', (uint8_t)step, 0, err, (int32_t)getpid() };
+        struct sl_msg m = { 'E', (uint8_t)step, 0, err, self_pid() };
         write_all(cfg->sock_fd, (const char *)&m, sizeof(m));
     }
 }
@@ -408,10 +419,19 @@ static int ns_setup(const struct sl_cfg *cfg)
  * Confine the calling process as `cfg` says. On success returns 0 (the listener, if any, has been handed to
  * the parent and the parent said "ready"). On failure reports and returns -1: the caller must _exit(127).
  */
+static int confine_process(const struct sl_cfg *cfg);
+static int confine_rest(const struct sl_cfg *cfg);
+
 int sl_confine(const struct sl_cfg *cfg)
 {
-    int listener = -1;
+    if (confine_process(cfg) < 0) return -1;
+    if (cfg->ns_enable && ns_setup(cfg) < 0) return -1;
+    return confine_rest(cfg);
+}
 
+/* The process settings (group, death signal, signals, stdio, personality, CPUs, THP, core dumps). */
+static int confine_process(const struct sl_cfg *cfg)
+{
     if (cfg->new_pgrp && setpgid(0, 0) < 0) { fail(cfg, SL_STEP_SETPGID, errno); return -1; }
     if (cfg->pdeathsig) {
         if (prctl(PR_SET_PDEATHSIG, cfg->pdeathsig) < 0) { fail(cfg, SL_STEP_PDEATHSIG, errno); return -1; }
@@ -449,7 +469,13 @@ int sl_confine(const struct sl_cfg *cfg)
         struct rlimit rl = { 0, 0 };
         if (setrlimit(RLIMIT_CORE, &rl) < 0) { fail(cfg, SL_STEP_CORE, errno); return -1; }
     }
-    if (cfg->ns_enable && ns_setup(cfg) < 0) return -1;
+    return 0;
+}
+
+/* The working directory, NO_NEW_PRIVS, Landlock, seccomp, the hand-off, fds and RLIMIT_NOFILE. */
+static int confine_rest(const struct sl_cfg *cfg)
+{
+    int listener = -1;
     if (cfg->cwd && chdir(cfg->cwd) < 0) { fail(cfg, SL_STEP_CHDIR, errno); return -1; }
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NNP, errno); return -1; }
     if (cfg->landlock_fd >= 0) {
@@ -460,7 +486,7 @@ int sl_confine(const struct sl_cfg *cfg)
     }
     /* Anything the child calls between seccomp() and the hand-off may be notified with no supervisor yet
        to answer it (a user handler on getpid would deadlock): ask for the pid while nothing is filtered. */
-    int32_t self_pid = (int32_t)getpid();
+    int32_t pid = self_pid();
     if (cfg->filter_len > 0) {
         struct sock_fprog prog = { cfg->filter_len, (struct sock_filter *)cfg->filter };
         long r = syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, cfg->seccomp_flags, &prog);
@@ -480,7 +506,7 @@ int sl_confine(const struct sl_cfg *cfg)
     }
     if (cfg->sock_fd >= 0) {
         long r;
-        struct sl_msg m = { listener >= 0 ? (cfg->handoff_scm ? 'L' : 'N') : 'R', 0, 0, listener, self_pid };
+        struct sl_msg m = { listener >= 0 ? (cfg->handoff_scm ? 'L' : 'N') : 'R', 0, 0, listener, pid };
         if (listener >= 0 && cfg->handoff_scm)
             r = send_msg_fd(cfg->sock_fd, &m, sizeof(m), listener);
         else
@@ -606,6 +632,299 @@ static int exec_child(void *p)
     _exit(127);
 }
 
+/* ---- pid namespace (isolate_pids where the kernel allows it; procfs.py, plan.py) ----
+ *
+ * The reaper clones the sandbox's first process R with CLONE_NEWUSER|CLONE_NEWNS|CLONE_NEWPID (a plain copy,
+ * not CLONE_VFORK: R never execs) and writes its id maps from outside. R is pid 1 there: it makes the mount
+ * tree private, mounts a /proc of the new pid namespace over /proc (nosuid,nodev,noexec), then starts the
+ * program P as pid 2 (CLONE_VM|CLONE_VFORK, so R waits for its exec) and stays a tiny init: it reaps every
+ * process of the namespace and forwards the signals sent to it to P. When P ends, R SIGKILLs and reaps what is
+ * left in the namespace (the reaper did the same without one), writes P's raw wait status and the CPU time of
+ * what it reaped to the reaper (status pipe), and exits. Killing R kills the whole namespace (timeout, kill(),
+ * the caller's death).
+ * P, not R, runs the program: pid 1 ignores default-action signals from its own namespace, P keeps normal
+ * signal semantics. R runs no program code, holds no fd, and has no Landlock domain: the program cannot
+ * ptrace it or read its /proc entries (Landlock), nor kill it (pid 1 of its namespace).
+ */
+static int pidns_status_fd = -1;  /* R: the write end of the status pipe; the reaper: the read end */
+static int pidns_old_proc = -1;   /* R, then P: the caller's /proc, to learn P's pid in the caller's namespace */
+static volatile pid_t pidns_prog; /* R: P's pid (2) */
+
+static int read_pid_link(int dirfd, const char *name)
+{
+    char buf[16];
+    ssize_t n = readlinkat(dirfd, name, buf, sizeof(buf) - 1);
+    if (n <= 0) return -1;
+    int v = 0;
+    for (ssize_t i = 0; i < n; i++) {
+        if (buf[i] < '0' || buf[i] > '9') return -1;
+        v = v * 10 + (buf[i] - '0');
+    }
+    return v > 1 ? v : -1;
+}
+
+static int write_text(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    size_t len = strlen(text);
+    ssize_t w = write(fd, text, len);
+    int err = w == (ssize_t)len ? 0 : (w < 0 ? -errno : -EIO);
+    close(fd);
+    return err;
+}
+
+/* The id maps of the user namespace of process `pid` (0: this process, from inside), written for a caller
+   with ids uid/gid (read before the new namespace: inside they are 65534 until mapped). Unprivileged: its
+   own uid/gid only (all the kernel allows; other ids show as the overflow id 65534). Root, from the parent
+   namespace (pid != 0): the identity map of every id, so nothing the program sees changes (file owners,
+   root's access to other users' files, setgroups). 0 or -errno. */
+static int pidns_id_maps(pid_t pid, unsigned uid, unsigned gid)
+{
+    char path[64] = "/proc/", line[64];
+    size_t dir;
+    int r;
+    if (pid) put_uint(path + strlen(path), (unsigned)pid); else strcat(path, "self");
+    strcat(path, "/");
+    dir = strlen(path);
+    if (uid == 0 && pid) {
+        strcpy(path + dir, "uid_map");
+        if ((r = write_text(path, "0 0 4294967295\n")) < 0) return r;
+        strcpy(path + dir, "gid_map");
+        return write_text(path, "0 0 4294967295\n");
+    }
+    id_map_line(line, uid, uid);
+    strcpy(path + dir, "uid_map");
+    if ((r = write_text(path, line)) < 0) return r;
+    strcpy(path + dir, "setgroups");
+    if ((r = write_text(path, "deny")) < 0 && r != -ENOENT) return r;
+    id_map_line(line, gid, gid);
+    strcpy(path + dir, "gid_map");
+    return write_text(path, line);
+}
+
+/* Landlock rules are on inodes: the policy's rules on /proc (and below) named the caller's procfs. The same
+   names in the new /proc get the same rights, added to this run's own ruleset (procfs.py builds one per run:
+   on the plan's shared ruleset such rules would pile up). A name the new /proc lacks is skipped. */
+static int pidns_proc_rules(const struct sl_cfg *cfg)
+{
+    for (int i = 0; i < cfg->n_ns_proc; i++) {
+        int fd = open(cfg->ns_proc_paths[i], O_PATH | O_CLOEXEC);
+        if (fd < 0) {
+            if (errno == ENOENT) continue;
+            fail(cfg, SL_STEP_NS_LANDLOCK, errno); return -1;
+        }
+        struct __attribute__((packed)) { uint64_t allowed_access; int32_t parent_fd; } a = { cfg->ns_proc_rights[i], fd };
+        long r = syscall(SYS_landlock_add_rule, cfg->landlock_fd, 1 /* LANDLOCK_RULE_PATH_BENEATH */, &a, 0);
+        int err = errno;
+        close(fd);
+        if (r < 0) { fail(cfg, SL_STEP_NS_LANDLOCK, err); return -1; }
+    }
+    return 0;
+}
+
+static int pidns_sync_fd = -1;  /* R: the read end of "the reaper wrote your id maps" */
+
+/* In R: make mounts private, mount the new /proc (while the reaper writes the id maps: the mounts need only
+   R's capabilities in its namespace), then wait for the maps. The caller's /proc stays reachable through
+   pidns_old_proc only. */
+static int pidns_setup(const struct sl_cfg *cfg)
+{
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) { fail(cfg, SL_STEP_NS_PRIVATE, errno); return -1; }
+    pidns_old_proc = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (pidns_old_proc < 0) { fail(cfg, SL_STEP_NS_HOSTPID, errno); return -1; }
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) {
+        fail(cfg, SL_STEP_NS_PROC, errno); return -1;
+    }
+    if (pidns_proc_rules(cfg) < 0) return -1;
+    char go = 0;
+    ssize_t n;
+    do { n = read(pidns_sync_fd, &go, 1); } while (n < 0 && errno == EINTR);
+    if (n != 1) _exit(127);  /* the reaper reported why */
+    close(pidns_sync_fd);
+    /* Gaining capabilities in the new user namespace made us non-dumpable: the supervisor needs pidfd_getfd
+       and /proc/<pid>/mem on the program, as on any sandbox. */
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) < 0) { fail(cfg, SL_STEP_NS_DUMPABLE, errno); return -1; }
+    return 0;
+}
+
+/* P (pid 2): its own group when asked (the supervisor signals the group of the pid it hands over), then the
+   rest of the confinement and exec. */
+static int pidns_program(void *p)
+{
+    const struct sl_cfg *cfg = ((struct exec_args *)p)->cfg;
+    int hp = read_pid_link(pidns_old_proc, "self");
+    if (hp < 0) { fail(cfg, SL_STEP_NS_HOSTPID, errno ? errno : EIO); _exit(127); }
+    host_pid = hp;  /* shared with R (CLONE_VM), which no longer reports anything on the socket */
+    close(pidns_old_proc);
+    if (cfg->new_pgrp && setpgid(0, 0) < 0) { fail(cfg, SL_STEP_SETPGID, errno); _exit(127); }
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) { fail(cfg, SL_STEP_PDEATHSIG, errno); _exit(127); }
+    if (confine_rest(cfg) < 0) _exit(127);
+    int err = exec_candidates(cfg);
+    fail(cfg, SL_STEP_EXEC, err);
+    _exit(127);
+}
+
+/* What R hands the reaper: the program's raw wait status and the CPU time of everything R reaped. */
+struct pidns_end_msg { int32_t status; int32_t cpu_ms; };
+
+/* The program ended: kill and reap the rest of the namespace here (the kernel would at R's exit, but tearing
+   the namespaces down takes a while), then hand over. The reaper reports the end at once; R's own exit, with
+   the teardown, is off the caller's path. */
+static void pidns_end(int st)
+{
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    kill(-1, SIGKILL);  /* from pid 1: every other process of the namespace */
+    int s2;
+    /* again after each reap: cheap insurance against a process made while the first kill went round */
+    while (waitpid(-1, &s2, __WALL) > 0 || errno == EINTR) kill(-1, SIGKILL);
+    struct rusage ru;
+    long ms = 0;
+    if (getrusage(RUSAGE_CHILDREN, &ru) == 0)
+        ms = (ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000L + (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1000;
+    struct pidns_end_msg m = { st, ms > 0x7fffffffL ? 0x7fffffff : (int32_t)ms };
+    write_all(pidns_status_fd, (const char *)&m, sizeof(m));
+    _exit(0);
+}
+
+static void pidns_forward(int sig)
+{
+    int saved = errno;
+    if (pidns_prog > 0) kill(pidns_prog, sig);
+    errno = saved;
+}
+
+/* R is a copy of the caller: its /proc/1/cmdline (readable by every process of the namespace, no ptrace check)
+   would show the caller's argv. Blank it (R's own copy-on-write pages) and name it sandlock-init. */
+static void pidns_blank_cmdline(void)
+{
+    char buf[1024];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    ssize_t n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
+    if (fd >= 0) close(fd);
+    prctl(PR_SET_NAME, "sandlock-init", 0, 0, 0);
+    if (n <= 0) return;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    unsigned long field[52] = { 0 };
+    int k = 2;  /* fields 1 and 2 (pid, comm) end at ')' */
+    for (p = p ? p + 1 : buf; *p && k < 51; ) {
+        while (*p == ' ') p++;
+        if (!*p) break;
+        k++;
+        unsigned long v = 0;
+        while (*p >= '0' && *p <= '9') v = v * 10 + (unsigned long)(*p++ - '0');
+        field[k] = v;
+        while (*p && *p != ' ') p++;
+    }
+    unsigned long start = field[48], end = field[49];  /* arg_start, arg_end (proc(5)) */
+    if (start && end > start && end - start < (1UL << 20)) memset((void *)start, 0, end - start);
+}
+
+/* R after P's exec: hold nothing, forward signals, reap everything, then pidns_end. */
+static void pidns_init_loop(const struct sl_cfg *cfg, pid_t prog)
+{
+    int keep[1] = { pidns_status_fd };
+    close_fds_except_from(0, keep, 1);
+    pidns_blank_cmdline();
+    /* Non-dumpable again (PR_SET_DUMPABLE was for the program, now exec'd): R holds a copy of the caller's
+       memory, so /proc/1/mem and ptrace need capabilities over it, on top of Landlock's domain check. */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+    pidns_prog = prog;
+    struct sigaction fw, ign;
+    memset(&fw, 0, sizeof(fw));
+    memset(&ign, 0, sizeof(ign));
+    fw.sa_handler = pidns_forward;
+    fw.sa_flags = SA_RESTART;
+    ign.sa_handler = SIG_IGN;
+    /* Terminal signals reach P directly when it shares the caller's (foreground) group: forwarding them
+       would deliver each twice. In its own group only a signal sent to R itself reaches R. */
+    int tty[] = { SIGINT, SIGQUIT, SIGHUP, SIGWINCH, SIGTSTP, SIGTTIN, SIGTTOU };
+    int other[] = { SIGTERM, SIGUSR1, SIGUSR2, SIGALRM };
+    for (unsigned i = 0; i < sizeof(tty) / sizeof(tty[0]); i++)
+        sigaction(tty[i], cfg->new_pgrp && tty[i] != SIGTSTP && tty[i] != SIGTTIN && tty[i] != SIGTTOU
+                  ? &fw : &ign, NULL);
+    for (unsigned i = 0; i < sizeof(other) / sizeof(other[0]); i++) sigaction(other[i], &fw, NULL);
+    sigaction(SIGPIPE, &ign, NULL);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    for (;;) {
+        int st;
+        pid_t w = waitpid(-1, &st, __WALL);
+        if (w == prog) pidns_end(st);
+        if (w < 0 && errno == ECHILD) _exit(0);
+    }
+}
+
+/* R's entry (clone from the reaper): pid 1 of the new namespaces. */
+static int pidns_init(void *p)
+{
+    const struct sl_cfg *cfg = ((struct exec_args *)p)->cfg;
+    /* The caller's /proc is still mounted: its "self" names R in the caller's namespace (what fail() reports;
+       never pid 1, which would name the caller's init). */
+    int hp = read_pid_link(AT_FDCWD, "/proc/self");
+    if (hp < 0) { host_pid = -1; fail(cfg, SL_STEP_NS_HOSTPID, errno ? errno : EIO); _exit(127); }
+    host_pid = hp;
+    if (confine_process(cfg) < 0) _exit(127);
+    if (pidns_setup(cfg) < 0) _exit(127);
+    size_t stack_size = 256 * 1024;
+    char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
+    pid_t prog = clone(pidns_program, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, p);
+    if (prog < 0) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
+    pidns_init_loop(cfg, prog);
+    _exit(0);
+}
+
+/* The reaper's start of R; returns R's pid or -1 (reported). Keeps the status pipe's read end. The id maps
+   are written from here, the parent namespace: only there may root map every id. */
+static pid_t pidns_start(const struct sl_cfg *cfg, char *stack_top, struct exec_args *args)
+{
+    int sp[2], sync[2];
+    if (pipe2(sp, O_CLOEXEC) < 0 || pipe2(sync, O_CLOEXEC) < 0) { fail(cfg, SL_STEP_SPAWN, errno); return -1; }
+    pidns_status_fd = sp[1];
+    pidns_sync_fd = sync[0];
+    pid_t root = clone(pidns_init, stack_top, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | SIGCHLD, args);
+    int err = errno;
+    close(sp[1]);
+    close(sync[0]);
+    pidns_status_fd = sp[0];
+    if (root < 0) { fail(cfg, SL_STEP_NS_PIDNS, err); return -1; }
+    int r = pidns_id_maps(root, (unsigned)geteuid(), (unsigned)getegid());
+    if (r < 0) { kill(root, SIGKILL); fail(cfg, SL_STEP_NS_IDMAP, -r); return -1; }
+    write_all(sync[1], "G", 1);
+    close(sync[1]);
+    return root;
+}
+
+/* The reaper under a pid namespace: the end comes from R's status pipe (R killed and reaped the namespace
+   before writing), so it is reported without waiting for R's exit; EOF means R died first (killed: its
+   namespace dies with it), and R's own status is reported once it is reaped. */
+static void pidns_reaper_wait(pid_t root)
+{
+    struct pidns_end_msg m;
+    ssize_t n;
+    do { n = read(pidns_status_fd, &m, sizeof(m)); } while (n < 0 && errno == EINTR);
+    sigset_t all;
+    sigfillset(&all);
+    sigprocmask(SIG_SETMASK, &all, NULL);
+    if (n == (ssize_t)sizeof(m)) {
+        report('C', m.cpu_ms);
+        report('X', m.status);
+        while (waitpid(root, NULL, __WALL) < 0 && errno == EINTR) {}
+        kill_all_children();
+        _exit(0);
+    }
+    int st = 0x7f00;
+    while (waitpid(root, &st, __WALL) < 0 && errno == EINTR) {}
+    report('X', st);
+    kill_all_children();
+    _exit(0);
+}
+
 static void reaper_setup(const struct sl_cfg *cfg, pid_t caller)
 {
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
@@ -634,6 +953,7 @@ static void reaper_loop(pid_t root, const int *keep, int nkeep)
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     report('P', root);
+    if (pidns_status_fd >= 0) pidns_reaper_wait(root);
     for (;;) {
         int st;
         pid_t w = waitpid(-1, &st, __WALL);
@@ -665,10 +985,19 @@ long sl_spawn(const struct sl_cfg *cfg)
     char *stack = mmap(NULL, stack_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
     if (stack == MAP_FAILED) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
     struct exec_args args = { cfg };
-    pid_t root = clone(exec_child, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
-    if (root < 0) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
-    int keep[1] = { cfg->report_fd };
-    reaper_loop(root, keep, 1);
+    pid_t root;
+    if (cfg->ns_pid) {
+        if ((root = pidns_start(cfg, stack + stack_size, &args)) < 0) {
+            kill_all_children();
+            _exit(127);
+        }
+    } else {
+        root = clone(exec_child, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
+        if (root < 0) { fail(cfg, SL_STEP_SPAWN, errno); _exit(127); }
+    }
+    int keep[2] = { cfg->report_fd, pidns_status_fd }, nkeep = pidns_status_fd >= 0 ? 2 : 1;
+    if (nkeep == 2 && keep[1] < keep[0]) { keep[0] = pidns_status_fd; keep[1] = cfg->report_fd; }  /* sorted */
+    reaper_loop(root, keep, nkeep);
     _exit(0);
 }
 
@@ -679,6 +1008,7 @@ long sl_spawn(const struct sl_cfg *cfg)
  */
 long sl_fork_with_reaper(const struct sl_cfg *cfg)
 {
+    if (cfg->ns_pid) return -EINVAL;  /* the confined function goes on in Python: no init can stand above it */
     pid_t caller = getppid();
     prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     prctl(PR_SET_PDEATHSIG, SIGUSR1, 0, 0, 0);
@@ -726,6 +1056,47 @@ static pid_t raw_fork(void)
 #else
     return (pid_t)syscall(SYS_clone, SIGCHLD, 0, 0, 0, 0);
 #endif
+}
+
+/*
+ * Can this process start a pid-namespace sandbox? In a throw-away child made as the sandbox's init is (a new
+ * user + mount + pid namespace; it is pid 1 there): the id map, private mounts, and a /proc mounted for the
+ * namespace (the step that container profiles and masked /proc mounts refuse). The child shares our memory
+ * until it exits (CLONE_VM|CLONE_VFORK: no copy of this process's page tables) and runs raw calls only, with
+ * every signal blocked (our handlers must not run in it). 0, or the errno of the first step that failed.
+ */
+struct pidns_probe { unsigned uid, gid; int result; };
+
+static int pidns_probe_child(void *p)
+{
+    struct pidns_probe *pr = p;
+    int r = pidns_id_maps(0, pr->uid, pr->gid);  /* from inside: the one-id map (root's full one is written
+                                                    from outside, which needs nothing this probe could miss) */
+    if (r == 0 && mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) r = -errno;
+    if (r == 0 && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) r = -errno;
+    pr->result = -r;
+    syscall(SYS_exit_group, 0);
+    return 0;
+}
+
+long sl_pidns_probe(void)
+{
+    struct pidns_probe pr = { (unsigned)geteuid(), (unsigned)getegid(), EIO };
+    size_t size = 64 * 1024;
+    char *stack = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) return -errno;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = clone(pidns_probe_child, stack + size,
+                      CLONE_VM | CLONE_VFORK | CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | SIGCHLD, &pr);
+    int err = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    munmap(stack, size);
+    if (pid < 0) return err;
+    int st;
+    while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
+    return pr.result;
 }
 
 /* The end of a clone (after Python flushed its streams): exit_group without libc's atexit work. */

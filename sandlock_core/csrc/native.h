@@ -19,7 +19,7 @@ enum {
     /* namespaces (namespaces.py): keep these last */
     SL_STEP_NS_USERNS = 40, SL_STEP_NS_IDMAP, SL_STEP_NS_PRIVATE, SL_STEP_NS_OVERLAY, SL_STEP_NS_CLONE,
     SL_STEP_NS_READONLY, SL_STEP_NS_REATTACH, SL_STEP_NS_CHROOT, SL_STEP_NS_CWD, SL_STEP_NS_DUMPABLE,
-    SL_STEP_NS_LANDLOCK,
+    SL_STEP_NS_LANDLOCK, SL_STEP_NS_PIDNS, SL_STEP_NS_PROC, SL_STEP_NS_HOSTPID,
 };
 
 struct sl_cfg {
@@ -67,6 +67,10 @@ struct sl_cfg {
     int n_ns_writable;
     const char *ns_chroot;     /* NULL: none */
     uint64_t ov_landlock_rights;  /* added to landlock_fd for the mounted overlay's root (0: none) */
+    int ns_pid;                /* 1: isolate_pids by a user + mount + pid namespace (sl_spawn only; see "pid namespace") */
+    char *const *ns_proc_paths;   /* Landlock rules of the policy under /proc, added again on the new /proc */
+    const uint64_t *ns_proc_rights;
+    int n_ns_proc;
 };
 
 
@@ -98,6 +102,7 @@ const char *sl_step_name(int step);
 int sl_confine(const struct sl_cfg *cfg);
 long sl_spawn(const struct sl_cfg *cfg);
 long sl_fork_with_reaper(const struct sl_cfg *cfg);
+long sl_pidns_probe(void);
 long sl_wait_pidfd(int pidfd, int pid, int timeout_ms, int *status);
 long sl_fork_clones(int first, int n, int sock, int nworkers, int batch, int *pids, int *statuses);
 void sl_clone_exit(int code);

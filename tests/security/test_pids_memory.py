@@ -155,7 +155,7 @@ print(out.decode())
 
 
 @pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
-def test_kill_0_reaches_the_sandbox_processes_of_the_group_and_no_host_process(as_nobody):
+def test_kill_0_reaches_the_sandbox_processes_of_the_group_and_no_host_process(as_nobody, pid_mode):
     out = _run_driver(KILL0_DRIVER, as_nobody)
     assert "kid 3 self 1" in out, out
     assert "RESULT 0 supervisor 0 host 0" in out, out
@@ -223,7 +223,7 @@ print(json.dumps({"out": res.stdout.decode(), "err": res.stderr.decode()[-500:],
 
 
 @pytest.mark.parametrize("as_nobody", [False, True], ids=["root", "nobody"])
-def test_an_fd_owner_outside_the_sandbox_is_refused_and_signals_nobody(as_nobody):
+def test_an_fd_owner_outside_the_sandbox_is_refused_and_signals_nobody(as_nobody, pid_mode):
     if as_nobody:
         p = run_as_nobody(OWNER_DRIVER, OWNER_SANDBOXED, timeout=90)
     else:
@@ -241,7 +241,7 @@ def test_an_fd_owner_outside_the_sandbox_is_refused_and_signals_nobody(as_nobody
     assert res["host"] == 0, res  # the host process got no signal
 
 
-def test_only_owner_changes_among_fcntl_and_ioctl_reach_the_supervisor():
+def test_only_owner_changes_among_fcntl_and_ioctl_reach_the_supervisor(pid_mode):
     code = """
 import fcntl, os, sys, termios
 r, w = os.pipe()
@@ -255,9 +255,11 @@ for i in range(int(sys.argv[1])):
     assert many.notifications - none.notifications < 50, (none.notifications, many.notifications)
 
 
-def test_owner_ioctls_and_chattr_ioctls_share_the_argument_filter():
+def test_owner_ioctls_and_chattr_ioctls_share_the_argument_filter(monkeypatch):
     """isolate_pids notifies two ioctl commands, the metadata guard chattr's: the filter notifies exactly
-    those (tcgetattr and the like stay in the kernel) and still refuses fs-verity enabling itself."""
+    those (tcgetattr and the like stay in the kernel) and still refuses fs-verity enabling itself. (The
+    supervised isolate_pids: under a pid namespace the kernel decides the owner, nothing is notified.)"""
+    monkeypatch.setenv("SANDLOCK_PIDS_SUPERVISED", "1")
     from sandlock_core import seccomp, syscalls
     from sandlock_core.plan import Plan
     d = tempfile.mkdtemp()
@@ -287,7 +289,7 @@ print(out)
 
 @pytest.mark.parametrize("path", ["C", "Python"])
 @pytest.mark.parametrize("policy", [{"max_memory": "256M"}, {"isolate_pids": True}], ids=["max_memory", "isolate_pids"])
-def test_o_nofollow_of_a_link_is_eloop_as_with_the_kernel(path, policy):
+def test_o_nofollow_of_a_link_is_eloop_as_with_the_kernel(path, policy, pid_mode):
     d = tempfile.mkdtemp(prefix="pfnf-")
     os.chmod(d, 0o755)
     os.symlink(d + "/nowhere", d + "/dangling")
@@ -350,7 +352,8 @@ def test_procfs_resolves_names_in_the_childs_root(as_nobody):
     assert out["overlay_procfs"][0] == "hi\nhi\nMemTotal:\nhidden\nhidden\n", out["overlay_procfs"]
 
 
-def test_a_shared_mapping_of_dev_zero_is_charged_and_other_shared_files_are_not():
+@pytest.mark.parametrize("pids", [False, True], ids=["plain", "isolate_pids"])  # a pid namespace where allowed
+def test_a_shared_mapping_of_dev_zero_is_charged_and_other_shared_files_are_not(pids):
     code = LIBC + """
 fd = os.open(sys.argv[2], os.O_RDWR | os.O_CREAT, 0o600)
 if sys.argv[2] != "/dev/zero":
@@ -359,7 +362,7 @@ p = libc.mmap(None, n, int(sys.argv[3]), mmap.MAP_SHARED | 0x8000, fd, 0)  # MAP
 print("mapped" if p not in (None, 2**64 - 1) else ctypes.get_errno())
 """
     f = tempfile.mktemp(dir=tempfile.mkdtemp())
-    sb = Sandbox(Policy(max_memory="64M"))
+    sb = Sandbox(Policy(max_memory="64M", isolate_pids=pids))
     for prot in ("1", "3"):  # PROT_READ, PROT_READ|PROT_WRITE
         zero = sb.run([*PY, code, "256", "/dev/zero", prot], timeout=60)
         assert zero.stdout == f"{errno.ENOMEM}\n".encode(), (zero.stdout, zero.stderr)
