@@ -95,6 +95,10 @@ def pid_namespace_mode(p: Policy, *, supervised: bool, policy_fn=None) -> bool:
     if (_namespaces(p) or p.fs_denied or p.workdir is not None or p.fs_isolation is not FsIsolation.NONE
             or p.max_disk is not None or p.net_allow_hosts is not None or p.port_remap or policy_fn is not None):
         return False
+    if p.allow_syscalls is not None:
+        # an allowlist replaces the deny list, and with it the refused mount syscalls: a program holding
+        # capabilities in its namespace could then umount the fresh /proc and see the caller's
+        return False
     return pidns_usable()
 
 

@@ -31,7 +31,12 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
     inodes) are added again on the new /proc, in a per-run ruleset. Names the supervisor resolves for the
     child are walked in its root (``/proc/<pid>/root``: its /proc, never ours) with ``/proc/self`` its pid
     in the namespace; the metadata guard opens absolute names the same way. The session (and, on a terminal,
-    the group) leader is the caller, outside the namespace: ``getsid(0)`` answers 0 there.
+    the group) leader is the caller, outside the namespace: ``getsid(0)`` answers 0 there. The C fast path
+    for opens (``FastPath``) still walks absolute names from the supervisor's root: the sandbox's mount tree
+    is a private copy taken at its start, so a host mount made or removed later can make it answer
+    ``ENOENT`` or continue for a name the sandbox sees otherwise (never a /proc or /sys name: those go to
+    Python). An ``allow_syscalls`` policy keeps the supervised mode (the allowlist would drop the refused
+    mount syscalls).
   - **Supervised** (below) everywhere else: where the kernel refuses those namespaces; under ``confine()``;
     for a confined Python function (``run_function``, the pytest plugin, ``fork()``: it goes on in the forked
     child, no init can stand above it); for a run in the caller's process group (``run_foreground`` on a

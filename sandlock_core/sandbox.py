@@ -432,8 +432,9 @@ class Sandbox:
 
     def _pidns_fallback(self, res) -> bool:
         """The kernel refused this run's pid namespace although the probe passed (a namespace count limit
-        reached meanwhile, a changed sysctl): from now on this sandbox uses the supervised isolate_pids, which
-        enforces the same isolation (nothing is weakened). The plan it replaces is closed with the sandbox
+        reached meanwhile, a changed sysctl): from now on this sandbox uses the supervised isolate_pids, the
+        mode used wherever the kernel refuses the namespaces (its residual gaps are in procfs.py: existence
+        probes such as chdir/statfs/inotify of /proc/<pid>, a symlink swapped after the check). The plan it replaces is closed with the sandbox
         (another thread may still be running with it)."""
         if not self._plan.pidns or not any(step in (res.error or "") for step in self._PIDNS_STEPS):
             return False

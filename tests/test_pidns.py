@@ -247,6 +247,8 @@ def test_combinations_that_resolve_names_on_behalf_use_the_supervised_mode(tmp_p
     assert not Plan(Policy(isolate_pids=True, net_allow_hosts=["127.0.0.1"])).pidns
     assert not Plan(Policy(isolate_pids=True), policy_fn=lambda event, ctx: None).pidns
     assert not Plan(Policy(isolate_pids=True), supervised=False).pidns
+    # an allowlist replaces the deny list, which holds the mount syscalls the namespace mode must refuse
+    assert not Plan(Policy(isolate_pids=True, allow_syscalls=["read", "write", "exit_group"])).pidns
     # a confined Python function goes on in the forked child: no init can stand above it
     sb = Sandbox(Policy(isolate_pids=True))
     assert sb._plan.pidns and not sb._fork_plan().pidns

@@ -826,12 +826,13 @@ static void pidns_blank_cmdline(void)
 /* R after P's exec: hold nothing, forward signals, reap everything, then pidns_end. */
 static void pidns_init_loop(const struct sl_cfg *cfg, pid_t prog)
 {
+    /* Non-dumpable again first (PR_SET_DUMPABLE was for the program, now exec'd): R holds a copy of the
+       caller's memory and fds, so /proc/1/mem, ptrace and pidfd_getfd need capabilities over the caller's
+       user namespace, on top of Landlock's domain check. Only then close and blank (a shorter window). */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     int keep[1] = { pidns_status_fd };
     close_fds_except_from(0, keep, 1);
     pidns_blank_cmdline();
-    /* Non-dumpable again (PR_SET_DUMPABLE was for the program, now exec'd): R holds a copy of the caller's
-       memory, so /proc/1/mem and ptrace need capabilities over it, on top of Landlock's domain check. */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     pidns_prog = prog;
     struct sigaction fw, ign;
     memset(&fw, 0, sizeof(fw));
