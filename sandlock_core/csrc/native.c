@@ -317,10 +317,9 @@ struct sl_mount_attr { uint64_t attr_set, attr_clr, propagation, userns_fd; };
 
 static void put_uint(char *dst, unsigned v);
 
-static int write_proc_self(const char *name, const char *text)
+/* Write a whole short text to a file (a /proc control file: one write, or an error). */
+static int write_text(const char *path, const char *text)
 {
-    char path[64] = "/proc/self/";
-    strcat(path, name);
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0) return -errno;
     size_t len = strlen(text);
@@ -328,6 +327,13 @@ static int write_proc_self(const char *name, const char *text)
     int err = w == (ssize_t)len ? 0 : (w < 0 ? -errno : -EIO);
     close(fd);
     return err;
+}
+
+static int write_proc_self(const char *name, const char *text)
+{
+    char path[64] = "/proc/self/";
+    strcat(path, name);
+    return write_text(path, text);
 }
 
 /* "inside outside 1\n" */
@@ -661,17 +667,6 @@ static int read_pid_link(int dirfd, const char *name)
         v = v * 10 + (buf[i] - '0');
     }
     return v > 1 ? v : -1;
-}
-
-static int write_text(const char *path, const char *text)
-{
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
-    if (fd < 0) return -errno;
-    size_t len = strlen(text);
-    ssize_t w = write(fd, text, len);
-    int err = w == (ssize_t)len ? 0 : (w < 0 ? -errno : -EIO);
-    close(fd);
-    return err;
 }
 
 /* The id maps of the user namespace of process `pid` (0: this process, from inside), written for a caller
