@@ -29,6 +29,7 @@ from . import _policy as P
 from . import _report as R
 from . import _runner
 from . import _worker
+from . import _worker_child
 
 PLUGIN_NAME = "sandlock"
 
@@ -126,7 +127,10 @@ def _opt(config, name, ini, kind=None):
     v = config.getoption(name, None)
     if v is not None:
         return v
-    return config.getini(ini)
+    try:
+        return config.getini(ini)
+    except (ValueError, pytest.UsageError) as exc:  # a bad bool value: pytest's message would not name the key
+        raise pytest.UsageError(f"ini {ini}: {config.inicfg.get(ini)!r} is not a boolean ({exc})") from None
 
 
 def _session(config) -> P.Session:
@@ -637,7 +641,7 @@ def _mode(item) -> str:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     """Before fixtures: reject bad marker arguments early (no fixture runs for a test that cannot run)."""
-    if _worker.IN_WORKER or _mode(item) != P.CONFINED:
+    if _worker_child.IN_WORKER or _mode(item) != P.CONFINED:
         return
     s = _session(item.config)
     try:
@@ -652,7 +656,7 @@ class _LateSetup:
 
     @pytest.hookimpl(trylast=True)
     def pytest_runtest_setup(self, item) -> None:
-        if _worker.IN_WORKER or _mode(item) != P.CONFINED:  # the worker is confined already
+        if _worker_child.IN_WORKER or _mode(item) != P.CONFINED:  # the worker is confined already
             return
         s = _session(item.config)
         try:

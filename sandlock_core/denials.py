@@ -115,9 +115,8 @@ class Mirror:
     """Landlock's filesystem and TCP decisions under one policy, evaluated in the supervisor."""
 
     def __init__(self, policy):
-        from .plan import _preload  # the seeded getrandom library: the ruleset grants it (plan.py)
-        readable = tuple(policy.fs_readable or ()) + (_preload(policy) if policy.fs_readable or policy.fs_writable
-                                                      else ())
+        from .plan import preload_rule  # the seeded getrandom library: the ruleset grants it (plan.py)
+        readable = tuple(policy.fs_readable or ()) + preload_rule(policy)
         self.readable = tuple(sorted({_real(os.fspath(p)) for p in readable}))
         self.writable = tuple(sorted({_real(os.fspath(p)) for p in (policy.fs_writable or ())}))
         self.fs = bool(self.readable or self.writable)

@@ -63,6 +63,12 @@ def _preload(p: Policy) -> tuple[str, ...]:
     return (lib,) if lib else ()
 
 
+def preload_rule(p: Policy) -> tuple[str, ...]:
+    """What the Landlock ruleset grants for the preload: the library, when the filesystem is confined at all
+    (an unconfined one reads it anyway). The denial mirror (denials.py) grants the same."""
+    return _preload(p) if p.fs_readable or p.fs_writable else ()
+
+
 def _namespaces(p: Policy) -> bool:
     return p.chroot is not None or p.privileged or p.fs_isolation is FsIsolation.OVERLAYFS
 
@@ -330,7 +336,7 @@ class Plan:
             return rs.finish([])
         info = landlock.build_ruleset(
             readable=tuple(policy.fs_readable) + ((policy.workdir,) if policy.workdir else ())  # COW lower
-            + (_preload(policy) if policy.fs_readable or policy.fs_writable else ()),  # only when fs is confined
+            + preload_rule(policy),
             writable=policy.fs_writable,
             bind_ports=policy.net_bind, connect_ports=policy.net_connect,
             isolate_ipc=policy.isolate_ipc, isolate_signals=policy.isolate_signals,

@@ -11,32 +11,30 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
   (``nproc``, ``os.sched_getaffinity``). The real affinity is unchanged (``cpu_cores`` sets that).
 * ``isolate_pids`` has two implementations, chosen when the plan is compiled (``plan.pid_namespace_mode``):
 
-  - **A pid namespace** wherever the kernel allows an unprivileged user + pid namespace with its own /proc
-    (probed once per process, ~0.3 ms, native.c ``sl_pidns_probe``). The reaper clones the sandbox's first process into
-    a new user + mount + pid namespace; it is a small C init (pid 1: reaps, forwards SIGTERM/SIGUSR1/SIGUSR2/
-    SIGALRM, and SIGINT/SIGQUIT/SIGHUP/SIGWINCH when the sandbox has its own process group, hands the
-    program's raw wait status to the reaper, so ``Result.signal`` stays exact) with a fresh /proc mounted
-    ``nosuid,nodev,noexec`` over a private mount tree, and the program is pid 2. The kernel then hides every
-    other process from listings, ``/proc/<pid>``, kill, pidfd_open, setpgid, ``F_SETOWN``... and nothing is
-    notified for it: no stat, access, readlink, listing or pid-taking syscall (opens stay notified for the
-    sensitive files below). When the program exits the init SIGKILLs and reaps what is left in the namespace
-    (as the reaper did before) and hands over the status with the CPU time it reaped; killing the init (timeout, ``kill()``, the caller's death) kills
-    the whole namespace, detached processes included. The init is a copy of the caller that runs no program
-    code and holds no fd; its command line is blanked and it is named ``sandlock-init``; it has no Landlock
-    domain, so the program cannot ptrace it or read its ptrace-guarded /proc files, and pid 1 ignores
-    signals from its own namespace. The caller's uid/gid are mapped to themselves (as root: every id to
-    itself); for an unprivileged caller every other id shows as the overflow id 65534 (root-owned files
-    read as owned by 65534). ``unshare``, ``setns``, ``chroot`` and the mount syscalls stay refused
-    (``namespaces.MOUNT_SYSCALLS``); the policy's Landlock rules on /proc (which name the caller's procfs
-    inodes) are added again on the new /proc, in a per-run ruleset. Names the supervisor resolves for the
-    child are walked in its root (``/proc/<pid>/root``: its /proc, never ours) with ``/proc/self`` its pid
-    in the namespace; the metadata guard opens absolute names the same way. The session (and, on a terminal,
-    the group) leader is the caller, outside the namespace: ``getsid(0)`` answers 0 there. The C fast path
-    for opens (``FastPath``) still walks absolute names from the supervisor's root: the sandbox's mount tree
-    is a private copy taken at its start, so a host mount made or removed later can make it answer
-    ``ENOENT`` or continue for a name the sandbox sees otherwise (never a /proc or /sys name: those go to
-    Python). An ``allow_syscalls`` policy keeps the supervised mode (the allowlist would drop the refused
-    mount syscalls).
+  - **A pid namespace** wherever the kernel allows an unprivileged user + pid namespace with its own /proc (probed
+    once per process, ~0.3 ms, native.c ``sl_pidns_probe``). The reaper clones the sandbox's first process into a
+    new user + mount + pid namespace; it is a small C init (pid 1: reaps, forwards SIGTERM/SIGUSR1/SIGUSR2/SIGALRM,
+    and SIGINT/SIGQUIT/SIGHUP/SIGWINCH when the sandbox has its own process group, hands the program's raw wait
+    status to the reaper, so ``Result.signal`` stays exact) with a fresh /proc mounted ``nosuid,nodev,noexec`` over
+    a private mount tree, and the program is pid 2. The kernel then hides every other process from listings,
+    ``/proc/<pid>``, kill, pidfd_open, setpgid, ``F_SETOWN``... and nothing is notified for it: no stat, access,
+    readlink, listing or pid-taking syscall (opens stay notified for the sensitive files below). When the program
+    exits the init SIGKILLs and reaps what is left in the namespace (as the reaper did before) and hands over the
+    status with the CPU time it reaped; killing the init (timeout, ``kill()``, the caller's death) kills the whole
+    namespace, detached processes included. The init is a copy of the caller that runs no program code and holds no
+    fd; its command line is blanked and it is named ``sandlock-init``; it has no Landlock domain, so the program
+    cannot ptrace it or read its ptrace-guarded /proc files, and pid 1 ignores signals from its own namespace. The
+    caller's uid/gid are mapped to themselves (as root: every id to itself); for an unprivileged caller every other
+    id shows as the overflow id 65534 (root-owned files read as owned by 65534). ``unshare``, ``setns``, ``chroot``
+    and the mount syscalls stay refused (``namespaces.MOUNT_SYSCALLS``); the policy's Landlock rules on /proc (which
+    name the caller's procfs inodes) are added again on the new /proc, in a per-run ruleset. Names the supervisor
+    resolves for the child are walked in its root (``/proc/<pid>/root``: its /proc, never ours) with ``/proc/self``
+    its pid in the namespace; the metadata guard opens absolute names the same way. The session (and, on a terminal,
+    the group) leader is the caller, outside the namespace: ``getsid(0)`` answers 0 there. The C fast path for opens
+    (``FastPath``) still walks absolute names from the supervisor's root: the sandbox's mount tree is a private copy
+    taken at its start, so a host mount made or removed later can make it answer ``ENOENT`` or continue for a name
+    the sandbox sees otherwise (never a /proc or /sys name: those go to Python). An ``allow_syscalls`` policy keeps
+    the supervised mode (the allowlist would drop the refused mount syscalls).
   - **Supervised** (below) everywhere else: where the kernel refuses those namespaces; under ``confine()``;
     for a confined Python function (``run_function``, the pytest plugin, ``fork()``: it goes on in the forked
     child, no init can stand above it); for a run in the caller's process group (``run_foreground`` on a
@@ -46,24 +44,24 @@ Active when the policy sets ``isolate_pids``, ``num_cpus`` or ``max_memory``.
     ``policy_fn``) or that make their own namespaces (``chroot``, ``privileged``, ``fs_isolation=overlayfs``).
     Tests force it with ``SANDLOCK_PIDS_SUPERVISED=1`` (or ``plan.FORCE_SUPERVISED_PIDS``).
 
-  Supervised ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a duplicate of
-  the child's fd, which shares its offset) show only the sandbox's processes; ``/proc/<pid>/...`` of any other
-  process, opened, read as a link, stat'ed or tested with access, fails with ``ENOENT`` as if it did not exist;
-  the sandbox's own ``/proc/<pid>`` entries are opened, read (readlink) and stat'ed on behalf and checked again on
-  the object. Pid-taking syscalls (``PID_ARGS``, ``WHICH_WHO``, ``kill``, ``setpgid``) on another process answer
-  ``ESRCH``, decided on the pid register (pid 0, "myself", is let through by the filter); ``kill`` of a process
-  group, of the caller's own group (pid 0: the sandbox may share it with its caller) or of -1 is done on behalf
-  over the sandbox's processes only, with the kernel's permission rule. The owner of an fd's signals (``fcntl``
-  ``F_SETOWN``/``F_SETOWN_EX``, ``ioctl`` ``FIOSETOWN``/``SIOCSPGRP``; with ``O_ASYNC`` the kernel signals it)
-  must be a sandbox process or a group of sandbox processes only (``ESRCH`` otherwise): only those commands
-  are notified (argument filter), ``F_SETOWN`` is decided on its register, the others are done on behalf.
+  Supervised ``isolate_pids``: listings of /proc (``getdents64`` and the legacy ``getdents``, done on behalf on a
+  duplicate of the child's fd, which shares its offset) show only the sandbox's processes; ``/proc/<pid>/...`` of
+  any other process, opened, read as a link, stat'ed or tested with access, fails with ``ENOENT`` as if it did not
+  exist; the sandbox's own ``/proc/<pid>`` entries are opened, read (readlink) and stat'ed on behalf and checked
+  again on the object. Pid-taking syscalls (``PID_ARGS``, ``WHICH_WHO``, ``kill``, ``setpgid``) on another process
+  answer ``ESRCH``, decided on the pid register (pid 0, "myself", is let through by the filter); ``kill`` of a
+  process group, of the caller's own group (pid 0: the sandbox may share it with its caller) or of -1 is done on
+  behalf over the sandbox's processes only, with the kernel's permission rule. The owner of an fd's signals
+  (``fcntl`` ``F_SETOWN``/``F_SETOWN_EX``, ``ioctl`` ``FIOSETOWN``/``SIOCSPGRP``; with ``O_ASYNC`` the kernel
+  signals it) must be a sandbox process or a group of sandbox processes only (``ESRCH`` otherwise): only those
+  commands are notified (argument filter), ``F_SETOWN`` is decided on its register, the others are done on behalf.
 
 Names are resolved as the kernel would for the child: relative to its cwd or dirfd, following symlinks
 component by component, with ``/proc/self`` and ``/proc/thread-self`` meaning the *child's* pid (the supervisor's
 own magic links are never followed). Under a chroot or a mount namespace (``fs_isolation=overlayfs``,
 ``privileged``) names are walked from the child's root (``/proc/<pid>/root``, ``RESOLVE_IN_ROOT``), relative ones
-from its cwd's name in its own view, so files that exist only there are found. Synthesized files are sealed memfds. Opens that are neither refused nor
-synthesized go on to the next mechanism (the kernel opens them).
+from its cwd's name in its own view, so files that exist only there are found. Synthesized files are sealed
+memfds. Opens that are neither refused nor synthesized go on to the next mechanism (the kernel opens them).
 
 A path that does not exist is answered ``ENOENT`` here (not continued) when its walk never left the starting
 mount, so a link created afterwards cannot redirect the kernel's lookup.
@@ -72,12 +70,11 @@ Residual risk: a name that resolves *outside* /proc and /sys when checked is con
 it again: a symlink swapped in between can still reach a foreign ``/proc/<pid>`` entry (Landlock still refuses the
 ptrace-guarded ones) or a sensitive file. Existence probes other than the ones above (``chdir``, ``statfs``,
 xattrs, ``inotify_add_watch`` of ``/proc/<pid>``, ``capget``) are not hidden: this is not a pid namespace.
-Cost: under the supervised ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250). Absolute names
-whose walk stays on the root file system, and fstat through an empty path, are answered in C without a trip
-through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too), and so are listings of
-directories other than /proc's root. The sandbox's
-own ``/proc/<pid>/ns/*`` files cannot be opened under ``isolate_pids`` (the on-behalf open refuses magic links to
-namespaces; ``setns`` is blocked anyway).
+Cost: under the supervised ``isolate_pids`` every stat and access is notified (Python's start-up makes ~250).
+Absolute names whose walk stays on the root file system, and fstat through an empty path, are answered in C without
+a trip through Python (``FastPath``, native.c ``sl_proc_wait_recv``; open/openat too), and so are listings of
+directories other than /proc's root. The sandbox's own ``/proc/<pid>/ns/*`` files cannot be opened under
+``isolate_pids`` (the on-behalf open refuses magic links to namespaces; ``setns`` is blocked anyway).
 """
 from __future__ import annotations
 

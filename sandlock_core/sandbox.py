@@ -326,9 +326,9 @@ class Sandbox:
             if self.policy.clean_env or self.policy.env:
                 os.environ.clear()  # the policy's environment holds for the function too, not only for execs
                 os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in plan.environ().items()})
-            elif self.policy.random_seed is not None and b"LD_PRELOAD" in plan.environ():
+            elif self.policy.random_seed is not None and b"LD_PRELOAD" in (env := plan.environ()):
                 # the seeded getrandom library (seedrand.py) reaches the function's subprocesses too
-                os.environ["LD_PRELOAD"] = os.fsdecode(plan.environ()[b"LD_PRELOAD"])
+                os.environ["LD_PRELOAD"] = os.fsdecode(env[b"LD_PRELOAD"])
             try:
                 ret = fn(*args)
                 code = ret if isinstance(ret, int) and not isinstance(ret, bool) else 0
@@ -434,8 +434,8 @@ class Sandbox:
         """The kernel refused this run's pid namespace although the probe passed (a namespace count limit
         reached meanwhile, a changed sysctl): from now on this sandbox uses the supervised isolate_pids, the
         mode used wherever the kernel refuses the namespaces (its residual gaps are in procfs.py: existence
-        probes such as chdir/statfs/inotify of /proc/<pid>, a symlink swapped after the check). The plan it replaces is closed with the sandbox
-        (another thread may still be running with it)."""
+        probes such as chdir/statfs/inotify of /proc/<pid>, a symlink swapped after the check). The plan it
+        replaces is closed with the sandbox (another thread may still be running with it)."""
         if not self._plan.pidns or not any(step in (res.error or "") for step in self._PIDNS_STEPS):
             return False
         self._retired.append(self._plan)

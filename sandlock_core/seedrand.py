@@ -24,12 +24,22 @@ def library(policy) -> str | None:
         return None
     if policy.chroot is not None or policy.privileged or _overlayfs(policy):
         return None  # another root: the host path may not exist there
-    if not os.path.isfile(LIBRARY) or any(c in LIBRARY for c in " :\t\n"):
+    if not _usable():
         return None
     if any(LIBRARY == d or LIBRARY.startswith(d.rstrip("/") + "/")
            for d in (os.path.realpath(str(p)) for p in policy.fs_denied)):
         return None  # refused to ld.so as to anyone else
     return LIBRARY
+
+
+_USABLE: list[bool] = []
+
+
+def _usable() -> bool:
+    """Built, and at a path LD_PRELOAD can carry (checked once: a plan asks several times)."""
+    if not _USABLE:
+        _USABLE.append(os.path.isfile(LIBRARY) and not any(c in LIBRARY for c in " :\t\n"))
+    return _USABLE[0]
 
 
 def _overlayfs(policy) -> bool:

@@ -300,6 +300,15 @@ def test_unknown_profile_is_a_usage_error(pytester):
     result.stderr.fnmatch_lines(["*sandlock*nope.toml*"])
 
 
+@pytest.mark.parametrize("key", ["sandlock_worker", "sandlock_strict"])
+def test_a_bad_boolean_ini_value_is_a_usage_error_naming_the_key(pytester, key):
+    pytester.makeini(f"[pytest]\n{key} = maybe\n")
+    pytester.makepyfile("def test_a(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*ini {key}: 'maybe' is not a boolean*"])
+
+
 # ---- outcomes reported as if in-process ---------------------------------------------------------------------
 
 def test_outcomes_and_rewritten_assertions(pytester):

@@ -709,7 +709,8 @@ static int pidns_proc_rules(const struct sl_cfg *cfg)
             if (errno == ENOENT) continue;
             fail(cfg, SL_STEP_NS_LANDLOCK, errno); return -1;
         }
-        struct __attribute__((packed)) { uint64_t allowed_access; int32_t parent_fd; } a = { cfg->ns_proc_rights[i], fd };
+        struct __attribute__((packed)) { uint64_t allowed_access; int32_t parent_fd; } a =
+            { cfg->ns_proc_rights[i], fd };
         long r = syscall(SYS_landlock_add_rule, cfg->landlock_fd, 1 /* LANDLOCK_RULE_PATH_BENEATH */, &a, 0);
         int err = errno;
         close(fd);

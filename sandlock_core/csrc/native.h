@@ -67,7 +67,7 @@ struct sl_cfg {
     int n_ns_writable;
     const char *ns_chroot;     /* NULL: none */
     uint64_t ov_landlock_rights;  /* added to landlock_fd for the mounted overlay's root (0: none) */
-    int ns_pid;                /* 1: isolate_pids by a user + mount + pid namespace (sl_spawn only; see "pid namespace") */
+    int ns_pid;                /* 1: isolate_pids by a user + mount + pid namespace (sl_spawn only) */
     char *const *ns_proc_paths;   /* Landlock rules of the policy under /proc, added again on the new /proc */
     const uint64_t *ns_proc_rights;
     int n_ns_proc;
